@@ -1,0 +1,161 @@
+//! The Redis side of the contract: key and channel layout, the Lua library the gateway loads
+//! (`ssegw_publish`, `ssegw_read`), the same publish logic as a plain `EVAL` script, and the
+//! message format the publish logic sends on a topic's channel.
+
+use crate::event_id::StreamId;
+use crate::topic::Topic;
+
+/// The name of the function library in `FUNCTION LIST`.
+pub const LIBRARY_NAME: &str = "ssegw";
+pub const PUBLISH_FUNCTION: &str = "ssegw_publish";
+pub const READ_FUNCTION: &str = "ssegw_read";
+
+const CORE: &str = include_str!("../lua/core.lua");
+
+/// Retention and size settings baked into the Lua code when it is loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScriptSettings {
+    /// Events kept per topic stream (`XADD MAXLEN`).
+    pub max_len: u64,
+    /// A stream expires after this many seconds without a publish.
+    pub ttl_secs: u64,
+    /// Largest `data` accepted, in bytes.
+    pub max_data_bytes: usize,
+}
+
+impl Default for ScriptSettings {
+    fn default() -> ScriptSettings {
+        ScriptSettings {
+            max_len: 1000,
+            ttl_secs: 86_400,
+            max_data_bytes: 65_536,
+        }
+    }
+}
+
+fn settings_block(s: &ScriptSettings) -> String {
+    format!(
+        "local MAXLEN = {}\nlocal TTL_SECONDS = {}\nlocal MAX_DATA_BYTES = {}\n",
+        s.max_len, s.ttl_secs, s.max_data_bytes
+    )
+}
+
+/// The function library for `FUNCTION LOAD REPLACE`.
+pub fn function_library(settings: &ScriptSettings) -> String {
+    format!(
+        "#!lua name={LIBRARY_NAME}\n{}{CORE}\nredis.register_function('{PUBLISH_FUNCTION}', publish)\n\
+         redis.register_function{{function_name='{READ_FUNCTION}', callback=read, flags={{'no-writes'}}}}\n",
+        settings_block(settings)
+    )
+}
+
+/// The publish logic as a plain script: `EVAL <script> 1 <topic> <data> [<event>]`.
+pub fn publish_eval_script(settings: &ScriptSettings) -> String {
+    format!("{}{CORE}\nreturn publish(KEYS, ARGV)\n", settings_block(settings))
+}
+
+/// The stream holding a topic's history.
+pub fn stream_key(topic: &Topic) -> String {
+    format!("ssegw:s:{{{topic}}}")
+}
+
+const CHANNEL_PREFIX: &str = "ssegw:c:{";
+
+/// The pub/sub channel a topic's events are published on.
+pub fn channel(topic: &Topic) -> String {
+    format!("{CHANNEL_PREFIX}{topic}}}")
+}
+
+/// The topic of a channel name built by [`channel`]; `None` for any other channel.
+pub fn topic_of_channel(channel: &str) -> Option<Topic> {
+    let name = channel.strip_prefix(CHANNEL_PREFIX)?.strip_suffix('}')?;
+    Topic::new(name).ok()
+}
+
+/// An event as the publish logic sends it on a topic channel: header lines (`i<id>`,
+/// `e<event>`; unknown tags are ignored so that later versions can add fields), a blank line,
+/// then the data verbatim.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ChannelMessage<'a> {
+    pub id: StreamId,
+    pub event: Option<&'a str>,
+    pub data: &'a [u8],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed channel message")]
+pub struct MessageError;
+
+impl<'a> ChannelMessage<'a> {
+    pub fn parse(payload: &'a [u8]) -> Result<ChannelMessage<'a>, MessageError> {
+        let mut rest = payload;
+        let mut id = None;
+        let mut event = None;
+        loop {
+            let end = rest.iter().position(|&b| b == b'\n').ok_or(MessageError)?;
+            let (line, tail) = (&rest[..end], &rest[end + 1..]);
+            rest = tail;
+            match line.split_first() {
+                None => break,
+                Some((b'i', value)) => {
+                    let text = std::str::from_utf8(value).map_err(|_| MessageError)?;
+                    id = Some(StreamId::parse(text).map_err(|_| MessageError)?);
+                }
+                Some((b'e', value)) => {
+                    event = Some(std::str::from_utf8(value).map_err(|_| MessageError)?);
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(ChannelMessage {
+            id: id.ok_or(MessageError)?,
+            event,
+            data: rest,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_uses_the_topic_as_hash_tag() {
+        let t = Topic::new("orders.eu").unwrap();
+        assert_eq!(stream_key(&t), "ssegw:s:{orders.eu}");
+        assert_eq!(channel(&t), "ssegw:c:{orders.eu}");
+        assert_eq!(topic_of_channel(&channel(&t)), Some(t));
+        assert_eq!(topic_of_channel("other"), None);
+        assert_eq!(topic_of_channel("ssegw:c:{a b}"), None);
+    }
+
+    #[test]
+    fn parses_channel_messages() {
+        let m = ChannelMessage::parse(b"i5-1\neorder\n\nline1\nline2").unwrap();
+        assert_eq!(m.id, StreamId::new(5, 1));
+        assert_eq!(m.event, Some("order"));
+        assert_eq!(m.data, b"line1\nline2");
+        let m = ChannelMessage::parse(b"i5-1\ntfuture-field\n\n").unwrap();
+        assert_eq!((m.event, m.data), (None, &b""[..]));
+        assert_eq!(ChannelMessage::parse(b"eorder\n\nx"), Err(MessageError));
+        assert_eq!(ChannelMessage::parse(b"i5-1\n"), Err(MessageError));
+        assert_eq!(ChannelMessage::parse(b"ix\n\n"), Err(MessageError));
+    }
+
+    /// `lua/publish.lua` is shipped for `EVAL` users; it must be the generated script.
+    #[test]
+    fn shipped_eval_script_is_current() {
+        let shipped = include_str!("../lua/publish.lua");
+        assert!(
+            shipped == publish_eval_script(&ScriptSettings::default()),
+            "shared/lua/publish.lua is stale: regenerate it with `sse-gateway script --eval > shared/lua/publish.lua`"
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
+            let _ = ChannelMessage::parse(&bytes);
+        }
+    }
+}
