@@ -1,1 +1,113 @@
-fn main(){}
+//! The `sse-gateway` binary: parses the command line, sets up logging and hands over to the
+//! library (`run` for `serve`, `publisher::publish` for `publish`).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use sse_gateway::config::{Cli, Command, ServeArgs};
+use ssegw_protocol::script;
+use tokio_util::sync::CancellationToken;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match cli.command.unwrap_or(Command::Serve(cli.serve)) {
+        Command::Serve(args) => serve(args),
+        Command::Publish(args) => {
+            // awc needs an actix system (a local task set) to run its connection pool.
+            match actix_web::rt::System::new().block_on(sse_gateway::publisher::publish(args)) {
+                Ok(id) => {
+                    println!("{id}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("sse-gateway publish: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Script(args) => match args.retention.script_settings() {
+            Ok(settings) if args.eval => {
+                print!("{}", script::publish_eval_script(&settings));
+                ExitCode::SUCCESS
+            }
+            Ok(settings) => {
+                print!("{}", script::function_library(&settings));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("sse-gateway: {e}");
+                ExitCode::from(2)
+            }
+        },
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let config = match args.into_config() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("sse-gateway: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let listener = match std::net::TcpListener::bind(config.listen) {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("sse-gateway: cannot listen on {}: {e}", config.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("sse-gateway: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(stop_on_signal(shutdown.clone()));
+        sse_gateway::run(listener, config, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "gateway failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Cancels `shutdown` on SIGINT or SIGTERM.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}
+
+/// Levels from `SSEGW_LOG`, else `RUST_LOG`, else `info`; JSON lines with `SSEGW_LOG_FORMAT=json`.
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("SSEGW_LOG")
+        .ok()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .or_else(|| EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("SSEGW_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,157 @@
+//! The embedded bus: history and fan-out in this process, for a single node without Redis.
+//! Same ids, retention and gap semantics as the Redis bus; nothing survives a restart.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ssegw_protocol::frame::{EventType, GapReason};
+use ssegw_protocol::script::ScriptSettings;
+use ssegw_protocol::{StreamId, Topic};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{gap_for, BusError, Page};
+use crate::config::BusConfig;
+use crate::hub::{Event, Hub, Interest};
+
+pub struct MemoryBus {
+    logs: Arc<Mutex<HashMap<Topic, Log>>>,
+    settings: ScriptSettings,
+    hub: Arc<Hub>,
+}
+
+/// One topic's history, shaped like a Redis stream.
+struct Log {
+    entries: VecDeque<Arc<Event>>,
+    head: StreamId,
+    max_deleted: StreamId,
+    touched: Instant,
+}
+
+impl MemoryBus {
+    pub fn start(
+        config: &BusConfig,
+        hub: Arc<Hub>,
+        mut interest: mpsc::UnboundedReceiver<Interest>,
+        shutdown: CancellationToken,
+    ) -> MemoryBus {
+        let bus = MemoryBus {
+            logs: Arc::new(Mutex::new(HashMap::new())),
+            settings: config.script,
+            hub,
+        };
+        let logs = bus.logs.clone();
+        let ttl = Duration::from_secs(config.script.ttl_secs);
+        tokio::spawn(async move {
+            // Every topic is "subscribed" at once: events reach the hub straight from `publish`.
+            let mut sweep = tokio::time::interval(ttl.min(Duration::from_secs(60)));
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    Some(interest) = interest.recv() => {
+                        if let Interest::Subscribe(channel) = interest {
+                            let head = live_log(&mut logs.lock().expect("logs poisoned"), &channel.topic, ttl)
+                                .map_or(StreamId::ZERO, |log| log.head);
+                            channel.set_ready(head);
+                        }
+                    }
+                    _ = sweep.tick() => {
+                        logs.lock().expect("logs poisoned").retain(|_, log| log.touched.elapsed() < ttl);
+                    }
+                }
+            }
+        });
+        bus
+    }
+
+    pub fn publish(
+        &self,
+        topic: &Topic,
+        event: Option<&EventType>,
+        data: &str,
+    ) -> Result<StreamId, BusError> {
+        if data.is_empty() {
+            return Err(BusError::Rejected("data must not be empty".into()));
+        }
+        if data.len() > self.settings.max_data_bytes {
+            return Err(BusError::Rejected(format!(
+                "data is larger than {} bytes",
+                self.settings.max_data_bytes
+            )));
+        }
+        let ttl = Duration::from_secs(self.settings.ttl_secs);
+        let mut logs = self.logs.lock().expect("logs poisoned");
+        if live_log(&mut logs, topic, ttl).is_none() {
+            logs.insert(
+                topic.clone(),
+                Log {
+                    entries: VecDeque::new(),
+                    head: StreamId::ZERO,
+                    max_deleted: StreamId::ZERO,
+                    touched: Instant::now(),
+                },
+            );
+        }
+        let log = logs.get_mut(topic).expect("inserted above");
+        let id = next_id(log.head);
+        let event = Arc::new(Event::new(id, event.map(EventType::as_str), data.as_bytes()));
+        log.entries.push_back(event.clone());
+        log.head = id;
+        log.touched = Instant::now();
+        while log.entries.len() as u64 > self.settings.max_len {
+            let trimmed = log.entries.pop_front().expect("longer than max_len");
+            log.max_deleted = trimmed.id;
+        }
+        // Dispatched under the lock so that each topic's events reach the hub in id order.
+        self.hub.dispatch(topic, event);
+        Ok(id)
+    }
+
+    pub fn read(&self, topic: &Topic, after: Option<StreamId>, count: usize) -> Page {
+        let ttl = Duration::from_secs(self.settings.ttl_secs);
+        let mut logs = self.logs.lock().expect("logs poisoned");
+        let Some(log) = live_log(&mut logs, topic, ttl) else {
+            let gap = after.filter(|&a| a != StreamId::ZERO).map(|_| GapReason::Lost);
+            return Page {
+                gap,
+                entries: Vec::new(),
+            };
+        };
+        let first = log.entries.front().map(|e| e.id);
+        let gap = after.and_then(|a| gap_for(a, log.head, log.max_deleted, first));
+        let start = match (after, gap) {
+            (Some(after), None) => log.entries.partition_point(|e| e.id <= after),
+            _ => 0,
+        };
+        Page {
+            gap,
+            entries: log.entries.iter().skip(start).take(count).cloned().collect(),
+        }
+    }
+}
+
+/// The topic's log unless it expired (then it is removed, as Redis would have).
+fn live_log<'a>(
+    logs: &'a mut HashMap<Topic, Log>,
+    topic: &Topic,
+    ttl: Duration,
+) -> Option<&'a mut Log> {
+    if logs.get(topic).is_some_and(|log| log.touched.elapsed() >= ttl) {
+        logs.remove(topic);
+    }
+    logs.get_mut(topic)
+}
+
+/// Redis's id rule: the wall clock in milliseconds, with a sequence within one millisecond and
+/// never going backwards.
+fn next_id(head: StreamId) -> StreamId {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    if now > head.ms {
+        StreamId::new(now, 0)
+    } else {
+        StreamId::new(head.ms, head.seq + 1)
+    }
+}

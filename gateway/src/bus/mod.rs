@@ -1,0 +1,124 @@
+//! The bus: where events are published, stored and received. Two implementations with the same
+//! semantics (ids, history, gap detection): Redis for a fleet of replicas, and an embedded
+//! in-memory bus for a single node. Only this module talks to Redis.
+
+mod memory;
+mod redis;
+
+use std::sync::Arc;
+
+use ssegw_protocol::frame::{EventType, GapReason};
+use ssegw_protocol::{StreamId, Topic};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::BusConfig;
+use crate::hub::{Event, Hub, Interest};
+
+pub use self::memory::MemoryBus;
+pub use self::redis::RedisBus;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// The store could not be reached or did not answer in time.
+    #[error("Redis is unavailable: {0}")]
+    Unavailable(String),
+    /// The publish logic refused the event; the message says why.
+    #[error("{0}")]
+    Rejected(String),
+}
+
+/// A page of a topic's history, read after a position.
+#[derive(Debug)]
+pub struct Page {
+    /// Set when events after the requested position are no longer retained; `entries` then
+    /// start at the oldest retained event.
+    pub gap: Option<GapReason>,
+    pub entries: Vec<Arc<Event>>,
+}
+
+pub enum Bus {
+    Redis(RedisBus),
+    Memory(MemoryBus),
+}
+
+impl Bus {
+    /// Starts the bus that `config` names, feeding `hub` and serving its `interest` queue until
+    /// `shutdown`. Never fails on an unreachable Redis: the replica stays not-ready and retries.
+    pub fn start(
+        config: &BusConfig,
+        hub: Arc<Hub>,
+        interest: mpsc::UnboundedReceiver<Interest>,
+        shutdown: CancellationToken,
+    ) -> Result<Bus, BusError> {
+        Ok(match &config.redis_url {
+            Some(url) => Bus::Redis(RedisBus::start(url, config, hub, interest, shutdown)?),
+            None => Bus::Memory(MemoryBus::start(config, hub, interest, shutdown)),
+        })
+    }
+
+    /// Stores and publishes one event; returns its id.
+    pub async fn publish(
+        &self,
+        topic: &Topic,
+        event: Option<&EventType>,
+        data: &str,
+    ) -> Result<StreamId, BusError> {
+        match self {
+            Bus::Redis(bus) => bus.publish(topic, event, data).await,
+            Bus::Memory(bus) => bus.publish(topic, event, data),
+        }
+    }
+
+    /// Reads up to `count` events after `after` (`None`: from the oldest retained event).
+    pub async fn read(
+        &self,
+        topic: &Topic,
+        after: Option<StreamId>,
+        count: usize,
+    ) -> Result<Page, BusError> {
+        match self {
+            Bus::Redis(bus) => bus.read(topic, after, count).await,
+            Bus::Memory(bus) => Ok(bus.read(topic, after, count)),
+        }
+    }
+
+    /// True when the replica receives events: for Redis, its subscription connection is up and
+    /// a command round trip succeeds.
+    pub async fn is_ready(&self) -> bool {
+        match self {
+            Bus::Redis(bus) => bus.is_ready().await,
+            Bus::Memory(_) => true,
+        }
+    }
+
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Bus::Redis(_) => "redis",
+            Bus::Memory(_) => "embedded",
+        }
+    }
+}
+
+/// The gap rule shared by both implementations (the Lua `read` function applies the same):
+/// a position is behind the retained history when something newer than it was trimmed, and
+/// belongs to a lost history when it is ahead of the stream, or older than a stream that never
+/// trimmed anything.
+pub(crate) fn gap_for(
+    after: StreamId,
+    head: StreamId,
+    max_deleted: StreamId,
+    first: Option<StreamId>,
+) -> Option<GapReason> {
+    if after < max_deleted {
+        Some(GapReason::Trimmed)
+    } else if after > head
+        || (max_deleted == StreamId::ZERO
+            && after != StreamId::ZERO
+            && first.is_some_and(|first| after < first))
+    {
+        Some(GapReason::Lost)
+    } else {
+        None
+    }
+}

@@ -1,0 +1,290 @@
+//! Configuration: command-line flags with `SSEGW_*` environment equivalents, parsed and
+//! checked once at start-up into typed structs that are passed explicitly. Bad config is an
+//! error here, before any port is bound.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use ssegw_protocol::script::ScriptSettings;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sse-gateway",
+    version,
+    about = "Distributed Server-Sent Events gateway backed by Redis",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the gateway (the default when no subcommand is given).
+    Serve(ServeArgs),
+    /// Publish one event, through Redis when --redis-url is set, else through a gateway's HTTP API.
+    Publish(PublishArgs),
+    /// Print the Redis Lua code: the function library, or with --eval the plain EVAL script.
+    Script(ScriptArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "SSEGW_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// Redis URL (redis://[user:password@]host:port[/db]). Without it the gateway runs as a single
+    /// node with an embedded in-memory bus and history.
+    #[arg(long, env = "SSEGW_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// HTTP worker threads [default: number of CPUs].
+    #[arg(long, env = "SSEGW_WORKERS")]
+    pub workers: Option<usize>,
+    /// Interval of keep-alive comments on idle streams.
+    #[arg(long, env = "SSEGW_KEEPALIVE", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub keepalive: Duration,
+    /// Reconnection delay sent to clients in the `retry:` field.
+    #[arg(long, env = "SSEGW_RETRY", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub retry: Duration,
+    /// Most topics one connection may subscribe to.
+    #[arg(long, env = "SSEGW_MAX_TOPICS", default_value_t = 16)]
+    pub max_topics: usize,
+    /// Events a connection may fall behind on one topic before it is closed as too slow.
+    #[arg(long, env = "SSEGW_CLIENT_BUFFER", default_value_t = 1024)]
+    pub client_buffer: usize,
+    /// Redis command connections in the pool.
+    #[arg(long, env = "SSEGW_REDIS_POOL_SIZE", default_value_t = 16)]
+    pub redis_pool_size: usize,
+    /// Longest wait for Redis (connect, pool checkout, command) before failing.
+    #[arg(long, env = "SSEGW_REDIS_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub redis_timeout: Duration,
+    #[command(flatten)]
+    pub retention: RetentionArgs,
+}
+
+/// Settings baked into the Redis functions; every replica of a fleet should use the same.
+#[derive(Args, Debug, Clone)]
+pub struct RetentionArgs {
+    /// Events kept per topic for resumption.
+    #[arg(long, env = "SSEGW_HISTORY_MAX_LEN", default_value_t = 1000)]
+    pub history_max_len: u64,
+    /// A topic's history is dropped after this long without a publish.
+    #[arg(long, env = "SSEGW_HISTORY_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub history_ttl: Duration,
+    /// Largest event data accepted, in bytes.
+    #[arg(long, env = "SSEGW_MAX_EVENT_BYTES", default_value_t = 65_536)]
+    pub max_event_bytes: usize,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PublishArgs {
+    #[arg(long)]
+    pub topic: String,
+    /// Event data (UTF-8 text; line breaks become separate `data:` lines on the wire).
+    #[arg(long)]
+    pub data: String,
+    /// Optional SSE event type.
+    #[arg(long)]
+    pub event: Option<String>,
+    /// Publish straight to this Redis.
+    #[arg(long, env = "SSEGW_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Gateway base URL, used when no Redis URL is given.
+    #[arg(long, env = "SSEGW_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    #[arg(long, env = "SSEGW_REDIS_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub redis_timeout: Duration,
+    #[command(flatten)]
+    pub retention: RetentionArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ScriptArgs {
+    /// Print the plain script for `EVAL <script> 1 <topic> <data> [<event>]`.
+    #[arg(long)]
+    pub eval: bool,
+    #[command(flatten)]
+    pub retention: RetentionArgs,
+}
+
+/// Everything `run` needs, checked.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub workers: usize,
+    pub stream: StreamConfig,
+    pub bus: BusConfig,
+}
+
+/// How SSE streams behave.
+#[derive(Debug, Clone)]
+pub struct StreamConfig {
+    pub keepalive: Duration,
+    pub retry: Duration,
+    pub max_topics: usize,
+    pub max_event_bytes: usize,
+    /// How long a new connection waits for its topics to be subscribed before a 503.
+    pub subscribe_timeout: Duration,
+}
+
+/// Which bus to use and how.
+#[derive(Debug, Clone)]
+pub struct BusConfig {
+    pub redis_url: Option<String>,
+    pub redis_pool_size: usize,
+    pub redis_timeout: Duration,
+    pub client_buffer: usize,
+    pub script: ScriptSettings,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(String);
+
+fn check(ok: bool, message: &str) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError(message.to_string()))
+    }
+}
+
+impl RetentionArgs {
+    pub fn script_settings(&self) -> Result<ScriptSettings, ConfigError> {
+        check(self.history_max_len >= 1, "--history-max-len (SSEGW_HISTORY_MAX_LEN) must be at least 1")?;
+        check(
+            self.history_ttl >= Duration::from_secs(1),
+            "--history-ttl (SSEGW_HISTORY_TTL) must be at least 1s",
+        )?;
+        check(
+            (1..=16 << 20).contains(&self.max_event_bytes),
+            "--max-event-bytes (SSEGW_MAX_EVENT_BYTES) must be between 1 and 16777216",
+        )?;
+        Ok(ScriptSettings {
+            max_len: self.history_max_len,
+            ttl_secs: self.history_ttl.as_secs(),
+            max_data_bytes: self.max_event_bytes,
+        })
+    }
+}
+
+/// A Redis URL the client library accepts.
+pub fn check_redis_url(url: &str) -> Result<(), ConfigError> {
+    redis::Client::open(url)
+        .map(drop)
+        .map_err(|e| ConfigError(format!("--redis-url (SSEGW_REDIS_URL) {url:?}: {e}")))
+}
+
+impl ServeArgs {
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let script = self.retention.script_settings()?;
+        if let Some(url) = &self.redis_url {
+            check_redis_url(url)?;
+        }
+        let workers = match self.workers {
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, usize::from),
+        };
+        check(workers >= 1, "--workers (SSEGW_WORKERS) must be at least 1")?;
+        check(
+            self.keepalive >= Duration::from_millis(100),
+            "--keepalive (SSEGW_KEEPALIVE) must be at least 100ms",
+        )?;
+        check(
+            (1..=256).contains(&self.max_topics),
+            "--max-topics (SSEGW_MAX_TOPICS) must be between 1 and 256",
+        )?;
+        check(
+            self.client_buffer >= 16,
+            "--client-buffer (SSEGW_CLIENT_BUFFER) must be at least 16",
+        )?;
+        check(
+            self.redis_pool_size >= 2,
+            "--redis-pool-size (SSEGW_REDIS_POOL_SIZE) must be at least 2",
+        )?;
+        check(
+            self.redis_timeout >= Duration::from_millis(10),
+            "--redis-timeout (SSEGW_REDIS_TIMEOUT) must be at least 10ms",
+        )?;
+        Ok(Config {
+            listen: self.listen,
+            workers,
+            stream: StreamConfig {
+                keepalive: self.keepalive,
+                retry: self.retry,
+                max_topics: self.max_topics,
+                max_event_bytes: script.max_data_bytes,
+                subscribe_timeout: self.redis_timeout,
+            },
+            bus: BusConfig {
+                redis_url: self.redis_url,
+                redis_pool_size: self.redis_pool_size,
+                redis_timeout: self.redis_timeout,
+                client_buffer: self.client_buffer,
+                script,
+            },
+        })
+    }
+}
+
+impl Config {
+    /// Parses serve flags as the binary does (`SSEGW_*` variables fill the flags not given),
+    /// e.g. in tests: `Config::from_flags(["--redis-url", url])`.
+    pub fn from_flags<I, S>(flags: I) -> Result<Config, anyhow::Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<std::ffi::OsString> + Clone,
+    {
+        #[derive(Parser)]
+        struct Serve {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let args = std::iter::once("sse-gateway".into()).chain(flags.into_iter().map(Into::into));
+        Ok(Serve::try_parse_from(args)?.serve.into_config()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_flags(flags: &[&str], expected_error: Option<&str>) {
+        match (Config::from_flags(flags), expected_error) {
+            (Ok(_), None) => {}
+            (Err(e), Some(part)) => {
+                let text = e.to_string();
+                assert!(text.contains(part), "{flags:?}: {text:?} lacks {part:?}");
+            }
+            (result, _) => panic!("{flags:?}: unexpected {result:?}"),
+        }
+    }
+
+    #[test]
+    fn validates_flags() {
+        check_flags(&[], None);
+        check_flags(&["--redis-url", "redis://127.0.0.1:6379/0", "--keepalive", "500ms"], None);
+        check_flags(&["--redis-url", "http://x"], Some("SSEGW_REDIS_URL"));
+        check_flags(&["--keepalive", "1ms"], Some("SSEGW_KEEPALIVE"));
+        check_flags(&["--keepalive", "soon"], Some("--keepalive"));
+        check_flags(&["--max-topics", "0"], Some("SSEGW_MAX_TOPICS"));
+        check_flags(&["--history-max-len", "0"], Some("SSEGW_HISTORY_MAX_LEN"));
+        check_flags(&["--listen", "nowhere"], Some("--listen"));
+        check_flags(&["--client-buffer", "1"], Some("SSEGW_CLIENT_BUFFER"));
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let config = Config::from_flags::<_, &str>([]).unwrap();
+        assert_eq!(config.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(config.stream.keepalive, Duration::from_secs(15));
+        assert_eq!(config.stream.retry, Duration::from_secs(2));
+        assert_eq!(config.stream.max_topics, 16);
+        assert_eq!(config.bus.script, ScriptSettings::default());
+        assert_eq!(config.bus.redis_url, None);
+    }
+}

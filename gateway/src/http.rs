@@ -1,0 +1,310 @@
+//! The HTTP surface: routes, request parsing, and the one error type that maps to responses.
+//! Handlers validate everything before touching the hub or the bus.
+
+use std::sync::Arc;
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use serde::Deserialize;
+use ssegw_protocol::frame::EventType;
+use ssegw_protocol::{cursor, Topic, TopicSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Bus, BusError};
+use crate::config::StreamConfig;
+use crate::hub::Hub;
+use crate::sse::{Connection, Start};
+
+/// Shared by every worker; built once, outside the `HttpServer` factory.
+pub struct AppState {
+    pub hub: Arc<Hub>,
+    pub bus: Arc<Bus>,
+    pub stream: Arc<StreamConfig>,
+    pub shutdown: CancellationToken,
+}
+
+/// A clear status and message for the client; the detail is logged where it arises.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    allow: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            allow: None,
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status);
+        if let Some(allow) = self.allow {
+            response.insert_header((header::ALLOW, allow));
+        }
+        response.json(serde_json::json!({ "error": self.message }))
+    }
+}
+
+impl From<BusError> for ApiError {
+    fn from(e: BusError) -> ApiError {
+        match e {
+            BusError::Rejected(message) => ApiError::bad_request(message),
+            BusError::Unavailable(detail) => {
+                tracing::warn!(%detail, "bus unavailable");
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "event store unavailable, retry later")
+            }
+        }
+    }
+}
+
+pub fn routes(cfg: &mut web::ServiceConfig, max_event_bytes: usize) {
+    // JSON escaping can grow data up to six-fold (`\u0000`); the data limit is checked after.
+    let json = web::JsonConfig::default()
+        .limit(max_event_bytes * 6 + 4096)
+        .error_handler(|e, _| json_error(e).into());
+    cfg.app_data(json)
+        .service(only(web::resource("/events").route(web::get().to(events)), "GET"))
+        .service(only(web::resource("/publish").route(web::post().to(publish)), "POST"))
+        .service(only(web::resource("/healthz").route(web::get().to(healthz)), "GET"))
+        .service(only(web::resource("/readyz").route(web::get().to(readyz)), "GET"))
+        .default_service(web::to(|req: HttpRequest| async move {
+            Err::<HttpResponse, _>(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no route for {}; see /events, /publish, /healthz, /readyz", req.path()),
+            ))
+        }));
+}
+
+/// A resource that answers other methods with 405 and an `Allow` header.
+fn only(resource: actix_web::Resource, method: &'static str) -> actix_web::Resource {
+    resource.default_service(web::to(move || async move {
+        Err::<HttpResponse, _>(ApiError {
+            allow: Some(method),
+            ..ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("method not allowed; use {method}"))
+        })
+    }))
+}
+
+fn json_error(e: actix_web::error::JsonPayloadError) -> ApiError {
+    use actix_web::error::JsonPayloadError as E;
+    match e {
+        E::Overflow { limit } | E::OverflowKnownLength { limit, .. } => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("publish body is larger than {limit} bytes"),
+        ),
+        E::ContentType => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Content-Type must be application/json",
+        ),
+        E::Deserialize(e) => ApiError::bad_request(format!("invalid publish body: {e}")),
+        other => ApiError::bad_request(format!("could not read publish body: {other}")),
+    }
+}
+
+/// The parsed query of `GET /events`.
+#[derive(Debug)]
+pub struct SubscribeRequest {
+    pub topics: TopicSet,
+    pub last_event_id: Option<String>,
+}
+
+impl SubscribeRequest {
+    /// `topic=` (repeatable) and `lastEventId=` from the query; a non-empty `Last-Event-ID`
+    /// header (what browsers send on reconnect) wins over the query parameter.
+    pub fn parse(
+        query: &str,
+        header_id: Option<&[u8]>,
+        max_topics: usize,
+    ) -> Result<SubscribeRequest, ApiError> {
+        let mut topics = Vec::new();
+        let mut query_id = None;
+        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            match &*key {
+                "topic" => {
+                    let topic = Topic::new(&value)
+                        .map_err(|e| ApiError::bad_request(format!("invalid topic {value:?}: {e}")))?;
+                    topics.push(topic);
+                }
+                "lastEventId" if !value.is_empty() => query_id = Some(value.into_owned()),
+                _ => {}
+            }
+        }
+        if topics.len() > max_topics {
+            return Err(ApiError::bad_request(format!(
+                "too many topics: at most {max_topics} per connection"
+            )));
+        }
+        let topics = TopicSet::new(topics)
+            .ok_or_else(|| ApiError::bad_request("missing topic: add ?topic=<name> (repeatable)"))?;
+        // A header that is not text cannot be a valid id; it resumes as an invalid id.
+        let header_id = header_id
+            .filter(|h| !h.is_empty())
+            .map(|h| String::from_utf8_lossy(h).into_owned());
+        Ok(SubscribeRequest {
+            topics,
+            last_event_id: header_id.or(query_id),
+        })
+    }
+}
+
+async fn events(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let request = SubscribeRequest::parse(
+        req.query_string(),
+        req.headers().get("last-event-id").map(|h| h.as_bytes()),
+        state.stream.max_topics,
+    )?;
+    let memberships: Vec<_> = request.topics.iter().map(|t| state.hub.join(t)).collect();
+    let closed = memberships[0].closed.clone();
+    let ready = async {
+        let mut baselines = Vec::with_capacity(memberships.len());
+        for membership in &memberships {
+            baselines.push(membership.ready().await);
+        }
+        baselines
+    };
+    let not_ready = || {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "gateway is not subscribed to Redis, retry later",
+        )
+    };
+    let baselines = tokio::select! {
+        _ = closed.cancelled() => return Err(not_ready()),
+        baselines = tokio::time::timeout(state.stream.subscribe_timeout, ready) => {
+            baselines.map_err(|_| not_ready())?
+        }
+    };
+    let start = match &request.last_event_id {
+        None => Start::Fresh(baselines),
+        Some(id) => match cursor::decode(&request.topics, id) {
+            Ok(positions) => Start::Resume(positions),
+            Err(e) => {
+                tracing::debug!(error = %e, "unusable Last-Event-ID");
+                Start::Invalid
+            }
+        },
+    };
+    let connection = Connection::new(
+        request.topics,
+        memberships,
+        start,
+        state.bus.clone(),
+        state.stream.clone(),
+        state.shutdown.clone(),
+    );
+    Ok(HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(connection.into_stream()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishBody {
+    topic: String,
+    /// A string is sent as is; any other JSON value is sent as its compact JSON text.
+    data: serde_json::Value,
+    #[serde(default)]
+    event: Option<String>,
+}
+
+async fn publish(
+    body: web::Json<PublishBody>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    let topic = Topic::new(&body.topic)
+        .map_err(|e| ApiError::bad_request(format!("invalid topic {:?}: {e}", body.topic)))?;
+    let event = match body.event.as_deref() {
+        None | Some("") => None,
+        Some(name) => Some(
+            EventType::new(name)
+                .map_err(|e| ApiError::bad_request(format!("invalid event {name:?}: {e}")))?,
+        ),
+    };
+    let data = match body.data {
+        serde_json::Value::String(text) => text,
+        serde_json::Value::Null => return Err(ApiError::bad_request("data must not be null")),
+        value => value.to_string(),
+    };
+    if data.is_empty() {
+        return Err(ApiError::bad_request(
+            "data must not be empty (browsers do not dispatch events without data)",
+        ));
+    }
+    if data.len() > state.stream.max_event_bytes {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("data is larger than {} bytes", state.stream.max_event_bytes),
+        ));
+    }
+    let id = state.bus.publish(&topic, event.as_ref(), &data).await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "id": id.to_string() })))
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({ "status": "alive" }))
+}
+
+async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let bus = state.bus.describe();
+    if state.bus.is_ready().await {
+        HttpResponse::Ok().json(serde_json::json!({ "status": "ready", "bus": bus }))
+    } else {
+        HttpResponse::ServiceUnavailable()
+            .json(serde_json::json!({ "status": "not ready", "bus": bus }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(query: &str, header: Option<&str>, expected: Result<(&[&str], Option<&str>), &str>) {
+        let got = SubscribeRequest::parse(query, header.map(str::as_bytes), 3);
+        match (got, expected) {
+            (Ok(req), Ok((topics, id))) => {
+                let names: Vec<&str> = req.topics.iter().map(Topic::as_str).collect();
+                assert_eq!(names, topics, "{query}");
+                assert_eq!(req.last_event_id.as_deref(), id, "{query}");
+            }
+            (Err(e), Err(part)) => assert!(e.message.contains(part), "{query}: {}", e.message),
+            (got, _) => panic!("{query}: unexpected {got:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_subscribe_queries() {
+        check("topic=a", None, Ok((&["a"], None)));
+        check("topic=b&topic=a&topic=b", None, Ok((&["a", "b"], None)));
+        check("topic=a&lastEventId=5-0", None, Ok((&["a"], Some("5-0"))));
+        check("topic=a&lastEventId=5-0", Some("6-0"), Ok((&["a"], Some("6-0"))));
+        check("topic=a&lastEventId=", Some(""), Ok((&["a"], None)));
+        check("topic=orders%2Eeu&x=1", None, Ok((&["orders.eu"], None)));
+        check("", None, Err("missing topic"));
+        check("topic=", None, Err("must not be empty"));
+        check("topic=a%7Bb%7D", None, Err("invalid topic"));
+        check("topic=a&topic=b&topic=c&topic=d", None, Err("too many topics"));
+    }
+}

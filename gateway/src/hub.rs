@@ -1,0 +1,275 @@
+//! The local fan-out: one broadcast channel per topic that has subscribers on this replica.
+//! The hub does no I/O. It tells the bus which topics it needs through the `Interest` queue,
+//! and the bus feeds it every event exactly once, already framed.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use ssegw_protocol::{frame, StreamId, Topic};
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+/// One event, framed once per replica and shared by every local subscriber of its topic.
+#[derive(Debug)]
+pub struct Event {
+    pub id: StreamId,
+    /// `event:` and `data:` lines and the terminating blank line, without the `id:` line.
+    pub body: Bytes,
+    /// `id: <stream id>` followed by `body`: the complete frame for single-topic connections.
+    pub frame: Bytes,
+}
+
+impl Event {
+    /// Frames an event. Payloads that are not UTF-8 (possible through a raw `FCALL`) are
+    /// decoded lossily, as a browser would.
+    pub fn new(id: StreamId, event: Option<&str>, data: &[u8]) -> Event {
+        let body = frame::event_body(event, &String::from_utf8_lossy(data));
+        let frame = frame::with_id(&id.to_string(), &body);
+        Event { id, body, frame }
+    }
+}
+
+/// A change of this replica's interest in a topic, sent by the hub to the bus.
+#[derive(Debug)]
+pub enum Interest {
+    /// The first local subscriber joined: subscribe, then call [`Channel::set_ready`].
+    Subscribe(Arc<Channel>),
+    /// The last local subscriber left.
+    Unsubscribe(Topic),
+}
+
+/// The per-topic state shared by the hub, the bus and the topic's subscribers.
+#[derive(Debug)]
+pub struct Channel {
+    pub topic: Topic,
+    /// Every event of the topic, in stream order. The capacity bounds how far one subscriber may
+    /// fall behind: a receiver that lags further sees `Lagged` and its connection is closed.
+    sender: broadcast::Sender<Arc<Event>>,
+    state: Mutex<ChannelState>,
+    /// Becomes true once the bus has subscribed the topic and knows its head position; joiners
+    /// wait on it before they read history, so nothing published after the read is missed.
+    ready: watch::Sender<bool>,
+}
+
+#[derive(Debug, Default)]
+struct ChannelState {
+    members: usize,
+    /// The newest position this replica knows for the topic: the stream head read when it was
+    /// subscribed, or the last event dispatched since, whichever is newer.
+    latest: StreamId,
+}
+
+impl Channel {
+    /// Marks the topic subscribed, with `head` the stream's last id as read after subscribing.
+    pub fn set_ready(&self, head: StreamId) {
+        let mut state = self.state.lock().expect("channel state poisoned");
+        state.latest = state.latest.max(head);
+        drop(state);
+        self.ready.send_replace(true);
+    }
+
+    pub fn latest(&self) -> StreamId {
+        self.state.lock().expect("channel state poisoned").latest
+    }
+}
+
+/// The local fan-out of one replica.
+pub struct Hub {
+    channels: Mutex<HashMap<Topic, Arc<Channel>>>,
+    /// To the bus; unbounded because every message stands for one channel created or removed,
+    /// so its length is bounded by subscriber churn, and the bus drains it in batches.
+    interest: mpsc::UnboundedSender<Interest>,
+    /// Cancelled by [`Hub::close_all`]; every membership holds the token current when it joined.
+    generation: Mutex<CancellationToken>,
+    capacity: usize,
+}
+
+impl Hub {
+    /// `capacity` is the number of events a subscriber may lag behind on one topic.
+    pub fn new(capacity: usize, interest: mpsc::UnboundedSender<Interest>) -> Hub {
+        Hub {
+            channels: Mutex::new(HashMap::new()),
+            interest,
+            generation: Mutex::new(CancellationToken::new()),
+            capacity,
+        }
+    }
+
+    /// Joins `topic`, creating its channel (and asking the bus to subscribe) when this is the
+    /// first local subscriber.
+    pub fn join(self: &Arc<Self>, topic: &Topic) -> Membership {
+        let mut channels = self.channels.lock().expect("hub poisoned");
+        let channel = channels.entry(topic.clone()).or_insert_with(|| {
+            let channel = Arc::new(Channel {
+                topic: topic.clone(),
+                sender: broadcast::channel(self.capacity).0,
+                state: Mutex::new(ChannelState::default()),
+                ready: watch::channel(false).0,
+            });
+            // A send error means the bus is gone (shutdown); joiners then time out waiting.
+            let _ = self.interest.send(Interest::Subscribe(channel.clone()));
+            channel
+        });
+        let channel = channel.clone();
+        let mut state = channel.state.lock().expect("channel state poisoned");
+        state.members += 1;
+        let receiver = channel.sender.subscribe();
+        drop(state);
+        drop(channels);
+        let closed = self.generation.lock().expect("hub poisoned").clone();
+        Membership {
+            hub: self.clone(),
+            channel,
+            receiver,
+            closed,
+        }
+    }
+
+    /// Delivers an event to the topic's local subscribers; a topic nobody here follows is
+    /// dropped. Callers dispatch each topic's events in stream order.
+    pub fn dispatch(&self, topic: &Topic, event: Arc<Event>) {
+        let Some(channel) = self.channel(topic) else {
+            return;
+        };
+        let mut state = channel.state.lock().expect("channel state poisoned");
+        state.latest = state.latest.max(event.id);
+        // An error only means no receiver exists at this instant.
+        let _ = channel.sender.send(event);
+    }
+
+    pub fn channel(&self, topic: &Topic) -> Option<Arc<Channel>> {
+        self.channels.lock().expect("hub poisoned").get(topic).cloned()
+    }
+
+    /// Ends every membership: used when the replica can no longer guarantee delivery (its
+    /// Redis subscription was lost). Clients reconnect and resume from the stream.
+    pub fn close_all(&self) {
+        let old = std::mem::take(&mut *self.generation.lock().expect("hub poisoned"));
+        self.channels.lock().expect("hub poisoned").clear();
+        old.cancel();
+    }
+
+    /// Number of topics with local subscribers.
+    pub fn topic_count(&self) -> usize {
+        self.channels.lock().expect("hub poisoned").len()
+    }
+
+    fn leave(&self, channel: &Arc<Channel>) {
+        let mut channels = self.channels.lock().expect("hub poisoned");
+        // A channel removed by `close_all` (or replaced since) is no longer counted here.
+        if !channels
+            .get(&channel.topic)
+            .is_some_and(|current| Arc::ptr_eq(current, channel))
+        {
+            return;
+        }
+        let mut state = channel.state.lock().expect("channel state poisoned");
+        state.members -= 1;
+        if state.members == 0 {
+            drop(state);
+            channels.remove(&channel.topic);
+            let _ = self.interest.send(Interest::Unsubscribe(channel.topic.clone()));
+        }
+    }
+}
+
+/// One subscriber's place in a topic; leaving happens on drop.
+pub struct Membership {
+    hub: Arc<Hub>,
+    pub channel: Arc<Channel>,
+    pub receiver: broadcast::Receiver<Arc<Event>>,
+    /// Cancelled when the hub closes every membership.
+    pub closed: CancellationToken,
+}
+
+impl Membership {
+    /// Waits until the topic is subscribed at the bus; returns the position from which this
+    /// member receives every event through `receiver`.
+    pub async fn ready(&self) -> StreamId {
+        let mut ready = self.channel.ready.subscribe();
+        // The sender lives in `self.channel`, so the wait cannot fail.
+        let _ = ready.wait_for(|ready| *ready).await;
+        self.channel.latest()
+    }
+
+    /// Starts receiving again at the newest event, after this member lagged too far behind.
+    pub fn resubscribe(&mut self) {
+        self.receiver = self.receiver.resubscribe();
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.hub.leave(&self.channel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topic(name: &str) -> Topic {
+        Topic::new(name).unwrap()
+    }
+
+    fn event(ms: u64) -> Arc<Event> {
+        Arc::new(Event::new(StreamId::new(ms, 0), None, b"x"))
+    }
+
+    #[test]
+    fn subscribes_on_first_join_and_unsubscribes_after_last_leave() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let hub = Arc::new(Hub::new(8, tx));
+        let a = hub.join(&topic("t"));
+        let b = hub.join(&topic("t"));
+        assert!(matches!(rx.try_recv(), Ok(Interest::Subscribe(c)) if c.topic == topic("t")));
+        assert!(rx.try_recv().is_err(), "second join must not subscribe again");
+        drop(a);
+        assert!(rx.try_recv().is_err());
+        drop(b);
+        assert!(matches!(rx.try_recv(), Ok(Interest::Unsubscribe(t)) if t == topic("t")));
+        assert_eq!(hub.topic_count(), 0);
+    }
+
+    #[test]
+    fn dispatch_reaches_members_once_with_shared_bytes() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let hub = Arc::new(Hub::new(8, tx));
+        let mut a = hub.join(&topic("t"));
+        let mut b = hub.join(&topic("t"));
+        let mut other = hub.join(&topic("u"));
+        hub.dispatch(&topic("t"), event(7));
+        let (ea, eb) = (a.receiver.try_recv().unwrap(), b.receiver.try_recv().unwrap());
+        assert!(Arc::ptr_eq(&ea, &eb));
+        assert_eq!(ea.frame, &b"id: 7-0\ndata: x\n\n"[..]);
+        assert!(other.receiver.try_recv().is_err());
+        assert_eq!(a.channel.latest(), StreamId::new(7, 0));
+    }
+
+    #[tokio::test]
+    async fn ready_reports_the_newest_known_position() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let hub = Arc::new(Hub::new(8, tx));
+        let m = hub.join(&topic("t"));
+        hub.dispatch(&topic("t"), event(3));
+        m.channel.set_ready(StreamId::new(2, 0));
+        assert_eq!(m.ready().await, StreamId::new(3, 0));
+    }
+
+    #[test]
+    fn close_all_ends_memberships_and_forgets_channels() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let hub = Arc::new(Hub::new(8, tx));
+        let m = hub.join(&topic("t"));
+        hub.close_all();
+        assert!(m.closed.is_cancelled());
+        assert_eq!(hub.topic_count(), 0);
+        let fresh = hub.join(&topic("t"));
+        assert!(!fresh.closed.is_cancelled());
+        drop(m); // must not decrement the new channel
+        assert_eq!(hub.topic_count(), 1);
+        drop(fresh);
+        assert_eq!(hub.topic_count(), 0);
+    }
+}

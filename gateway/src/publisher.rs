@@ -1,0 +1,64 @@
+//! `sse-gateway publish`: one event from a shell, straight into Redis (the same `FCALL` any
+//! service uses) or, without a Redis URL, through a gateway's `POST /publish`.
+
+use anyhow::{bail, Context};
+use ssegw_protocol::frame::EventType;
+use ssegw_protocol::{StreamId, Topic};
+
+use crate::bus::RedisBus;
+use crate::config::{check_redis_url, BusConfig, PublishArgs};
+
+/// Publishes the event; returns its id.
+pub async fn publish(args: PublishArgs) -> anyhow::Result<StreamId> {
+    let topic = Topic::new(&args.topic).with_context(|| format!("invalid topic {:?}", args.topic))?;
+    let event = args
+        .event
+        .as_deref()
+        .filter(|e| !e.is_empty())
+        .map(EventType::new)
+        .transpose()
+        .context("invalid event type")?;
+    match &args.redis_url {
+        Some(url) => {
+            check_redis_url(url)?;
+            let config = BusConfig {
+                redis_url: Some(url.clone()),
+                redis_pool_size: 2,
+                redis_timeout: args.redis_timeout,
+                client_buffer: 16,
+                script: args.retention.script_settings()?,
+            };
+            let bus = RedisBus::connect(url, &config)?;
+            Ok(bus.publish(&topic, event.as_ref(), &args.data).await?)
+        }
+        None => publish_http(&args.url, &topic, event.as_ref(), &args.data).await,
+    }
+}
+
+async fn publish_http(
+    base: &str,
+    topic: &Topic,
+    event: Option<&EventType>,
+    data: &str,
+) -> anyhow::Result<StreamId> {
+    let url = format!("{}/publish", base.trim_end_matches('/'));
+    let body = serde_json::json!({
+        "topic": topic.as_str(),
+        "data": data,
+        "event": event.map(EventType::as_str),
+    });
+    let mut response = awc::Client::default()
+        .post(&url)
+        .send_json(&body)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach {url}: {e}"))?;
+    let reply: serde_json::Value = response
+        .json()
+        .await
+        .with_context(|| format!("unreadable answer from {url}"))?;
+    if !response.status().is_success() {
+        bail!("{url} answered {}: {}", response.status(), reply["error"].as_str().unwrap_or("?"));
+    }
+    let id = reply["id"].as_str().context("answer without id")?;
+    StreamId::parse(id).with_context(|| format!("answer with invalid id {id:?}"))
+}
