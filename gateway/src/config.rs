@@ -155,7 +155,10 @@ fn check(ok: bool, message: &str) -> Result<(), ConfigError> {
 
 impl RetentionArgs {
     pub fn script_settings(&self) -> Result<ScriptSettings, ConfigError> {
-        check(self.history_max_len >= 1, "--history-max-len (SSEGW_HISTORY_MAX_LEN) must be at least 1")?;
+        check(
+            self.history_max_len >= 1,
+            "--history-max-len (SSEGW_HISTORY_MAX_LEN) must be at least 1",
+        )?;
         check(
             self.history_ttl >= Duration::from_secs(1),
             "--history-ttl (SSEGW_HISTORY_TTL) must be at least 1s",
@@ -267,7 +270,15 @@ mod tests {
     #[test]
     fn validates_flags() {
         check_flags(&[], None);
-        check_flags(&["--redis-url", "redis://127.0.0.1:6379/0", "--keepalive", "500ms"], None);
+        check_flags(
+            &[
+                "--redis-url",
+                "redis://127.0.0.1:6379/0",
+                "--keepalive",
+                "500ms",
+            ],
+            None,
+        );
         check_flags(&["--redis-url", "http://x"], Some("SSEGW_REDIS_URL"));
         check_flags(&["--keepalive", "1ms"], Some("SSEGW_KEEPALIVE"));
         check_flags(&["--keepalive", "soon"], Some("--keepalive"));

@@ -71,7 +71,10 @@ impl From<BusError> for ApiError {
             BusError::Rejected(message) => ApiError::bad_request(message),
             BusError::Unavailable(detail) => {
                 tracing::warn!(%detail, "bus unavailable");
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "event store unavailable, retry later")
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "event store unavailable, retry later",
+                )
             }
         }
     }
@@ -83,14 +86,29 @@ pub fn routes(cfg: &mut web::ServiceConfig, max_event_bytes: usize) {
         .limit(max_event_bytes * 6 + 4096)
         .error_handler(|e, _| json_error(e).into());
     cfg.app_data(json)
-        .service(only(web::resource("/events").route(web::get().to(events)), "GET"))
-        .service(only(web::resource("/publish").route(web::post().to(publish)), "POST"))
-        .service(only(web::resource("/healthz").route(web::get().to(healthz)), "GET"))
-        .service(only(web::resource("/readyz").route(web::get().to(readyz)), "GET"))
+        .service(only(
+            web::resource("/events").route(web::get().to(events)),
+            "GET",
+        ))
+        .service(only(
+            web::resource("/publish").route(web::post().to(publish)),
+            "POST",
+        ))
+        .service(only(
+            web::resource("/healthz").route(web::get().to(healthz)),
+            "GET",
+        ))
+        .service(only(
+            web::resource("/readyz").route(web::get().to(readyz)),
+            "GET",
+        ))
         .default_service(web::to(|req: HttpRequest| async move {
             Err::<HttpResponse, _>(ApiError::new(
                 StatusCode::NOT_FOUND,
-                format!("no route for {}; see /events, /publish, /healthz, /readyz", req.path()),
+                format!(
+                    "no route for {}; see /events, /publish, /healthz, /readyz",
+                    req.path()
+                ),
             ))
         }));
 }
@@ -100,7 +118,10 @@ fn only(resource: actix_web::Resource, method: &'static str) -> actix_web::Resou
     resource.default_service(web::to(move || async move {
         Err::<HttpResponse, _>(ApiError {
             allow: Some(method),
-            ..ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("method not allowed; use {method}"))
+            ..ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("method not allowed; use {method}"),
+            )
         })
     }))
 }
@@ -141,8 +162,9 @@ impl SubscribeRequest {
         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
             match &*key {
                 "topic" => {
-                    let topic = Topic::new(&value)
-                        .map_err(|e| ApiError::bad_request(format!("invalid topic {value:?}: {e}")))?;
+                    let topic = Topic::new(&value).map_err(|e| {
+                        ApiError::bad_request(format!("invalid topic {value:?}: {e}"))
+                    })?;
                     topics.push(topic);
                 }
                 "lastEventId" if !value.is_empty() => query_id = Some(value.into_owned()),
@@ -154,8 +176,9 @@ impl SubscribeRequest {
                 "too many topics: at most {max_topics} per connection"
             )));
         }
-        let topics = TopicSet::new(topics)
-            .ok_or_else(|| ApiError::bad_request("missing topic: add ?topic=<name> (repeatable)"))?;
+        let topics = TopicSet::new(topics).ok_or_else(|| {
+            ApiError::bad_request("missing topic: add ?topic=<name> (repeatable)")
+        })?;
         // A header that is not text cannot be a valid id; it resumes as an invalid id.
         let header_id = header_id
             .filter(|h| !h.is_empty())
@@ -299,12 +322,20 @@ mod tests {
         check("topic=a", None, Ok((&["a"], None)));
         check("topic=b&topic=a&topic=b", None, Ok((&["a", "b"], None)));
         check("topic=a&lastEventId=5-0", None, Ok((&["a"], Some("5-0"))));
-        check("topic=a&lastEventId=5-0", Some("6-0"), Ok((&["a"], Some("6-0"))));
+        check(
+            "topic=a&lastEventId=5-0",
+            Some("6-0"),
+            Ok((&["a"], Some("6-0"))),
+        );
         check("topic=a&lastEventId=", Some(""), Ok((&["a"], None)));
         check("topic=orders%2Eeu&x=1", None, Ok((&["orders.eu"], None)));
         check("", None, Err("missing topic"));
         check("topic=", None, Err("must not be empty"));
         check("topic=a%7Bb%7D", None, Err("invalid topic"));
-        check("topic=a&topic=b&topic=c&topic=d", None, Err("too many topics"));
+        check(
+            "topic=a&topic=b&topic=c&topic=d",
+            None,
+            Err("too many topics"),
+        );
     }
 }

@@ -139,7 +139,11 @@ impl Hub {
     }
 
     pub fn channel(&self, topic: &Topic) -> Option<Arc<Channel>> {
-        self.channels.lock().expect("hub poisoned").get(topic).cloned()
+        self.channels
+            .lock()
+            .expect("hub poisoned")
+            .get(topic)
+            .cloned()
     }
 
     /// Ends every membership: used when the replica can no longer guarantee delivery (its
@@ -169,7 +173,9 @@ impl Hub {
         if state.members == 0 {
             drop(state);
             channels.remove(&channel.topic);
-            let _ = self.interest.send(Interest::Unsubscribe(channel.topic.clone()));
+            let _ = self
+                .interest
+                .send(Interest::Unsubscribe(channel.topic.clone()));
         }
     }
 }
@@ -224,7 +230,10 @@ mod tests {
         let a = hub.join(&topic("t"));
         let b = hub.join(&topic("t"));
         assert!(matches!(rx.try_recv(), Ok(Interest::Subscribe(c)) if c.topic == topic("t")));
-        assert!(rx.try_recv().is_err(), "second join must not subscribe again");
+        assert!(
+            rx.try_recv().is_err(),
+            "second join must not subscribe again"
+        );
         drop(a);
         assert!(rx.try_recv().is_err());
         drop(b);
@@ -240,7 +249,10 @@ mod tests {
         let mut b = hub.join(&topic("t"));
         let mut other = hub.join(&topic("u"));
         hub.dispatch(&topic("t"), event(7));
-        let (ea, eb) = (a.receiver.try_recv().unwrap(), b.receiver.try_recv().unwrap());
+        let (ea, eb) = (
+            a.receiver.try_recv().unwrap(),
+            b.receiver.try_recv().unwrap(),
+        );
         assert!(Arc::ptr_eq(&ea, &eb));
         assert_eq!(ea.frame, &b"id: 7-0\ndata: x\n\n"[..]);
         assert!(other.receiver.try_recv().is_err());

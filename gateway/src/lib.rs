@@ -28,7 +28,12 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let (interest_tx, interest_rx) = mpsc::unbounded_channel();
     let hub = Arc::new(Hub::new(config.bus.client_buffer, interest_tx));
-    let bus = Arc::new(Bus::start(&config.bus, hub.clone(), interest_rx, shutdown.clone())?);
+    let bus = Arc::new(Bus::start(
+        &config.bus,
+        hub.clone(),
+        interest_rx,
+        shutdown.clone(),
+    )?);
     match &bus.as_ref() {
         Bus::Memory(_) => tracing::warn!(
             "no Redis configured (--redis-url / SSEGW_REDIS_URL): running as a single node on an \

@@ -10,7 +10,8 @@ use crate::config::{check_redis_url, BusConfig, PublishArgs};
 
 /// Publishes the event; returns its id.
 pub async fn publish(args: PublishArgs) -> anyhow::Result<StreamId> {
-    let topic = Topic::new(&args.topic).with_context(|| format!("invalid topic {:?}", args.topic))?;
+    let topic =
+        Topic::new(&args.topic).with_context(|| format!("invalid topic {:?}", args.topic))?;
     let event = args
         .event
         .as_deref()
@@ -57,7 +58,11 @@ async fn publish_http(
         .await
         .with_context(|| format!("unreadable answer from {url}"))?;
     if !response.status().is_success() {
-        bail!("{url} answered {}: {}", response.status(), reply["error"].as_str().unwrap_or("?"));
+        bail!(
+            "{url} answered {}: {}",
+            response.status(),
+            reply["error"].as_str().unwrap_or("?")
+        );
     }
     let id = reply["id"].as_str().context("answer without id")?;
     StreamId::parse(id).with_context(|| format!("answer with invalid id {id:?}"))

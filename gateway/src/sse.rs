@@ -157,7 +157,11 @@ impl Connection {
 
     /// Reads one page of history for the first topic still replaying.
     async fn replay_step(&mut self) -> Result<Option<Bytes>, End> {
-        let index = self.streams.iter().position(|s| s.replaying).expect("one is replaying");
+        let index = self
+            .streams
+            .iter()
+            .position(|s| s.replaying)
+            .expect("one is replaying");
         let stream = &self.streams[index];
         let topic = stream.membership.channel.topic.clone();
         let read = self.bus.read(&topic, stream.replay_after, REPLAY_PAGE);

@@ -60,11 +60,19 @@ local function publish(keys, args)
     local trimmed = redis.call('XRANGE', key, '-', '+', 'COUNT', len - MAXLEN + 1)
     newest_trimmed = trimmed[#trimmed][1]
   end
+  -- A new stream (possibly replacing one that was deleted, expired or lost) starts after the
+  -- current millisecond, so its ids are greater than any id of an earlier incarnation and a
+  -- position from that earlier history is always recognised as lost, never taken for current.
+  local next_id = '*'
+  if len == 0 and redis.call('EXISTS', key) == 0 then
+    local now = redis.call('TIME')
+    next_id = (tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + 1) .. '-0'
+  end
   local id
   if event then
-    id = redis.call('XADD', key, 'MAXLEN', MAXLEN, '*', 'd', data, 'e', event)
+    id = redis.call('XADD', key, 'MAXLEN', MAXLEN, next_id, 'd', data, 'e', event)
   else
-    id = redis.call('XADD', key, 'MAXLEN', MAXLEN, '*', 'd', data)
+    id = redis.call('XADD', key, 'MAXLEN', MAXLEN, next_id, 'd', data)
   end
   if newest_trimmed then
     redis.call('XSETID', key, id, 'MAXDELETEDID', newest_trimmed)

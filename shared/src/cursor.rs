@@ -87,7 +87,10 @@ fn parse_position(base: u64, text: &str) -> Result<StreamId, CursorError> {
 /// to four base-36 digits: enough to catch a cursor replayed against another topic set.
 fn fingerprint(topics: &TopicSet) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in topics.iter().flat_map(|t| t.as_str().bytes().chain([b'\n'])) {
+    for byte in topics
+        .iter()
+        .flat_map(|t| t.as_str().bytes().chain([b'\n']))
+    {
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
@@ -141,7 +144,11 @@ mod tests {
 
     #[test]
     fn single_topic_is_the_stream_id() {
-        check(&["a"], &[StreamId::new(1732492800123, 0)], "1732492800123-0");
+        check(
+            &["a"],
+            &[StreamId::new(1732492800123, 0)],
+            "1732492800123-0",
+        );
         check(&["a"], &[StreamId::ZERO], "0-0");
     }
 
@@ -153,19 +160,37 @@ mod tests {
             StreamId::ZERO,
         ];
         let text = encode(&set(&["a", "b", "c"]), &positions);
-        assert!(text.ends_with(".m3v2k1x0.0.n-2._") || text.len() <= 24, "{text}");
-        assert_eq!(decode(&set(&["a", "b", "c"]), &text), Ok(positions.to_vec()));
+        assert!(
+            text.ends_with(".m3v2k1x0.0.n-2._") || text.len() <= 24,
+            "{text}"
+        );
+        assert_eq!(
+            decode(&set(&["a", "b", "c"]), &text),
+            Ok(positions.to_vec())
+        );
     }
 
     #[test]
     fn rejects_foreign_and_broken_cursors() {
         let positions = [StreamId::new(10, 0), StreamId::new(9, 1)];
         let text = encode(&set(&["a", "b"]), &positions);
-        assert_eq!(decode(&set(&["a", "c"]), &text), Err(CursorError::TopicMismatch));
-        assert_eq!(decode(&set(&["a", "b", "c"]), &text), Err(CursorError::TopicMismatch));
+        assert_eq!(
+            decode(&set(&["a", "c"]), &text),
+            Err(CursorError::TopicMismatch)
+        );
+        assert_eq!(
+            decode(&set(&["a", "b", "c"]), &text),
+            Err(CursorError::TopicMismatch)
+        );
         assert_eq!(decode(&set(&["a"]), &text), Err(CursorError::Malformed));
-        assert_eq!(decode(&set(&["a", "b"]), "10-0"), Err(CursorError::Malformed));
-        assert_eq!(decode(&set(&["a", "b"]), "zzzz.a.b"), Err(CursorError::Malformed));
+        assert_eq!(
+            decode(&set(&["a", "b"]), "10-0"),
+            Err(CursorError::Malformed)
+        );
+        assert_eq!(
+            decode(&set(&["a", "b"]), "zzzz.a.b"),
+            Err(CursorError::Malformed)
+        );
         assert_eq!(decode(&set(&["a", "b"]), ""), Err(CursorError::Malformed));
     }
 

@@ -154,7 +154,11 @@ mod tests {
     use super::*;
 
     fn check(event: Option<&str>, data: &str, expected: &str) {
-        assert_eq!(event_body(event, data), expected.as_bytes(), "data {data:?}");
+        assert_eq!(
+            event_body(event, data),
+            expected.as_bytes(),
+            "data {data:?}"
+        );
     }
 
     #[test]
@@ -168,7 +172,11 @@ mod tests {
         check(None, "a\n", "data: a\ndata: \n\n");
         check(None, " lead", "data:  lead\n\n");
         check(None, "", "data: \n\n");
-        check(None, "\u{e9}t\u{e9} \u{1f600}", "data: \u{e9}t\u{e9} \u{1f600}\n\n");
+        check(
+            None,
+            "\u{e9}t\u{e9} \u{1f600}",
+            "data: \u{e9}t\u{e9} \u{1f600}\n\n",
+        );
     }
 
     #[test]

@@ -51,7 +51,10 @@ pub fn function_library(settings: &ScriptSettings) -> String {
 
 /// The publish logic as a plain script: `EVAL <script> 1 <topic> <data> [<event>]`.
 pub fn publish_eval_script(settings: &ScriptSettings) -> String {
-    format!("{}{CORE}\nreturn publish(KEYS, ARGV)\n", settings_block(settings))
+    format!(
+        "{}{CORE}\nreturn publish(KEYS, ARGV)\n",
+        settings_block(settings)
+    )
 }
 
 /// The stream holding a topic's history.

@@ -94,8 +94,15 @@ impl MemoryBus {
             );
         }
         let log = logs.get_mut(topic).expect("inserted above");
-        let id = next_id(log.head);
-        let event = Arc::new(Event::new(id, event.map(EventType::as_str), data.as_bytes()));
+        let id = next_id(
+            log.head,
+            log.entries.is_empty() && log.head == StreamId::ZERO,
+        );
+        let event = Arc::new(Event::new(
+            id,
+            event.map(EventType::as_str),
+            data.as_bytes(),
+        ));
         log.entries.push_back(event.clone());
         log.head = id;
         log.touched = Instant::now();
@@ -112,7 +119,9 @@ impl MemoryBus {
         let ttl = Duration::from_secs(self.settings.ttl_secs);
         let mut logs = self.logs.lock().expect("logs poisoned");
         let Some(log) = live_log(&mut logs, topic, ttl) else {
-            let gap = after.filter(|&a| a != StreamId::ZERO).map(|_| GapReason::Lost);
+            let gap = after
+                .filter(|&a| a != StreamId::ZERO)
+                .map(|_| GapReason::Lost);
             return Page {
                 gap,
                 entries: Vec::new(),
@@ -126,7 +135,13 @@ impl MemoryBus {
         };
         Page {
             gap,
-            entries: log.entries.iter().skip(start).take(count).cloned().collect(),
+            entries: log
+                .entries
+                .iter()
+                .skip(start)
+                .take(count)
+                .cloned()
+                .collect(),
         }
     }
 }
@@ -137,19 +152,25 @@ fn live_log<'a>(
     topic: &Topic,
     ttl: Duration,
 ) -> Option<&'a mut Log> {
-    if logs.get(topic).is_some_and(|log| log.touched.elapsed() >= ttl) {
+    if logs
+        .get(topic)
+        .is_some_and(|log| log.touched.elapsed() >= ttl)
+    {
         logs.remove(topic);
     }
     logs.get_mut(topic)
 }
 
 /// Redis's id rule: the wall clock in milliseconds, with a sequence within one millisecond and
-/// never going backwards.
-fn next_id(head: StreamId) -> StreamId {
+/// never going backwards. A new log starts after the current millisecond, as the Lua publish
+/// logic does, so that its ids are greater than those of any log it replaces.
+fn next_id(head: StreamId, new_log: bool) -> StreamId {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    if now > head.ms {
+    if new_log {
+        StreamId::new(now + 1, 0)
+    } else if now > head.ms {
         StreamId::new(now, 0)
     } else {
         StreamId::new(head.ms, head.seq + 1)

@@ -87,7 +87,10 @@ impl RedisBus {
         data: &str,
     ) -> Result<StreamId, BusError> {
         let mut cmd = redis::cmd("FCALL");
-        cmd.arg(script::PUBLISH_FUNCTION).arg(1).arg(topic.as_str()).arg(data);
+        cmd.arg(script::PUBLISH_FUNCTION)
+            .arg(1)
+            .arg(topic.as_str())
+            .arg(data);
         if let Some(event) = event {
             cmd.arg(event.as_str());
         }
@@ -117,7 +120,10 @@ impl RedisBus {
         }
         let ping = async {
             let mut conn = self.pool.get().await.ok()?;
-            redis::cmd("PING").query_async::<String>(&mut conn).await.ok()
+            redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .ok()
         };
         matches!(tokio::time::timeout(self.timeout, ping).await, Ok(Some(_)))
     }
@@ -190,7 +196,10 @@ impl Commands {
         replies
             .into_iter()
             .map(|reply| match reply {
-                Value::Array(items) => items.get(1).and_then(as_text).and_then(|t| StreamId::parse(t).ok()),
+                Value::Array(items) => items
+                    .get(1)
+                    .and_then(as_text)
+                    .and_then(|t| StreamId::parse(t).ok()),
                 _ => None,
             })
             .collect::<Option<Vec<_>>>()
@@ -317,7 +326,11 @@ impl Subscriber {
         let join: Vec<Arc<Channel>> = wanted
             .into_values()
             .flatten()
-            .filter(|c| self.hub.channel(&c.topic).is_some_and(|now| Arc::ptr_eq(&now, c)))
+            .filter(|c| {
+                self.hub
+                    .channel(&c.topic)
+                    .is_some_and(|now| Arc::ptr_eq(&now, c))
+            })
             .collect();
         if !leave.is_empty() {
             let names: Vec<String> = leave.iter().map(script::channel).collect();
@@ -354,7 +367,8 @@ struct Backoff {
 
 impl Backoff {
     fn next_delay(&mut self) -> Duration {
-        let cap = Duration::from_millis(100 * 2u64.pow(self.attempt.min(6))).min(Duration::from_secs(5));
+        let cap =
+            Duration::from_millis(100 * 2u64.pow(self.attempt.min(6))).min(Duration::from_secs(5));
         self.attempt += 1;
         cap.mul_f64(0.5 + fastrand::f64() / 2.0)
     }

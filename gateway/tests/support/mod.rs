@@ -1,0 +1,381 @@
+//! Test support: a real `redis-server` per test on a free port, gateway replicas started
+//! through the library's `run`, and an SSE client that keeps the raw bytes and parses them
+//! with an independent parser (`eventsource-stream`).
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use eventsource_stream::{Event, Eventsource};
+use std::collections::VecDeque;
+
+use futures_util::stream::{LocalBoxStream, StreamExt};
+use sse_gateway::config::Config;
+use tokio_util::sync::CancellationToken;
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("no free port")
+        .port()
+}
+
+/// A `redis-server` child process; killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: Child,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect(
+                "redis-server is required for the integration tests (apt-get install redis-server)",
+            );
+        let server = RedisServer { port, child };
+        let client = server.client();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Ok(mut conn) = client.get_connection() {
+                if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
+                    return server;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start on port {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn client(&self) -> redis::Client {
+        redis::Client::open(self.url()).unwrap()
+    }
+
+    /// Runs a command on a fresh blocking connection.
+    pub fn cmd<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        cmd.query(&mut self.client().get_connection()?)
+    }
+
+    /// `FCALL ssegw_publish 1 <topic> <data> [<event>]`, the documented publish command.
+    pub fn fcall_publish(&self, topic: &str, data: &str, event: Option<&str>) -> String {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg("ssegw_publish").arg(1).arg(topic).arg(data);
+        if let Some(event) = event {
+            cmd.arg(event);
+        }
+        self.cmd(&cmd).expect("FCALL ssegw_publish failed")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One gateway replica served by `sse_gateway::run` on its own runtime thread.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Gateway {
+    /// Starts a replica with these flags (plus a free loopback listener) and waits until
+    /// `/readyz` answers 200.
+    pub fn start(flags: &[&str]) -> Gateway {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = Config::from_flags(flags.iter().copied().chain(["--workers", "2"]))
+            .expect("test config");
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            runtime
+                .block_on(sse_gateway::run(listener, config, token))
+                .expect("gateway failed");
+        });
+        let gateway = Gateway {
+            addr,
+            shutdown,
+            thread: Some(thread),
+        };
+        gateway.wait_ready();
+        gateway
+    }
+
+    pub fn with_redis(redis: &RedisServer, flags: &[&str]) -> Gateway {
+        let url = redis.url();
+        let mut all = vec!["--redis-url", url.as_str()];
+        all.extend_from_slice(flags);
+        Gateway::start(&all)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if http_status(self.addr, "GET", "/readyz") == Some(200) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway {} never became ready",
+                self.addr
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Status of a bodyless request, over a plain blocking socket (usable outside any runtime).
+pub fn http_status(addr: SocketAddr, method: &str, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+/// The events of a running cluster: either Redis with replicas, or one embedded node.
+pub struct Cluster {
+    pub redis: Option<RedisServer>,
+    pub replicas: Vec<Gateway>,
+}
+
+impl Cluster {
+    /// Two replicas sharing one Redis.
+    pub fn redis(flags: &[&str]) -> Cluster {
+        let redis = RedisServer::start();
+        let replicas = vec![
+            Gateway::with_redis(&redis, flags),
+            Gateway::with_redis(&redis, flags),
+        ];
+        Cluster {
+            redis: Some(redis),
+            replicas,
+        }
+    }
+
+    /// A single node on the embedded bus (no Redis).
+    pub fn embedded(flags: &[&str]) -> Cluster {
+        Cluster {
+            redis: None,
+            replicas: vec![Gateway::start(flags)],
+        }
+    }
+
+    /// Replica `i`, wrapping around (the embedded cluster has one).
+    pub fn replica(&self, i: usize) -> &Gateway {
+        &self.replicas[i % self.replicas.len()]
+    }
+
+    /// Publishes through the documented path: `FCALL` on Redis, `POST /publish` when embedded.
+    pub async fn publish(&self, topic: &str, data: &str) -> String {
+        match &self.redis {
+            Some(redis) => redis.fcall_publish(topic, data, None),
+            None => http_publish(self.replica(0), topic, data, None).await,
+        }
+    }
+}
+
+/// `POST /publish`; returns the id.
+pub async fn http_publish(gw: &Gateway, topic: &str, data: &str, event: Option<&str>) -> String {
+    let body = serde_json::json!({ "topic": topic, "data": data, "event": event });
+    let mut response = awc::Client::default()
+        .post(gw.url("/publish"))
+        .send_json(&body)
+        .await
+        .expect("POST /publish");
+    assert_eq!(response.status(), 200, "publish failed");
+    let reply: serde_json::Value = response.json().await.unwrap();
+    reply["id"].as_str().unwrap().to_string()
+}
+
+/// An open SSE stream (driven on the single-threaded actix test runtime that opened it).
+pub struct Sse {
+    events: LocalBoxStream<'static, Result<Event, String>>,
+    /// Events already pulled off the stream but not yet handed out.
+    pending: VecDeque<Event>,
+    raw: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Sse {
+    /// `GET /events?<query>`, optionally with `Last-Event-ID`; asserts the SSE headers.
+    pub async fn open(gw: &Gateway, query: &str, last_event_id: Option<&str>) -> Sse {
+        let mut request = awc::Client::builder()
+            .disable_timeout()
+            .finish()
+            .get(gw.url(&format!("/events?{query}")));
+        if let Some(id) = last_event_id {
+            request = request.insert_header(("Last-Event-ID", id));
+        }
+        let response = request.send().await.expect("GET /events");
+        assert_eq!(response.status(), 200, "GET /events?{query}");
+        let headers = response.headers();
+        assert_eq!(headers.get("content-type").unwrap(), "text/event-stream");
+        assert_eq!(headers.get("cache-control").unwrap(), "no-cache");
+        assert_eq!(headers.get("x-accel-buffering").unwrap(), "no");
+        let raw = Arc::new(Mutex::new(Vec::new()));
+        let tap = raw.clone();
+        let body = response.map(move |chunk| {
+            let chunk: Bytes = chunk.map_err(|e| e.to_string())?;
+            tap.lock().unwrap().extend_from_slice(&chunk);
+            Ok::<_, String>(chunk)
+        });
+        let events = body
+            .eventsource()
+            .map(|e| e.map_err(|e| e.to_string()))
+            .boxed_local();
+        Sse {
+            events,
+            pending: VecDeque::new(),
+            raw,
+        }
+    }
+
+    /// The next event; panics after `WAIT`.
+    pub async fn next(&mut self) -> Event {
+        if let Some(event) = self.pending.pop_front() {
+            return event;
+        }
+        match tokio::time::timeout(WAIT, self.events.next()).await {
+            Ok(Some(Ok(event))) => event,
+            Ok(Some(Err(e))) => panic!("stream error: {e}"),
+            Ok(None) => panic!("stream ended"),
+            Err(_) => panic!("no event within {WAIT:?}"),
+        }
+    }
+
+    pub async fn take(&mut self, n: usize) -> Vec<Event> {
+        let mut events = Vec::with_capacity(n);
+        for _ in 0..n {
+            events.push(self.next().await);
+        }
+        events
+    }
+
+    /// Asserts that no event arrives within `quiet`.
+    pub async fn assert_quiet(&mut self, quiet: Duration) {
+        assert!(
+            self.pending.is_empty(),
+            "unexpected event {:?}",
+            self.pending
+        );
+        if let Ok(Some(event)) = tokio::time::timeout(quiet, self.events.next()).await {
+            panic!("unexpected event {event:?}");
+        }
+    }
+
+    /// Everything received so far, as text.
+    pub fn raw(&self) -> String {
+        String::from_utf8_lossy(&self.raw.lock().unwrap()).into_owned()
+    }
+
+    /// The id of the preamble (`retry:` block): the position a fresh connection starts at.
+    pub async fn baseline(&mut self) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let raw = self.raw();
+            if let Some(block) = raw.split("\n\n").next().filter(|_| raw.contains("\n\n")) {
+                assert!(block.starts_with("retry: "), "preamble {block:?}");
+                return block
+                    .lines()
+                    .find_map(|l| l.strip_prefix("id: "))
+                    .expect("fresh connections carry a baseline id")
+                    .to_string();
+            }
+            assert!(Instant::now() < deadline, "no preamble");
+            // Poll the stream so that bytes arrive, keeping any event for `next`.
+            if let Ok(Some(Ok(event))) =
+                tokio::time::timeout(Duration::from_millis(20), self.events.next()).await
+            {
+                self.pending.push_back(event);
+            }
+        }
+    }
+}
+
+/// `POST /publish` over a blocking socket, for publisher threads outside the test runtime.
+pub fn blocking_http_publish(addr: SocketAddr, topic: &str, data: &str) -> String {
+    use std::io::{Read, Write};
+    let body = serde_json::json!({ "topic": topic, "data": data }).to_string();
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    write!(
+        stream,
+        "POST /publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "publish failed: {reply}");
+    let json = &reply[reply.find("\r\n\r\n").expect("no body") + 4..];
+    let value: serde_json::Value = serde_json::from_str(json).expect("publish reply");
+    value["id"].as_str().unwrap().to_string()
+}
+
+impl Cluster {
+    /// A publisher usable from a plain thread: `FCALL` on Redis, HTTP when embedded.
+    pub fn blocking_publisher(&self) -> impl Fn(&str, &str) -> String + Send + 'static {
+        let redis = self.redis.as_ref().map(RedisServer::client);
+        let addr = self.replica(0).addr;
+        move |topic, data| match &redis {
+            Some(client) => {
+                let mut conn = client.get_connection().expect("redis connection");
+                redis::cmd("FCALL")
+                    .arg("ssegw_publish")
+                    .arg(1)
+                    .arg(topic)
+                    .arg(data)
+                    .query(&mut conn)
+                    .expect("FCALL ssegw_publish")
+            }
+            None => blocking_http_publish(addr, topic, data),
+        }
+    }
+}
