@@ -21,8 +21,8 @@ use crate::hub::{Event, Membership};
 const REPLAY_PAGE: usize = 500;
 /// Live events gathered into one chunk, at most, when several are ready at once.
 const MAX_CHUNK_BYTES: usize = 64 * 1024;
-/// How often a connection may fall behind during its replay and catch up again from history;
-/// a client that lags more than that is too slow and is closed.
+/// How often a connection may fall behind while its replay runs and catch up again from
+/// history. Once it has delivered live events, falling behind means the client is too slow.
 const MAX_CATCH_UPS: u32 = 3;
 
 /// Where a new connection starts.
@@ -55,6 +55,9 @@ pub struct Connection {
     shutdown: CancellationToken,
     preamble: Option<Bytes>,
     catch_ups: u32,
+    /// Set once a live event went out since the last replay; a lag after that closes the
+    /// connection instead of replaying again.
+    live: bool,
     last_write: Instant,
     keepalive: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
@@ -115,6 +118,7 @@ impl Connection {
             shutdown,
             preamble: Some(preamble),
             catch_ups: 0,
+            live: false,
             last_write: now,
         }
     }
@@ -255,15 +259,17 @@ impl Connection {
         }
         if let Some(event) = only {
             // A single event: hand out the shared frame without copying it.
+            self.live = true;
             return Ok(Some(self.frame_of(&event)));
         }
+        self.live |= !out.is_empty();
         Ok((!out.is_empty()).then(|| out.freeze()))
     }
 
-    /// A receiver fell further behind than the hub buffers. During the first moments of a
-    /// connection that is the replay's doing: catch up from history. Later it is the client.
+    /// A receiver fell further behind than the hub buffers. Before the connection went live
+    /// that is its replay's doing: catch up from history. After, the client is too slow.
     fn lagged(&mut self, index: usize) -> Result<Option<Bytes>, End> {
-        if self.catch_ups >= MAX_CATCH_UPS {
+        if self.live || self.catch_ups >= MAX_CATCH_UPS {
             tracing::info!(topics = self.topics.len(), "closing slow client");
             return Err(End::Slow);
         }
