@@ -394,3 +394,57 @@ fn bad_configuration_exits_non_zero_before_serving() {
         );
     }
 }
+
+#[actix_web::test]
+async fn streams_start_with_retry_and_keep_idle_connections_alive() {
+    let gw = Gateway::start(&["--keepalive", "150ms", "--retry", "750ms"]);
+    let mut sse = Sse::open(&gw, "topic=quiet", None).await;
+    assert_eq!(sse.baseline().await, "0-0");
+    assert!(
+        sse.raw().starts_with("retry: 750\nid: 0-0\n\n"),
+        "{:?}",
+        sse.raw()
+    );
+    // Keep-alive comments arrive while nothing is published.
+    sse.assert_quiet(Duration::from_millis(400)).await;
+    assert!(sse.raw().matches(":\n\n").count() >= 2, "{:?}", sse.raw());
+    let id = http_publish(&gw, "quiet", "finally", None).await;
+    assert_eq!(sse.next().await.id, id);
+}
+
+#[actix_web::test]
+async fn readiness_follows_redis_and_delivery_resumes_after_it_returns() {
+    let mut redis = RedisServer::start();
+    let gw = Gateway::with_redis(&redis, &["--redis-timeout", "500ms"]);
+    assert_eq!(support::http_status(gw.addr, "GET", "/healthz"), Some(200));
+    let mut before = Sse::open(&gw, "topic=r", None).await;
+    redis.kill();
+    gw.wait_readyz(503);
+    assert_eq!(
+        support::http_status(gw.addr, "GET", "/healthz"),
+        Some(200),
+        "alive while not ready"
+    );
+    // Streams the replica can no longer vouch for are ended, so clients resume elsewhere.
+    assert!(
+        before.try_next().await.is_none(),
+        "stream stayed open without Redis"
+    );
+    let status = awc::Client::default()
+        .get(gw.url("/events?topic=r"))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(
+        status, 503,
+        "new subscribers are refused while Redis is away"
+    );
+
+    redis.restart();
+    gw.wait_readyz(200);
+    let mut after = Sse::open(&gw, "topic=r", None).await;
+    let id = redis.fcall_publish("r", "back", None);
+    let event = after.next().await;
+    assert_eq!((event.id, event.data), (id, "back".to_string()));
+}

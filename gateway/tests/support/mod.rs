@@ -34,34 +34,40 @@ pub struct RedisServer {
 impl RedisServer {
     pub fn start() -> RedisServer {
         let port = free_port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect(
-                "redis-server is required for the integration tests (apt-get install redis-server)",
-            );
-        let server = RedisServer { port, child };
-        let client = server.client();
+        let server = RedisServer {
+            port,
+            child: spawn_redis(port),
+        };
+        server.wait_up();
+        server
+    }
+
+    /// Kills the server (SIGKILL): every connection to it drops at once.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts an empty server again on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = spawn_redis(self.port);
+        self.wait_up();
+    }
+
+    fn wait_up(&self) {
+        let client = self.client();
         let deadline = Instant::now() + WAIT;
         loop {
             if let Ok(mut conn) = client.get_connection() {
                 if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
-                    return server;
+                    return;
                 }
             }
             assert!(
                 Instant::now() < deadline,
-                "redis-server did not start on port {port}"
+                "redis-server did not start on port {}",
+                self.port
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -89,6 +95,23 @@ impl RedisServer {
         }
         self.cmd(&cmd).expect("FCALL ssegw_publish failed")
     }
+}
+
+fn spawn_redis(port: u16) -> Child {
+    Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server is required for the integration tests (apt-get install redis-server)")
 }
 
 impl Drop for RedisServer {
@@ -142,14 +165,19 @@ impl Gateway {
     }
 
     fn wait_ready(&self) {
+        self.wait_readyz(200);
+    }
+
+    /// Waits until `/readyz` answers `status`; panics after `WAIT`.
+    pub fn wait_readyz(&self, status: u16) {
         let deadline = Instant::now() + WAIT;
         loop {
-            if http_status(self.addr, "GET", "/readyz") == Some(200) {
+            if http_status(self.addr, "GET", "/readyz") == Some(status) {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "gateway {} never became ready",
+                "gateway {} never answered /readyz {status}",
                 self.addr
             );
             std::thread::sleep(Duration::from_millis(20));
@@ -288,6 +316,18 @@ impl Sse {
             Ok(Some(Err(e))) => panic!("stream error: {e}"),
             Ok(None) => panic!("stream ended"),
             Err(_) => panic!("no event within {WAIT:?}"),
+        }
+    }
+
+    /// The next event, or `None` once the stream has ended; panics after `WAIT`.
+    pub async fn try_next(&mut self) -> Option<Event> {
+        if let Some(event) = self.pending.pop_front() {
+            return Some(event);
+        }
+        match tokio::time::timeout(WAIT, self.events.next()).await {
+            Ok(Some(Ok(event))) => Some(event),
+            Ok(Some(Err(_))) | Ok(None) => None,
+            Err(_) => panic!("no event and no end within {WAIT:?}"),
         }
     }
 
