@@ -53,6 +53,8 @@ pub struct Connection {
     bus: Arc<Bus>,
     config: Arc<StreamConfig>,
     shutdown: CancellationToken,
+    /// Cancelled when the hub closes every membership (this replica lost its subscription).
+    closed: CancellationToken,
     preamble: Option<Bytes>,
     catch_ups: u32,
     /// Set once a live event went out since the last replay; a lag after that closes the
@@ -97,7 +99,7 @@ impl Connection {
                 frame::preamble(retry_ms, None),
             ),
         };
-        let streams = memberships
+        let streams: Vec<TopicStream> = memberships
             .into_iter()
             .zip(positions)
             .map(|(membership, position)| TopicStream {
@@ -109,9 +111,11 @@ impl Connection {
             })
             .collect();
         let now = Instant::now();
+        let closed = streams[0].membership.closed.clone();
         Connection {
             topics,
             streams,
+            closed,
             bus,
             keepalive: Box::pin(tokio::time::sleep_until(now + config.keepalive)),
             config,
@@ -200,11 +204,10 @@ impl Connection {
 
     /// Waits for the next live event (or keep-alive); gathers whatever else is ready.
     async fn live_step(&mut self) -> Result<Option<Bytes>, End> {
-        let closed = self.streams[0].membership.closed.clone();
         let (index, received) = tokio::select! {
             biased;
             _ = self.shutdown.cancelled() => return Err(End::Shutdown),
-            _ = closed.cancelled() => return Err(End::BusLost),
+            _ = self.closed.cancelled() => return Err(End::BusLost),
             _ = &mut self.keepalive => {
                 let due = self.last_write + self.config.keepalive;
                 if Instant::now() >= due {
