@@ -172,7 +172,9 @@ impl Connection {
             .expect("one is replaying");
         let stream = &self.streams[index];
         let topic = stream.membership.channel.topic.clone();
-        let read = self.bus.read(&topic, stream.replay_after, REPLAY_PAGE);
+        // Boxed: the read's state is large and only needed while replaying; inline, it would
+        // sit in every idle connection's body future.
+        let read = Box::pin(self.bus.read(&topic, stream.replay_after, REPLAY_PAGE));
         let page = tokio::select! {
             _ = self.shutdown.cancelled() => return Err(End::Shutdown),
             page = read => page,
@@ -316,4 +318,39 @@ async fn recv_any(streams: &mut [TopicStream]) -> (usize, Result<Arc<Event>, Rec
         .map(|s| Box::pin(s.membership.receiver.recv()));
     let (result, index, _) = select_all(receivers).await;
     (index, result)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use ssegw_protocol::{StreamId, Topic, TopicSet};
+
+    use super::{Connection, Start};
+    use crate::bus::Bus;
+    use crate::config::Config;
+    use crate::hub::Hub;
+
+    /// Every idle connection keeps its body future; large states (a Redis read) must be boxed
+    /// so that they cost memory only while in use. Measured figures: BENCHMARKS.md.
+    #[tokio::test]
+    async fn idle_body_state_stays_small() {
+        let config = Config::from_flags::<_, &str>([]).unwrap();
+        let (interest_tx, interest_rx) = tokio::sync::mpsc::unbounded_channel();
+        let hub = Arc::new(Hub::new(16, interest_tx));
+        let bus = Bus::start(&config.bus, hub.clone(), interest_rx, Default::default()).unwrap();
+        let topic = Topic::new("t").unwrap();
+        let membership = hub.join(&topic);
+        let connection = Connection::new(
+            TopicSet::new(vec![topic]).unwrap(),
+            vec![membership],
+            Start::Fresh(vec![StreamId::ZERO]),
+            Arc::new(bus),
+            Arc::new(config.stream),
+            Default::default(),
+        );
+        let body = connection.into_stream();
+        let size = std::mem::size_of_val(&body);
+        assert!(size <= 1024, "body stream state is {size} bytes");
+    }
 }
