@@ -18,6 +18,15 @@ use tokio_util::sync::CancellationToken;
 
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// Polls `ready` until it holds; panics naming `what` after `WAIT`.
+pub fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !ready() {
+        assert!(Instant::now() < deadline, "gave up waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -57,20 +66,12 @@ impl RedisServer {
 
     fn wait_up(&self) {
         let client = self.client();
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Ok(mut conn) = client.get_connection() {
-                if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not start on port {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until(&format!("redis-server on port {}", self.port), || {
+            client
+                .get_connection()
+                .and_then(|mut conn| redis::cmd("PING").query::<String>(&mut conn))
+                .is_ok()
+        });
     }
 
     pub fn url(&self) -> String {
@@ -170,18 +171,9 @@ impl Gateway {
 
     /// Waits until `/readyz` answers `status`; panics after `WAIT`.
     pub fn wait_readyz(&self, status: u16) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if http_status(self.addr, "GET", "/readyz") == Some(status) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "gateway {} never answered /readyz {status}",
-                self.addr
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until(&format!("/readyz {status} from {}", self.addr), || {
+            http_status(self.addr, "GET", "/readyz") == Some(status)
+        });
     }
 }
 
