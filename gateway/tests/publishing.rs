@@ -77,30 +77,15 @@ async fn http_cli_fcall_and_eval_publish_identical_events() {
     let mut sse = Sse::open(&gw, "topic=same", None).await;
     let (data, event) = ("line one\nline two", "update");
 
+    let via_cli = |flag: &str, target: &str| {
+        cli_publish(&[
+            "publish", flag, target, "--topic", "same", "--data", data, "--event", event,
+        ])
+    };
     let mut ids = vec![
         http_publish(&gw, "same", data, Some(event)).await,
-        cli_publish(&[
-            "publish",
-            "--redis-url",
-            &redis.url(),
-            "--topic",
-            "same",
-            "--data",
-            data,
-            "--event",
-            event,
-        ]),
-        cli_publish(&[
-            "publish",
-            "--url",
-            &gw.url(""),
-            "--topic",
-            "same",
-            "--data",
-            data,
-            "--event",
-            event,
-        ]),
+        via_cli("--redis-url", &redis.url()),
+        via_cli("--url", &gw.url("")),
         redis.fcall_publish("same", data, Some(event)),
     ];
     let script = publish_eval_script(&ScriptSettings::default());
