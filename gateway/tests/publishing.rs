@@ -119,6 +119,9 @@ async fn http_cli_fcall_and_eval_publish_identical_events() {
             format!("id: {id}\nevent: {event}\ndata: line one\ndata: line two")
         );
     }
+    // The stream expires after the configured idle time (24h by default), refreshed by publishes.
+    let ttl: i64 = redis.cmd(redis::cmd("TTL").arg("ssegw:s:{same}")).unwrap();
+    assert!((86_300..=86_400).contains(&ttl), "stream TTL {ttl}");
     // Identical in the stream.
     let entries: Vec<(String, Vec<(String, String)>)> = redis
         .cmd(redis::cmd("XRANGE").arg("ssegw:s:{same}").arg("-").arg("+"))
