@@ -34,7 +34,7 @@ pub async fn run(
         interest_rx,
         shutdown.clone(),
     )?);
-    match &bus.as_ref() {
+    match bus.as_ref() {
         Bus::Memory(_) => tracing::warn!(
             "no Redis configured (--redis-url / SSEGW_REDIS_URL): running as a single node on an \
              embedded in-memory bus; history is lost on restart and not shared with other replicas"

@@ -37,11 +37,9 @@ pub enum Start {
 
 struct TopicStream {
     membership: Membership,
-    /// The last event delivered (or the position resumed from). Live events at or before it
-    /// are duplicates and dropped.
+    /// The last event delivered (or the position resumed from); history is read after it, and
+    /// live events at or before it are duplicates and dropped.
     position: StreamId,
-    /// `None` replays from the oldest retained event.
-    replay_after: Option<StreamId>,
     replaying: bool,
     /// A gap to announce before the next event of this topic.
     gap: Option<GapReason>,
@@ -105,7 +103,6 @@ impl Connection {
             .map(|(membership, position)| TopicStream {
                 membership,
                 position,
-                replay_after: gap.is_none().then_some(position),
                 replaying: replay,
                 gap,
             })
@@ -174,7 +171,7 @@ impl Connection {
         let topic = stream.membership.channel.topic.clone();
         // Boxed: the read's state is large and only needed while replaying; inline, it would
         // sit in every idle connection's body future.
-        let read = Box::pin(self.bus.read(&topic, stream.replay_after, REPLAY_PAGE));
+        let read = Box::pin(self.bus.read(&topic, stream.position, REPLAY_PAGE));
         let page = tokio::select! {
             _ = self.shutdown.cancelled() => return Err(End::Shutdown),
             page = read => page,
@@ -197,7 +194,6 @@ impl Connection {
         for event in &page.entries {
             if event.id > self.streams[index].position {
                 self.streams[index].position = event.id;
-                self.streams[index].replay_after = Some(event.id);
                 self.put_event(&mut out, event);
             }
         }
@@ -281,7 +277,6 @@ impl Connection {
         self.catch_ups += 1;
         let stream = &mut self.streams[index];
         stream.membership.resubscribe();
-        stream.replay_after = Some(stream.position);
         stream.replaying = true;
         Ok(None)
     }

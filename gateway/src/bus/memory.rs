@@ -94,10 +94,7 @@ impl MemoryBus {
             );
         }
         let log = logs.get_mut(topic).expect("inserted above");
-        let id = next_id(
-            log.head,
-            log.entries.is_empty() && log.head == StreamId::ZERO,
-        );
+        let id = next_id(log.head, log.head == StreamId::ZERO);
         let event = Arc::new(Event::new(
             id,
             event.map(EventType::as_str),
@@ -115,23 +112,21 @@ impl MemoryBus {
         Ok(id)
     }
 
-    pub fn read(&self, topic: &Topic, after: Option<StreamId>, count: usize) -> Page {
+    pub fn read(&self, topic: &Topic, after: StreamId, count: usize) -> Page {
         let ttl = Duration::from_secs(self.settings.ttl_secs);
         let mut logs = self.logs.lock().expect("logs poisoned");
         let Some(log) = live_log(&mut logs, topic, ttl) else {
-            let gap = after
-                .filter(|&a| a != StreamId::ZERO)
-                .map(|_| GapReason::Lost);
+            let gap = (after != StreamId::ZERO).then_some(GapReason::Lost);
             return Page {
                 gap,
                 entries: Vec::new(),
             };
         };
         let first = log.entries.front().map(|e| e.id);
-        let gap = after.and_then(|a| gap_for(a, log.head, log.max_deleted, first));
-        let start = match (after, gap) {
-            (Some(after), None) => log.entries.partition_point(|e| e.id <= after),
-            _ => 0,
+        let gap = gap_for(after, log.head, log.max_deleted, first);
+        let start = match gap {
+            None => log.entries.partition_point(|e| e.id <= after),
+            Some(_) => 0,
         };
         Page {
             gap,

@@ -70,11 +70,11 @@ impl Bus {
         }
     }
 
-    /// Reads up to `count` events after `after` (`None`: from the oldest retained event).
+    /// Reads up to `count` events after `after` (`StreamId::ZERO`: from the oldest retained).
     pub async fn read(
         &self,
         topic: &Topic,
-        after: Option<StreamId>,
+        after: StreamId,
         count: usize,
     ) -> Result<Page, BusError> {
         match self {

@@ -21,11 +21,9 @@ use crate::config::BusConfig;
 use crate::hub::{Channel, Event, Hub, Interest};
 
 pub struct RedisBus {
-    pool: Pool,
-    library: Arc<str>,
-    /// True while the pub/sub connection is up and every requested topic is subscribed.
+    commands: Commands,
+    /// True while the pub/sub connection is up.
     subscribed: Arc<AtomicBool>,
-    timeout: Duration,
 }
 
 impl RedisBus {
@@ -40,7 +38,7 @@ impl RedisBus {
         let bus = RedisBus::connect(url, config)?;
         let subscriber = Subscriber {
             client: redis::Client::open(url).map_err(unavailable)?,
-            commands: bus.commands(),
+            commands: bus.commands.clone(),
             hub,
             interest,
             subscribed: bus.subscribed.clone(),
@@ -65,19 +63,13 @@ impl RedisBus {
             .build()
             .map_err(|e| BusError::Unavailable(e.to_string()))?;
         Ok(RedisBus {
-            pool,
-            library: script::function_library(&config.script).into(),
+            commands: Commands {
+                pool,
+                library: script::function_library(&config.script).into(),
+                timeout,
+            },
             subscribed: Arc::new(AtomicBool::new(false)),
-            timeout,
         })
-    }
-
-    fn commands(&self) -> Commands {
-        Commands {
-            pool: self.pool.clone(),
-            library: self.library.clone(),
-            timeout: self.timeout,
-        }
     }
 
     pub async fn publish(
@@ -94,23 +86,23 @@ impl RedisBus {
         if let Some(event) = event {
             cmd.arg(event.as_str());
         }
-        let id: String = self.commands().fcall(&cmd).await?;
+        let id: String = self.commands.fcall(&cmd).await?;
         StreamId::parse(&id).map_err(|_| BusError::Unavailable(format!("unexpected id {id:?}")))
     }
 
     pub async fn read(
         &self,
         topic: &Topic,
-        after: Option<StreamId>,
+        after: StreamId,
         count: usize,
     ) -> Result<Page, BusError> {
         let mut cmd = redis::cmd("FCALL");
         cmd.arg(script::READ_FUNCTION)
             .arg(1)
             .arg(topic.as_str())
-            .arg(after.map(|a| a.to_string()).unwrap_or_default())
+            .arg(after.to_string())
             .arg(count);
-        let reply: Value = self.commands().fcall(&cmd).await?;
+        let reply: Value = self.commands.fcall(&cmd).await?;
         parse_page(reply).ok_or_else(|| BusError::Unavailable("malformed ssegw_read reply".into()))
     }
 
@@ -118,14 +110,13 @@ impl RedisBus {
         if !self.subscribed.load(Ordering::Acquire) {
             return false;
         }
-        let ping = async {
-            let mut conn = self.pool.get().await.ok()?;
-            redis::cmd("PING")
-                .query_async::<String>(&mut conn)
-                .await
-                .ok()
+        let Ok(mut conn) = self.commands.connection().await else {
+            return false;
         };
-        matches!(tokio::time::timeout(self.timeout, ping).await, Ok(Some(_)))
+        self.commands
+            .query::<String>(&redis::cmd("PING"), &mut conn)
+            .await
+            .is_ok()
     }
 }
 
