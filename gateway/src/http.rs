@@ -43,6 +43,15 @@ impl ApiError {
     fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, message)
     }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// What the client is told.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
 }
 
 impl std::fmt::Display for ApiError {
@@ -242,47 +251,67 @@ async fn events(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResp
         .streaming(connection.into_stream()))
 }
 
-#[derive(Deserialize)]
+/// The JSON body of `POST /publish`, as sent.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PublishBody {
-    topic: String,
+pub struct PublishBody {
+    pub topic: String,
     /// A string is sent as is; any other JSON value is sent as its compact JSON text.
-    data: serde_json::Value,
+    pub data: serde_json::Value,
     #[serde(default)]
-    event: Option<String>,
+    pub event: Option<String>,
+}
+
+/// A checked publish request.
+#[derive(Debug)]
+pub struct PublishRequest {
+    pub topic: Topic,
+    pub event: Option<EventType>,
+    pub data: String,
+}
+
+impl PublishBody {
+    /// Checks the body as the Lua publish function would, so that bad input is a 4xx here
+    /// instead of a round trip to Redis.
+    pub fn validate(self, max_event_bytes: usize) -> Result<PublishRequest, ApiError> {
+        let topic = Topic::new(&self.topic)
+            .map_err(|e| ApiError::bad_request(format!("invalid topic {:?}: {e}", self.topic)))?;
+        let event = match self.event.as_deref() {
+            None | Some("") => None,
+            Some(name) => Some(
+                EventType::new(name)
+                    .map_err(|e| ApiError::bad_request(format!("invalid event {name:?}: {e}")))?,
+            ),
+        };
+        let data = match self.data {
+            serde_json::Value::String(text) => text,
+            serde_json::Value::Null => return Err(ApiError::bad_request("data must not be null")),
+            value => value.to_string(),
+        };
+        if data.is_empty() {
+            return Err(ApiError::bad_request(
+                "data must not be empty (browsers do not dispatch events without data)",
+            ));
+        }
+        if data.len() > max_event_bytes {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("data is larger than {max_event_bytes} bytes"),
+            ));
+        }
+        Ok(PublishRequest { topic, event, data })
+    }
 }
 
 async fn publish(
     body: web::Json<PublishBody>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let body = body.into_inner();
-    let topic = Topic::new(&body.topic)
-        .map_err(|e| ApiError::bad_request(format!("invalid topic {:?}: {e}", body.topic)))?;
-    let event = match body.event.as_deref() {
-        None | Some("") => None,
-        Some(name) => Some(
-            EventType::new(name)
-                .map_err(|e| ApiError::bad_request(format!("invalid event {name:?}: {e}")))?,
-        ),
-    };
-    let data = match body.data {
-        serde_json::Value::String(text) => text,
-        serde_json::Value::Null => return Err(ApiError::bad_request("data must not be null")),
-        value => value.to_string(),
-    };
-    if data.is_empty() {
-        return Err(ApiError::bad_request(
-            "data must not be empty (browsers do not dispatch events without data)",
-        ));
-    }
-    if data.len() > state.stream.max_event_bytes {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("data is larger than {} bytes", state.stream.max_event_bytes),
-        ));
-    }
-    let id = state.bus.publish(&topic, event.as_ref(), &data).await?;
+    let request = body.into_inner().validate(state.stream.max_event_bytes)?;
+    let id = state
+        .bus
+        .publish(&request.topic, request.event.as_ref(), &request.data)
+        .await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "id": id.to_string() })))
 }
 
