@@ -53,6 +53,24 @@ pub struct ServeArgs {
     /// Most topics one connection may subscribe to.
     #[arg(long, env = "SSEGW_MAX_TOPICS", default_value_t = 16)]
     pub max_topics: usize,
+    /// Most SSE streams this replica holds; beyond it subscribers get 503 with Retry-After.
+    /// Each stream is one open file: keep it below the process's `ulimit -n`.
+    #[arg(long, env = "SSEGW_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// On SIGTERM, streams are closed at random instants spread over this window (so clients
+    /// do not reconnect all at once) and the process exits before it ends. Keep it below the
+    /// orchestrator's grace period (Kubernetes: terminationGracePeriodSeconds).
+    #[arg(long, env = "SSEGW_DRAIN_WINDOW", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub drain_window: Duration,
+    /// How long data written to a client may stay unacknowledged before the connection is
+    /// dropped (TCP_USER_TIMEOUT). With keep-alive writes, a vanished or stalled client is
+    /// noticed within keep-alive + this.
+    #[arg(long, env = "SSEGW_DEAD_PEER_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub dead_peer_timeout: Duration,
+    /// How often the replica sends itself a canary message through Redis pub/sub; it is
+    /// ready only while canaries arrive within --redis-timeout.
+    #[arg(long, env = "SSEGW_CANARY_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub canary_interval: Duration,
     /// Events a connection may fall behind on one topic before it is closed as too slow.
     #[arg(long, env = "SSEGW_CLIENT_BUFFER", default_value_t = 1024)]
     pub client_buffer: usize,
@@ -116,6 +134,7 @@ pub struct ScriptArgs {
 pub struct Config {
     pub listen: SocketAddr,
     pub workers: usize,
+    pub dead_peer_timeout: Duration,
     pub stream: StreamConfig,
     pub bus: BusConfig,
 }
@@ -127,8 +146,18 @@ pub struct StreamConfig {
     pub retry: Duration,
     pub max_topics: usize,
     pub max_event_bytes: usize,
+    pub max_connections: usize,
     /// How long a new connection waits for its topics to be subscribed before a 503.
     pub subscribe_timeout: Duration,
+    pub drain_window: Duration,
+}
+
+impl StreamConfig {
+    /// The part of the drain window over which streams are closed: all of it but a margin
+    /// (a tenth, at most a second) in which the process exits.
+    pub fn drain_spread(&self) -> Duration {
+        self.drain_window - (self.drain_window / 10).min(Duration::from_secs(1))
+    }
 }
 
 /// Which bus to use and how.
@@ -137,6 +166,7 @@ pub struct BusConfig {
     pub redis_url: Option<String>,
     pub redis_pool_size: usize,
     pub redis_timeout: Duration,
+    pub canary_interval: Duration,
     pub client_buffer: usize,
     pub script: ScriptSettings,
 }
@@ -213,20 +243,36 @@ impl ServeArgs {
             self.redis_timeout >= Duration::from_millis(10),
             "--redis-timeout (SSEGW_REDIS_TIMEOUT) must be at least 10ms",
         )?;
+        check(
+            self.max_connections >= 1,
+            "--max-connections (SSEGW_MAX_CONNECTIONS) must be at least 1",
+        )?;
+        check(
+            self.dead_peer_timeout >= Duration::from_secs(1),
+            "--dead-peer-timeout (SSEGW_DEAD_PEER_TIMEOUT) must be at least 1s",
+        )?;
+        check(
+            self.canary_interval >= Duration::from_millis(10),
+            "--canary-interval (SSEGW_CANARY_INTERVAL) must be at least 10ms",
+        )?;
         Ok(Config {
             listen: self.listen,
             workers,
+            dead_peer_timeout: self.dead_peer_timeout,
             stream: StreamConfig {
                 keepalive: self.keepalive,
                 retry: self.retry,
                 max_topics: self.max_topics,
                 max_event_bytes: script.max_data_bytes,
+                max_connections: self.max_connections,
                 subscribe_timeout: self.redis_timeout,
+                drain_window: self.drain_window,
             },
             bus: BusConfig {
                 redis_url: self.redis_url,
                 redis_pool_size: self.redis_pool_size,
                 redis_timeout: self.redis_timeout,
+                canary_interval: self.canary_interval,
                 client_buffer: self.client_buffer,
                 script,
             },
@@ -286,6 +332,12 @@ mod tests {
         check_flags(&["--history-max-len", "0"], Some("SSEGW_HISTORY_MAX_LEN"));
         check_flags(&["--listen", "nowhere"], Some("--listen"));
         check_flags(&["--client-buffer", "1"], Some("SSEGW_CLIENT_BUFFER"));
+        check_flags(&["--max-connections", "0"], Some("SSEGW_MAX_CONNECTIONS"));
+        check_flags(
+            &["--dead-peer-timeout", "10ms"],
+            Some("SSEGW_DEAD_PEER_TIMEOUT"),
+        );
+        check_flags(&["--canary-interval", "0s"], Some("SSEGW_CANARY_INTERVAL"));
     }
 
     #[test]
@@ -295,6 +347,10 @@ mod tests {
         assert_eq!(config.stream.keepalive, Duration::from_secs(15));
         assert_eq!(config.stream.retry, Duration::from_secs(2));
         assert_eq!(config.stream.max_topics, 16);
+        assert_eq!(config.stream.max_connections, 10_000);
+        assert_eq!(config.stream.drain_window, Duration::from_secs(10));
+        assert_eq!(config.stream.drain_spread(), Duration::from_secs(9));
+        assert_eq!(config.bus.canary_interval, Duration::from_secs(1));
         assert_eq!(config.bus.script, ScriptSettings::default());
         assert_eq!(config.bus.redis_url, None);
     }

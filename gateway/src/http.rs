@@ -14,13 +14,16 @@ use crate::bus::{Bus, BusError};
 use crate::config::StreamConfig;
 use crate::hub::Hub;
 use crate::sse::{Connection, Start};
+use crate::stats::Stats;
 
 /// Shared by every worker; built once, outside the `HttpServer` factory.
 pub struct AppState {
     pub hub: Arc<Hub>,
     pub bus: Arc<Bus>,
     pub stream: Arc<StreamConfig>,
-    pub shutdown: CancellationToken,
+    pub stats: Arc<Stats>,
+    /// Cancelled when the replica starts draining.
+    pub drain: CancellationToken,
 }
 
 /// A clear status and message for the client; the detail is logged where it arises.
@@ -38,6 +41,11 @@ impl ApiError {
             message: message.into(),
             allow: None,
         }
+    }
+
+    /// 503: the request may succeed later, here or on another replica.
+    fn unavailable(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
     }
 
     fn bad_request(message: impl Into<String>) -> ApiError {
@@ -70,6 +78,10 @@ impl ResponseError for ApiError {
         if let Some(allow) = self.allow {
             response.insert_header((header::ALLOW, allow));
         }
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            // Spread the retries of many refused clients over a few seconds.
+            response.insert_header((header::RETRY_AFTER, fastrand::u8(1..=5).to_string()));
+        }
         response.json(serde_json::json!({ "error": self.message }))
     }
 }
@@ -80,10 +92,7 @@ impl From<BusError> for ApiError {
             BusError::Rejected(message) => ApiError::bad_request(message),
             BusError::Unavailable(detail) => {
                 tracing::warn!(%detail, "bus unavailable");
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "event store unavailable, retry later",
-                )
+                ApiError::unavailable("event store unavailable, retry later")
             }
         }
     }
@@ -111,11 +120,15 @@ pub fn routes(cfg: &mut web::ServiceConfig, max_event_bytes: usize) {
             web::resource("/readyz").route(web::get().to(readyz)),
             "GET",
         ))
+        .service(only(
+            web::resource("/status").route(web::get().to(status)),
+            "GET",
+        ))
         .default_service(web::to(|req: HttpRequest| async move {
             Err::<HttpResponse, _>(ApiError::new(
                 StatusCode::NOT_FOUND,
                 format!(
-                    "no route for {}; see /events, /publish, /healthz, /readyz",
+                    "no route for {}; see /events, /publish, /healthz, /readyz, /status",
                     req.path()
                 ),
             ))
@@ -179,11 +192,11 @@ impl SubscribeRequest {
                 "lastEventId" if !value.is_empty() => query_id = Some(value.into_owned()),
                 _ => {}
             }
-        }
-        if topics.len() > max_topics {
-            return Err(ApiError::bad_request(format!(
-                "too many topics: at most {max_topics} per connection"
-            )));
+            if topics.len() > max_topics {
+                return Err(ApiError::bad_request(format!(
+                    "too many topics: at most {max_topics} per connection"
+                )));
+            }
         }
         let topics = TopicSet::new(topics).ok_or_else(|| {
             ApiError::bad_request("missing topic: add ?topic=<name> (repeatable)")
@@ -205,8 +218,22 @@ async fn events(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResp
         req.headers().get("last-event-id").map(|h| h.as_bytes()),
         state.stream.max_topics,
     )?;
+    if state.drain.is_cancelled() {
+        return Err(ApiError::unavailable(
+            "gateway is shutting down, retry later",
+        ));
+    }
+    let slot = state
+        .stats
+        .try_open(state.stream.max_connections)
+        .ok_or_else(|| {
+            state.stats.record(&state.stats.rejected);
+            ApiError::unavailable(format!(
+                "gateway is at its limit of {} connections, retry later",
+                state.stream.max_connections
+            ))
+        })?;
     let memberships: Vec<_> = request.topics.iter().map(|t| state.hub.join(t)).collect();
-    let closed = memberships[0].closed.clone();
     let ready = async {
         let mut baselines = Vec::with_capacity(memberships.len());
         for membership in &memberships {
@@ -214,18 +241,9 @@ async fn events(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResp
         }
         baselines
     };
-    let not_ready = || {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "gateway is not subscribed to Redis, retry later",
-        )
-    };
-    let baselines = tokio::select! {
-        _ = closed.cancelled() => return Err(not_ready()),
-        baselines = tokio::time::timeout(state.stream.subscribe_timeout, ready) => {
-            baselines.map_err(|_| not_ready())?
-        }
-    };
+    let baselines = tokio::time::timeout(state.stream.subscribe_timeout, ready)
+        .await
+        .map_err(|_| ApiError::unavailable("gateway is not subscribed to Redis, retry later"))?;
     let start = match &request.last_event_id {
         None => Start::Fresh(baselines),
         Some(id) => match cursor::decode(&request.topics, id) {
@@ -242,7 +260,8 @@ async fn events(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResp
         start,
         state.bus.clone(),
         state.stream.clone(),
-        state.shutdown.clone(),
+        slot,
+        state.drain.clone(),
     );
     Ok(HttpResponse::Ok()
         .content_type("text/event-stream")
@@ -321,12 +340,23 @@ async fn healthz() -> HttpResponse {
 
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let bus = state.bus.describe();
-    if state.bus.is_ready().await {
-        HttpResponse::Ok().json(serde_json::json!({ "status": "ready", "bus": bus }))
+    let status = if state.drain.is_cancelled() {
+        "draining"
+    } else if !state.bus.is_ready() {
+        "not ready"
     } else {
-        HttpResponse::ServiceUnavailable()
-            .json(serde_json::json!({ "status": "not ready", "bus": bus }))
-    }
+        return HttpResponse::Ok().json(serde_json::json!({ "status": "ready", "bus": bus }));
+    };
+    HttpResponse::ServiceUnavailable().json(serde_json::json!({ "status": status, "bus": bus }))
+}
+
+/// This replica's counters and state, as JSON.
+async fn status(state: web::Data<AppState>) -> HttpResponse {
+    let mut body = state.stats.to_json();
+    body["topics"] = state.hub.topic_count().into();
+    body["ready"] = (state.bus.is_ready() && !state.drain.is_cancelled()).into();
+    body["bus"] = state.bus.describe().into();
+    HttpResponse::Ok().json(body)
 }
 
 #[cfg(test)]

@@ -6,18 +6,22 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use ssegw_protocol::frame::GapReason;
 use ssegw_protocol::{frame, StreamId, Topic};
 use tokio::sync::{broadcast, mpsc, watch};
-use tokio_util::sync::CancellationToken;
 
-/// One event, framed once per replica and shared by every local subscriber of its topic.
+/// One event, framed once per replica and shared by every local subscriber of its topic; or a
+/// marker that the replica found part of the topic's history gone while it was cut off.
 #[derive(Debug)]
 pub struct Event {
+    /// The event's stream id; for a gap marker, the last position delivered before the gap.
     pub id: StreamId,
     /// `event:` and `data:` lines and the terminating blank line, without the `id:` line.
     pub body: Bytes,
     /// `id: <stream id>` followed by `body`: the complete frame for single-topic connections.
     pub frame: Bytes,
+    /// Set on gap markers (whose body and frame are empty).
+    pub gap: Option<GapReason>,
 }
 
 impl Event {
@@ -26,7 +30,22 @@ impl Event {
     pub fn new(id: StreamId, event: Option<&str>, data: &[u8]) -> Event {
         let body = frame::event_body(event, &String::from_utf8_lossy(data));
         let frame = frame::with_id(&id.to_string(), &body);
-        Event { id, body, frame }
+        Event {
+            id,
+            body,
+            frame,
+            gap: None,
+        }
+    }
+
+    /// A gap marker: events after `after` were lost for `reason`.
+    fn gap(after: StreamId, reason: GapReason) -> Event {
+        Event {
+            id: after,
+            body: Bytes::new(),
+            frame: Bytes::new(),
+            gap: Some(reason),
+        }
     }
 }
 
@@ -56,7 +75,8 @@ pub struct Channel {
 struct ChannelState {
     members: usize,
     /// The newest position this replica knows for the topic: the stream head read when it was
-    /// subscribed, or the last event dispatched since, whichever is newer.
+    /// subscribed, or the last event dispatched since, whichever is newer. The bus backfills
+    /// from here after a reconnect.
     latest: StreamId,
 }
 
@@ -69,8 +89,35 @@ impl Channel {
         self.ready.send_replace(true);
     }
 
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
     pub fn latest(&self) -> StreamId {
         self.state.lock().expect("channel state poisoned").latest
+    }
+
+    /// Delivers an event to the topic's local subscribers, unless it is not newer than the
+    /// latest one: the same event can come both from a backfill and from pub/sub. Callers
+    /// dispatch each topic's events in stream order.
+    pub fn dispatch(&self, event: Arc<Event>) {
+        let mut state = self.state.lock().expect("channel state poisoned");
+        if event.id <= state.latest {
+            return;
+        }
+        state.latest = event.id;
+        // An error only means no receiver exists at this instant.
+        let _ = self.sender.send(event);
+    }
+
+    /// Tells the topic's subscribers that events after the latest position are gone (found by
+    /// a backfill after a reconnect). The history that follows may have any ids, so the
+    /// channel starts over from zero.
+    pub fn dispatch_gap(&self, reason: GapReason) {
+        let mut state = self.state.lock().expect("channel state poisoned");
+        let marker = Arc::new(Event::gap(state.latest, reason));
+        state.latest = StreamId::ZERO;
+        let _ = self.sender.send(marker);
     }
 }
 
@@ -80,8 +127,6 @@ pub struct Hub {
     /// To the bus; unbounded because every message stands for one channel created or removed,
     /// so its length is bounded by subscriber churn, and the bus drains it in batches.
     interest: mpsc::UnboundedSender<Interest>,
-    /// Cancelled by [`Hub::close_all`]; every membership holds the token current when it joined.
-    generation: Mutex<CancellationToken>,
     capacity: usize,
 }
 
@@ -91,7 +136,6 @@ impl Hub {
         Hub {
             channels: Mutex::new(HashMap::new()),
             interest,
-            generation: Mutex::new(CancellationToken::new()),
             capacity,
         }
     }
@@ -117,25 +161,19 @@ impl Hub {
         let receiver = channel.sender.subscribe();
         drop(state);
         drop(channels);
-        let closed = self.generation.lock().expect("hub poisoned").clone();
         Membership {
             hub: self.clone(),
             channel,
             receiver,
-            closed,
         }
     }
 
     /// Delivers an event to the topic's local subscribers; a topic nobody here follows is
     /// dropped. Callers dispatch each topic's events in stream order.
     pub fn dispatch(&self, topic: &Topic, event: Arc<Event>) {
-        let Some(channel) = self.channel(topic) else {
-            return;
-        };
-        let mut state = channel.state.lock().expect("channel state poisoned");
-        state.latest = state.latest.max(event.id);
-        // An error only means no receiver exists at this instant.
-        let _ = channel.sender.send(event);
+        if let Some(channel) = self.channel(topic) {
+            channel.dispatch(event);
+        }
     }
 
     pub fn channel(&self, topic: &Topic) -> Option<Arc<Channel>> {
@@ -146,12 +184,14 @@ impl Hub {
             .cloned()
     }
 
-    /// Ends every membership: used when the replica can no longer guarantee delivery (its
-    /// Redis subscription was lost). Clients reconnect and resume from the stream.
-    pub fn close_all(&self) {
-        let old = std::mem::take(&mut *self.generation.lock().expect("hub poisoned"));
-        self.channels.lock().expect("hub poisoned").clear();
-        old.cancel();
+    /// Every channel with local subscribers: what the bus subscribes again after a reconnect.
+    pub fn channels(&self) -> Vec<Arc<Channel>> {
+        self.channels
+            .lock()
+            .expect("hub poisoned")
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Number of topics with local subscribers.
@@ -161,13 +201,6 @@ impl Hub {
 
     fn leave(&self, channel: &Arc<Channel>) {
         let mut channels = self.channels.lock().expect("hub poisoned");
-        // A channel removed by `close_all` (or replaced since) is no longer counted here.
-        if !channels
-            .get(&channel.topic)
-            .is_some_and(|current| Arc::ptr_eq(current, channel))
-        {
-            return;
-        }
         let mut state = channel.state.lock().expect("channel state poisoned");
         state.members -= 1;
         if state.members == 0 {
@@ -185,8 +218,6 @@ pub struct Membership {
     hub: Arc<Hub>,
     pub channel: Arc<Channel>,
     pub receiver: broadcast::Receiver<Arc<Event>>,
-    /// Cancelled when the hub closes every membership.
-    pub closed: CancellationToken,
 }
 
 impl Membership {
@@ -270,18 +301,32 @@ mod tests {
     }
 
     #[test]
-    fn close_all_ends_memberships_and_forgets_channels() {
+    fn dispatch_drops_events_already_delivered() {
         let (tx, _rx) = mpsc::unbounded_channel();
         let hub = Arc::new(Hub::new(8, tx));
-        let m = hub.join(&topic("t"));
-        hub.close_all();
-        assert!(m.closed.is_cancelled());
-        assert_eq!(hub.topic_count(), 0);
-        let fresh = hub.join(&topic("t"));
-        assert!(!fresh.closed.is_cancelled());
-        drop(m); // must not decrement the new channel
-        assert_eq!(hub.topic_count(), 1);
-        drop(fresh);
-        assert_eq!(hub.topic_count(), 0);
+        let mut m = hub.join(&topic("t"));
+        for ms in [3, 2, 3, 4] {
+            m.channel.dispatch(event(ms));
+        }
+        let got: Vec<u64> = std::iter::from_fn(|| m.receiver.try_recv().ok())
+            .map(|e| e.id.ms)
+            .collect();
+        assert_eq!(got, [3, 4]);
+    }
+
+    #[test]
+    fn a_gap_marker_carries_the_last_position_and_restarts_the_channel() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let hub = Arc::new(Hub::new(8, tx));
+        let mut m = hub.join(&topic("t"));
+        m.channel.dispatch(event(9));
+        m.channel.dispatch_gap(GapReason::Lost);
+        // A new history may start with smaller ids; it is delivered all the same.
+        m.channel.dispatch(event(5));
+        let got: Vec<(u64, Option<GapReason>)> = std::iter::from_fn(|| m.receiver.try_recv().ok())
+            .map(|e| (e.id.ms, e.gap))
+            .collect();
+        assert_eq!(got, [(9, None), (9, Some(GapReason::Lost)), (5, None)]);
+        assert_eq!(m.channel.latest(), StreamId::new(5, 0));
     }
 }

@@ -8,8 +8,10 @@ pub mod http;
 pub mod hub;
 pub mod publisher;
 pub mod sse;
+pub mod stats;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::{web, App, HttpServer};
 use tokio::sync::mpsc;
@@ -19,20 +21,26 @@ use crate::bus::Bus;
 use crate::config::Config;
 use crate::http::AppState;
 use crate::hub::Hub;
+use crate::stats::Stats;
 
-/// Serves one gateway replica on `listener` until `shutdown` is cancelled.
+/// Serves one gateway replica on `listener` until `shutdown` is cancelled, then drains: the
+/// replica turns not-ready, stops accepting, closes its streams spread over the drain window,
+/// and returns before the window ends.
 pub async fn run(
     listener: std::net::TcpListener,
     config: Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // The bus outlives the drain: draining streams keep delivering until their close.
+    let stop = CancellationToken::new();
+    let _stop_on_return = stop.clone().drop_guard();
     let (interest_tx, interest_rx) = mpsc::unbounded_channel();
     let hub = Arc::new(Hub::new(config.bus.client_buffer, interest_tx));
     let bus = Arc::new(Bus::start(
         &config.bus,
         hub.clone(),
         interest_rx,
-        shutdown.clone(),
+        stop.clone(),
     )?);
     match bus.as_ref() {
         Bus::Memory(_) => tracing::warn!(
@@ -44,33 +52,52 @@ pub async fn run(
     tracing::info!(address = %listener.local_addr()?, workers = config.workers, "listening");
 
     // Built once here: the factory below runs once per worker.
+    let stats = Arc::new(Stats::default());
     let state = web::Data::new(AppState {
         hub,
         bus,
         stream: Arc::new(config.stream.clone()),
-        shutdown: shutdown.clone(),
+        stats: stats.clone(),
+        drain: shutdown.clone(),
     });
     let max_event_bytes = config.stream.max_event_bytes;
+    let dead_peer_timeout = config.dead_peer_timeout;
     let server = HttpServer::new(move || {
         // No compression middleware: it would hold SSE frames back.
         App::new()
             .app_data(state.clone())
             .configure(|cfg| http::routes(cfg, max_event_bytes))
     })
+    .on_connect(move |connection, _| {
+        if let Some(tcp) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() {
+            // Written data that stays unacknowledged this long (a vanished or stalled client)
+            // ends the connection.
+            let _ = socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(dead_peer_timeout));
+        }
+    })
     .workers(config.workers)
     // A client's FIN ends its stream instead of leaving a half-open connection behind.
     .h1_allow_half_closed(false)
     .disable_signals()
-    .shutdown_timeout(5)
+    .shutdown_timeout(1)
     .listen(listener)?
     .run();
     let handle = server.handle();
-    let stop = shutdown.clone();
+    let drain_window = config.stream.drain_window;
     tokio::spawn(async move {
-        stop.cancelled().await;
+        shutdown.cancelled().await;
+        let started = tokio::time::Instant::now();
+        tracing::info!(streams = stats.open(), window = ?drain_window, "draining");
+        handle.pause().await;
+        // Each stream closes at its own instant within the spread; wait for the last.
+        let deadline = started + config.stream.drain_spread();
+        while stats.open() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::info!(left = stats.open(), elapsed = ?started.elapsed(), "drained");
+        stop.cancel();
         handle.stop(true).await;
     });
     server.await?;
-    shutdown.cancel();
     Ok(())
 }

@@ -6,7 +6,7 @@ use ssegw_protocol::frame::EventType;
 use ssegw_protocol::{StreamId, Topic};
 
 use crate::bus::RedisBus;
-use crate::config::{check_redis_url, BusConfig, PublishArgs};
+use crate::config::{check_redis_url, PublishArgs};
 
 /// Publishes the event; returns its id.
 pub async fn publish(args: PublishArgs) -> anyhow::Result<StreamId> {
@@ -22,14 +22,8 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<StreamId> {
     match &args.redis_url {
         Some(url) => {
             check_redis_url(url)?;
-            let config = BusConfig {
-                redis_url: Some(url.clone()),
-                redis_pool_size: 2,
-                redis_timeout: args.redis_timeout,
-                client_buffer: 16,
-                script: args.retention.script_settings()?,
-            };
-            let bus = RedisBus::connect(url, &config)?;
+            let script = args.retention.script_settings()?;
+            let bus = RedisBus::connect(url, 2, args.redis_timeout, &script)?;
             Ok(bus.publish(&topic, event.as_ref(), &args.data).await?)
         }
         None => publish_http(&args.url, &topic, event.as_ref(), &args.data).await,

@@ -1,8 +1,11 @@
 //! One SSE connection: the preamble, then for each topic a replay from history (when resuming),
-//! then live events from the hub, with duplicates dropped by stream id, keep-alive comments,
-//! and an end when the client lags too far, the replica loses Redis, or it shuts down.
+//! then live events from the hub, with duplicates dropped by stream id, gap markers turned into
+//! control events, keep-alive comments, and an end when the client lags too far or the replica
+//! drains.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::future::select_all;
@@ -10,12 +13,13 @@ use futures_util::stream::Stream;
 use ssegw_protocol::frame::{self, GapReason};
 use ssegw_protocol::{cursor, StreamId, TopicSet};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::Bus;
 use crate::config::StreamConfig;
 use crate::hub::{Event, Membership};
+use crate::stats::Slot;
 
 /// Events read from history per request while replaying.
 const REPLAY_PAGE: usize = 500;
@@ -24,6 +28,11 @@ const MAX_CHUNK_BYTES: usize = 64 * 1024;
 /// How often a connection may fall behind while its replay runs and catch up again from
 /// history. Once it has delivered live events, falling behind means the client is too slow.
 const MAX_CATCH_UPS: u32 = 3;
+/// Longest reconnection delay a draining replica asks of its clients; each gets a random one
+/// up to this, so that reconnects spread out.
+const DRAIN_RETRY_MAX: Duration = Duration::from_secs(1);
+/// Pause between attempts to read history while the bus is unavailable.
+const REPLAY_RETRY: Duration = Duration::from_secs(1);
 
 /// Where a new connection starts.
 pub enum Start {
@@ -50,35 +59,45 @@ pub struct Connection {
     streams: Vec<TopicStream>,
     bus: Arc<Bus>,
     config: Arc<StreamConfig>,
-    shutdown: CancellationToken,
-    /// Cancelled when the hub closes every membership (this replica lost its subscription).
-    closed: CancellationToken,
+    /// This stream's place in the replica's connection count.
+    slot: Slot,
+    /// Cancelled when the replica starts draining.
+    drain: CancellationToken,
+    /// Set once draining: the instant this connection closes, picked at random in the window.
+    close_at: Option<Pin<Box<Sleep>>>,
+    /// Set when the stream ends after the chunk just returned.
+    ending: Option<End>,
     preamble: Option<Bytes>,
     catch_ups: u32,
     /// Set once a live event went out since the last replay; a lag after that closes the
     /// connection instead of replaying again.
     live: bool,
     last_write: Instant,
-    keepalive: std::pin::Pin<Box<tokio::time::Sleep>>,
+    keepalive: Pin<Box<Sleep>>,
 }
 
-/// Why a connection's stream ended (logged once).
+/// Why the replica ended a connection's stream.
 #[derive(Debug, Clone, Copy)]
 enum End {
-    Shutdown,
+    /// The replica is shutting down; the client was told to reconnect shortly.
+    Drained,
+    /// The client fell further behind than its buffer allows.
     Slow,
-    BusLost,
+    /// The topic's channel closed (the hub went away).
+    Closed,
 }
 
 impl Connection {
-    /// `memberships` are ready and in the order of `topics`.
+    /// `memberships` are ready and in the order of `topics`; `drain` is cancelled when the
+    /// replica starts draining.
     pub fn new(
         topics: TopicSet,
         memberships: Vec<Membership>,
         start: Start,
         bus: Arc<Bus>,
         config: Arc<StreamConfig>,
-        shutdown: CancellationToken,
+        slot: Slot,
+        drain: CancellationToken,
     ) -> Connection {
         let retry_ms = config.retry.as_millis() as u64;
         let (positions, replay, gap, preamble) = match start {
@@ -108,15 +127,16 @@ impl Connection {
             })
             .collect();
         let now = Instant::now();
-        let closed = streams[0].membership.closed.clone();
         Connection {
             topics,
             streams,
-            closed,
             bus,
             keepalive: Box::pin(tokio::time::sleep_until(now + config.keepalive)),
             config,
-            shutdown,
+            slot,
+            drain,
+            close_at: None,
+            ending: None,
             preamble: Some(preamble),
             catch_ups: 0,
             live: false,
@@ -137,6 +157,9 @@ impl Connection {
         if let Some(preamble) = self.preamble.take() {
             return Some(preamble);
         }
+        if let Some(end) = self.ending {
+            return self.end(end);
+        }
         let result = loop {
             if self.streams.iter().any(|s| s.replaying) {
                 match self.replay_step().await {
@@ -153,11 +176,19 @@ impl Connection {
         };
         match result {
             Ok(chunk) => Some(chunk),
-            Err(end) => {
-                tracing::debug!(reason = ?end, topics = self.topics.len(), "stream ended");
-                None
-            }
+            Err(end) => self.end(end),
         }
+    }
+
+    fn end(&self, end: End) -> Option<Bytes> {
+        tracing::debug!(reason = ?end, topics = self.topics.len(), "stream ended");
+        let stats = self.slot.stats();
+        match end {
+            End::Drained => stats.record(&stats.drained),
+            End::Slow => stats.record(&stats.slow),
+            End::Closed => {}
+        }
+        None
     }
 
     /// Reads one page of history for the first topic still replaying.
@@ -171,16 +202,14 @@ impl Connection {
         let topic = stream.membership.channel.topic.clone();
         // Boxed: the read's state is large and only needed while replaying; inline, it would
         // sit in every idle connection's body future.
-        let read = Box::pin(self.bus.read(&topic, stream.position, REPLAY_PAGE));
-        let page = tokio::select! {
-            _ = self.shutdown.cancelled() => return Err(End::Shutdown),
-            page = read => page,
-        };
-        let page = match page {
+        let page = match Box::pin(self.bus.read(&topic, stream.position, REPLAY_PAGE)).await {
             Ok(page) => page,
             Err(e) => {
-                tracing::warn!(%topic, error = %e, "history read failed; ending stream so the client resumes");
-                return Err(End::BusLost);
+                // The client stays connected and the replay resumes when the store is back; the
+                // keep-alive written meanwhile notices a client that left.
+                tracing::warn!(%topic, error = %e, "history read failed; retrying");
+                tokio::time::sleep(REPLAY_RETRY.mul_f64(0.5 + fastrand::f64())).await;
+                return Ok(Some(Bytes::from_static(frame::KEEPALIVE)));
             }
         };
         let mut out = BytesMut::new();
@@ -200,12 +229,22 @@ impl Connection {
         Ok((!out.is_empty()).then(|| out.freeze()))
     }
 
-    /// Waits for the next live event (or keep-alive); gathers whatever else is ready.
+    /// Waits for the next live event (or keep-alive, or this connection's drain instant);
+    /// gathers whatever else is ready.
     async fn live_step(&mut self) -> Result<Option<Bytes>, End> {
         let (index, received) = tokio::select! {
             biased;
-            _ = self.shutdown.cancelled() => return Err(End::Shutdown),
-            _ = self.closed.cancelled() => return Err(End::BusLost),
+            _ = self.drain.cancelled(), if self.close_at.is_none() => {
+                let delay = self.config.drain_spread().mul_f64(fastrand::f64());
+                self.close_at = Some(Box::pin(tokio::time::sleep(delay)));
+                return Ok(None);
+            }
+            _ = until(&mut self.close_at) => {
+                // A short, random reconnection delay, then the end of the stream.
+                let retry = DRAIN_RETRY_MAX.min(self.config.retry).mul_f64(fastrand::f64());
+                self.ending = Some(End::Drained);
+                return Ok(Some(frame::preamble(retry.as_millis() as u64, None)));
+            }
             _ = &mut self.keepalive => {
                 let due = self.last_write + self.config.keepalive;
                 if Instant::now() >= due {
@@ -218,16 +257,13 @@ impl Connection {
             }
             next = recv_any(&mut self.streams) => next,
         };
-        let event = match received {
-            Ok(event) => event,
-            Err(RecvError::Lagged(_)) => return self.lagged(index),
-            Err(RecvError::Closed) => return Err(End::BusLost),
-        };
         let mut out = BytesMut::new();
+        // A lone event is handed out as its shared frame, without copying.
         let mut only = None;
-        if event.id > self.streams[index].position {
-            self.streams[index].position = event.id;
-            only = Some(event);
+        match received {
+            Ok(event) => self.take(index, event, &mut out, &mut only),
+            Err(RecvError::Lagged(_)) => return self.lagged(index),
+            Err(RecvError::Closed) => return Err(End::Closed),
         }
         // Drain what is already queued so that a burst leaves in one write.
         'drain: while out.len() < MAX_CHUNK_BYTES {
@@ -236,18 +272,10 @@ impl Connection {
                 match self.streams[i].membership.receiver.try_recv() {
                     Ok(event) => {
                         any = true;
-                        if event.id <= self.streams[i].position {
-                            continue;
-                        }
-                        // The first event's cursor must not yet include this event's position.
-                        if let Some(first) = only.take() {
-                            self.put_event(&mut out, &first);
-                        }
-                        self.streams[i].position = event.id;
-                        self.put_event(&mut out, &event);
+                        self.take(i, event, &mut out, &mut only);
                     }
                     Err(TryRecvError::Lagged(_)) => return self.lagged(i),
-                    Err(TryRecvError::Closed) => return Err(End::BusLost),
+                    Err(TryRecvError::Closed) => return Err(End::Closed),
                     Err(TryRecvError::Empty) => {}
                 }
                 if out.len() >= MAX_CHUNK_BYTES {
@@ -258,13 +286,57 @@ impl Connection {
                 break;
             }
         }
-        if let Some(event) = only {
-            // A single event: hand out the shared frame without copying it.
-            self.live = true;
-            return Ok(Some(self.frame_of(&event)));
+        let chunk = match only {
+            Some(event) => self.frame_of(&event),
+            None if out.is_empty() => return Ok(None),
+            None => out.freeze(),
+        };
+        self.live = true;
+        Ok(Some(chunk))
+    }
+
+    /// Takes one item from topic `index`'s receiver: a new event is recorded as the topic's
+    /// position and written (or kept in `only` while it is alone); an event at or before the
+    /// position is a duplicate and dropped; a gap marker the connection has not yet passed
+    /// becomes the control event and restarts the topic from zero.
+    fn take(
+        &mut self,
+        index: usize,
+        event: Arc<Event>,
+        out: &mut BytesMut,
+        only: &mut Option<Arc<Event>>,
+    ) {
+        let position = self.streams[index].position;
+        let new = match event.gap {
+            // A connection whose replay already read past the gap has announced it itself.
+            Some(_) => position <= event.id,
+            None => event.id > position,
+        };
+        if !new {
+            return;
         }
-        self.live |= !out.is_empty();
-        Ok((!out.is_empty()).then(|| out.freeze()))
+        // The first event's cursor must not yet include what follows it.
+        if let Some(first) = only.take() {
+            self.put_event(out, &first);
+        }
+        let stream = &mut self.streams[index];
+        match event.gap {
+            Some(reason) => {
+                out.put_slice(&frame::gap_event(
+                    stream.membership.channel.topic.as_str(),
+                    reason,
+                ));
+                stream.position = StreamId::ZERO;
+            }
+            None => {
+                stream.position = event.id;
+                if out.is_empty() {
+                    *only = Some(event);
+                } else {
+                    self.put_event(out, &event);
+                }
+            }
+        }
     }
 
     /// A receiver fell further behind than the hub buffers. Before the connection went live
@@ -303,6 +375,14 @@ impl Connection {
     }
 }
 
+/// Waits for an optional timer; never completes without one.
+async fn until(timer: &mut Option<Pin<Box<Sleep>>>) {
+    match timer {
+        Some(timer) => timer.await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The next event of any topic; `recv` is cancel-safe, so losing the race loses nothing.
 async fn recv_any(streams: &mut [TopicStream]) -> (usize, Result<Arc<Event>, RecvError>) {
     if let [only] = streams {
@@ -325,6 +405,7 @@ mod tests {
     use crate::bus::Bus;
     use crate::config::Config;
     use crate::hub::Hub;
+    use crate::stats::Stats;
 
     /// Every idle connection keeps its body future; large states (a Redis read) must be boxed
     /// so that they cost memory only while in use. Measured figures: BENCHMARKS.md.
@@ -342,6 +423,7 @@ mod tests {
             Start::Fresh(vec![StreamId::ZERO]),
             Arc::new(bus),
             Arc::new(config.stream),
+            Arc::new(Stats::default()).try_open(1).unwrap(),
             Default::default(),
         );
         let body = connection.into_stream();

@@ -119,6 +119,7 @@ impl MemoryBus {
             let gap = (after != StreamId::ZERO).then_some(GapReason::Lost);
             return Page {
                 gap,
+                head: StreamId::ZERO,
                 entries: Vec::new(),
             };
         };
@@ -130,6 +131,7 @@ impl MemoryBus {
         };
         Page {
             gap,
+            head: log.head,
             entries: log
                 .entries
                 .iter()

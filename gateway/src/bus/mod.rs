@@ -34,6 +34,8 @@ pub struct Page {
     /// Set when events after the requested position are no longer retained; `entries` then
     /// start at the oldest retained event.
     pub gap: Option<GapReason>,
+    /// The stream's newest id (`0-0` when it does not exist).
+    pub head: StreamId,
     pub entries: Vec<Arc<Event>>,
 }
 
@@ -83,11 +85,10 @@ impl Bus {
         }
     }
 
-    /// True when the replica receives events: for Redis, its subscription connection is up and
-    /// a command round trip succeeds.
-    pub async fn is_ready(&self) -> bool {
+    /// True when the replica receives events: for Redis, its canaries make the round trip.
+    pub fn is_ready(&self) -> bool {
         match self {
-            Bus::Redis(bus) => bus.is_ready().await,
+            Bus::Redis(bus) => bus.is_ready(),
             Bus::Memory(_) => true,
         }
     }

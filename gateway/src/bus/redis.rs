@@ -1,8 +1,14 @@
 //! The Redis bus: publishes and reads through the Lua library (`ssegw_publish`, `ssegw_read`),
 //! and holds this replica's single pub/sub connection, shared by all its topics. Every event is
 //! read from Redis once per replica and framed once, whatever the number of local clients.
+//!
+//! The pub/sub link is checked end to end by a canary: the replica publishes to its own channel
+//! through the command pool and must receive it back within the Redis timeout. When the link
+//! fails, streams stay open; after reconnecting, every topic is subscribed again and backfilled
+//! from its stream after the last event delivered, so nothing Redis still holds is missed.
 
 use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,19 +17,27 @@ use deadpool_redis::{Pool, Runtime};
 use futures_util::StreamExt;
 use redis::Value;
 use ssegw_protocol::frame::{EventType, GapReason};
-use ssegw_protocol::script::{self, ChannelMessage};
+use ssegw_protocol::script::{self, ChannelMessage, ScriptSettings};
 use ssegw_protocol::{StreamId, Topic};
 use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use super::{BusError, Page};
 use crate::config::BusConfig;
 use crate::hub::{Channel, Event, Hub, Interest};
 
+/// Channels per SUBSCRIBE command when many are (re)subscribed at once.
+const SUBSCRIBE_BATCH: usize = 1000;
+/// Topics per pipelined read when many are brought up to date at once.
+const READ_BATCH: usize = 64;
+/// Events per topic per read while backfilling after a reconnect.
+const BACKFILL_PAGE: usize = 200;
+
 pub struct RedisBus {
     commands: Commands,
-    /// True while the pub/sub connection is up.
-    subscribed: Arc<AtomicBool>,
+    /// True while canaries make the round trip through Redis in time.
+    ready: Arc<AtomicBool>,
 }
 
 impl RedisBus {
@@ -35,13 +49,20 @@ impl RedisBus {
         interest: mpsc::UnboundedReceiver<Interest>,
         shutdown: CancellationToken,
     ) -> Result<RedisBus, BusError> {
-        let bus = RedisBus::connect(url, config)?;
+        let bus = RedisBus::connect(
+            url,
+            config.redis_pool_size,
+            config.redis_timeout,
+            &config.script,
+        )?;
         let subscriber = Subscriber {
             client: redis::Client::open(url).map_err(unavailable)?,
             commands: bus.commands.clone(),
             hub,
             interest,
-            subscribed: bus.subscribed.clone(),
+            ready: bus.ready.clone(),
+            canary_channel: format!("ssegw:canary:{}", uuid::Uuid::new_v4()),
+            canary_interval: config.canary_interval,
             shutdown,
         };
         tokio::spawn(subscriber.run());
@@ -49,12 +70,16 @@ impl RedisBus {
     }
 
     /// A bus for publishing and reading only (the `publish` command); connects lazily.
-    pub fn connect(url: &str, config: &BusConfig) -> Result<RedisBus, BusError> {
-        let timeout = config.redis_timeout;
+    pub fn connect(
+        url: &str,
+        pool_size: usize,
+        timeout: Duration,
+        script: &ScriptSettings,
+    ) -> Result<RedisBus, BusError> {
         let pool = deadpool_redis::Config::from_url(url)
             .builder()
             .map_err(|e| BusError::Unavailable(e.to_string()))?
-            .max_size(config.redis_pool_size)
+            .max_size(pool_size)
             // deadpool waits forever by default; a drained pool must fail like a dead Redis.
             .wait_timeout(Some(timeout))
             .create_timeout(Some(timeout))
@@ -65,10 +90,10 @@ impl RedisBus {
         Ok(RedisBus {
             commands: Commands {
                 pool,
-                library: script::function_library(&config.script).into(),
+                library: script::function_library(script).into(),
                 timeout,
             },
-            subscribed: Arc::new(AtomicBool::new(false)),
+            ready: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -96,28 +121,32 @@ impl RedisBus {
         after: StreamId,
         count: usize,
     ) -> Result<Page, BusError> {
-        let mut cmd = redis::cmd("FCALL");
-        cmd.arg(script::READ_FUNCTION)
-            .arg(1)
-            .arg(topic.as_str())
-            .arg(after.to_string())
-            .arg(count);
-        let reply: Value = self.commands.fcall(&cmd).await?;
-        parse_page(reply).ok_or_else(|| BusError::Unavailable("malformed ssegw_read reply".into()))
+        let reply: Value = self
+            .commands
+            .fcall(&read_cmd(topic, Some(after), count))
+            .await?;
+        parse_page(reply).ok_or_else(malformed)
     }
 
-    pub async fn is_ready(&self) -> bool {
-        if !self.subscribed.load(Ordering::Acquire) {
-            return false;
-        }
-        let Ok(mut conn) = self.commands.connection().await else {
-            return false;
-        };
-        self.commands
-            .query::<String>(&redis::cmd("PING"), &mut conn)
-            .await
-            .is_ok()
+    /// True while the last canary came back in time: the replica receives what is published.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
     }
+}
+
+/// `FCALL ssegw_read 1 <topic> <after> <count>`; without `after`, only the head is asked for.
+fn read_cmd(topic: &Topic, after: Option<StreamId>, count: usize) -> redis::Cmd {
+    let mut cmd = redis::cmd("FCALL");
+    cmd.arg(script::READ_FUNCTION)
+        .arg(1)
+        .arg(topic.as_str())
+        .arg(after.map_or(String::new(), |id| id.to_string()))
+        .arg(count);
+    cmd
+}
+
+fn malformed() -> BusError {
+    BusError::Unavailable("malformed ssegw_read reply".into())
 }
 
 /// Command-connection work shared by request handlers and the subscriber task.
@@ -167,17 +196,17 @@ impl Commands {
         self.query::<String>(&cmd, conn).await.map(drop)
     }
 
-    /// The current head position of each topic's stream, in one pipelined round trip.
-    async fn heads(&self, topics: &[&Topic]) -> Result<Vec<StreamId>, BusError> {
+    /// Reads several topics in one pipelined round trip: `count` events after each position,
+    /// or only the head where no position is given.
+    async fn read_many(
+        &self,
+        requests: &[(&Topic, Option<StreamId>)],
+        count: usize,
+    ) -> Result<Vec<Page>, BusError> {
         let mut conn = self.connection().await?;
         let mut pipe = redis::pipe();
-        for topic in topics {
-            pipe.cmd("FCALL")
-                .arg(script::READ_FUNCTION)
-                .arg(1)
-                .arg(topic.as_str())
-                .arg("")
-                .arg(0);
+        for (topic, after) in requests {
+            pipe.add_command(read_cmd(topic, *after, count));
         }
         let replies: Vec<Value> =
             match tokio::time::timeout(self.timeout, pipe.query_async(&mut conn)).await {
@@ -186,26 +215,24 @@ impl Commands {
             };
         replies
             .into_iter()
-            .map(|reply| match reply {
-                Value::Array(items) => items
-                    .get(1)
-                    .and_then(as_text)
-                    .and_then(|t| StreamId::parse(t).ok()),
-                _ => None,
-            })
+            .map(parse_page)
             .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| BusError::Unavailable("malformed ssegw_read reply".into()))
+            .ok_or_else(malformed)
     }
 }
 
-/// Owns the replica's pub/sub connection: applies the hub's interest changes in batches and
-/// dispatches every message to the hub.
+/// Owns the replica's pub/sub connection: applies the hub's interest changes in batches,
+/// dispatches every message to the hub, checks the link with canaries, and after a reconnect
+/// subscribes and backfills every topic the hub still serves.
 struct Subscriber {
     client: redis::Client,
     commands: Commands,
     hub: Arc<Hub>,
     interest: mpsc::UnboundedReceiver<Interest>,
-    subscribed: Arc<AtomicBool>,
+    ready: Arc<AtomicBool>,
+    /// This replica's own channel, for canaries.
+    canary_channel: String,
+    canary_interval: Duration,
     shutdown: CancellationToken,
 }
 
@@ -227,25 +254,19 @@ impl Subscriber {
                 result = attempt => result,
             };
             let reason = match pubsub {
-                Ok(pubsub) => {
-                    tracing::info!("subscribed to Redis");
-                    backoff.reset();
-                    match self.serve(pubsub).await {
-                        None => return,
-                        Some(reason) => reason,
-                    }
-                }
+                Ok(pubsub) => match self.serve(pubsub, &mut backoff).await {
+                    None => return,
+                    Some(reason) => reason,
+                },
                 Err(e) => e.to_string(),
             };
-            self.subscribed.store(false, Ordering::Release);
-            // Pub/sub messages sent while the link is down are gone. The replica cannot vouch for
-            // its open streams any more, so it ends them; clients resume from the stream history.
-            if self.hub.topic_count() > 0 {
-                tracing::warn!(%reason, "Redis subscription lost; closing streams so clients resume from history");
+            if self.ready.swap(false, Ordering::AcqRel) {
+                // Streams stay open: once the link is back, each topic is backfilled from
+                // the last event delivered.
+                tracing::warn!(%reason, topics = self.hub.topic_count(), "Redis link lost; not ready");
             } else {
                 tracing::warn!(%reason, "Redis unavailable");
             }
-            self.hub.close_all();
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 _ = tokio::time::sleep(backoff.next_delay()) => {}
@@ -254,16 +275,32 @@ impl Subscriber {
     }
 
     /// Serves one pub/sub connection; returns why it ended, or `None` on shutdown.
-    async fn serve(&mut self, pubsub: redis::aio::PubSub) -> Option<String> {
+    async fn serve(&mut self, pubsub: redis::aio::PubSub, backoff: &mut Backoff) -> Option<String> {
         let (mut sink, mut messages) = pubsub.split();
         let mut subscribed = HashSet::new();
-        // Channels created before this connection existed were closed with the previous one;
-        // only the interest queue describes what is needed now.
-        self.subscribed.store(true, Ordering::Release);
+        if let Err(e) = sink.subscribe(&self.canary_channel).await {
+            return Some(e.to_string());
+        }
+        // Channels the hub serves from before this connection: subscribed again and
+        // backfilled. Pub/sub messages queue up meanwhile; those already backfilled are
+        // dropped as duplicates when dispatched.
+        let channels = self.hub.channels();
+        if let Err(e) = self.join(&mut sink, &mut subscribed, channels).await {
+            return Some(e.to_string());
+        }
+        let mut canary = Canary::new(self.canary_interval, self.commands.timeout);
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return None,
                 message = messages.next() => match message {
+                    Some(message) if message.get_channel_name() == self.canary_channel => {
+                        if canary.arrived(message.get_payload_bytes())
+                            && !self.ready.swap(true, Ordering::AcqRel)
+                        {
+                            tracing::info!(topics = subscribed.len(), "Redis link verified; ready");
+                            backoff.reset();
+                        }
+                    }
                     Some(message) => self.dispatch(&message),
                     None => return Some("pub/sub connection closed".into()),
                 },
@@ -275,6 +312,21 @@ impl Subscriber {
                     if let Err(e) = self.apply(&mut sink, &mut subscribed, batch).await {
                         return Some(e.to_string());
                     }
+                }
+                _ = canary.timer.as_mut() => {
+                    if canary.in_flight {
+                        return Some(format!("canary not received within {:?}", self.commands.timeout));
+                    }
+                    let seq = canary.send();
+                    let commands = self.commands.clone();
+                    let mut publish = redis::cmd("PUBLISH");
+                    publish.arg(&self.canary_channel).arg(seq);
+                    // A failure shows as a canary that does not arrive.
+                    tokio::spawn(async move {
+                        if let Ok(mut conn) = commands.connection().await {
+                            let _ = commands.query::<i64>(&publish, &mut conn).await;
+                        }
+                    });
                 }
             }
         }
@@ -292,8 +344,8 @@ impl Subscriber {
         }
     }
 
-    /// Applies a batch of interest changes: one UNSUBSCRIBE and one SUBSCRIBE for the whole
-    /// batch, then the head position of every newly needed topic in one pipeline.
+    /// Applies a batch of interest changes: one UNSUBSCRIBE for the topics left, then the new
+    /// channels are joined.
     async fn apply(
         &self,
         sink: &mut redis::aio::PubSubSink,
@@ -313,7 +365,7 @@ impl Subscriber {
             .filter(|(topic, channel)| channel.is_none() && subscribed.contains(*topic))
             .map(|(topic, _)| topic.clone())
             .collect();
-        // Channels the hub already closed again (a lost connection) need nothing.
+        // Channels already replaced or removed again need nothing.
         let join: Vec<Arc<Channel>> = wanted
             .into_values()
             .flatten()
@@ -330,27 +382,110 @@ impl Subscriber {
                 subscribed.remove(topic);
             }
         }
-        let new: Vec<String> = join
+        self.join(sink, subscribed, join).await
+    }
+
+    /// Subscribes the channels not yet subscribed on this connection, then brings each up to
+    /// date: a new channel learns its stream's head and turns ready; a channel that was
+    /// already delivering (before a reconnect) is backfilled from its latest position.
+    async fn join(
+        &self,
+        sink: &mut redis::aio::PubSubSink,
+        subscribed: &mut HashSet<Topic>,
+        channels: Vec<Arc<Channel>>,
+    ) -> Result<(), BusError> {
+        let new: Vec<String> = channels
             .iter()
             .filter(|c| !subscribed.contains(&c.topic))
             .map(|c| script::channel(&c.topic))
             .collect();
-        if !new.is_empty() {
-            sink.subscribe(&new).await.map_err(unavailable)?;
-            subscribed.extend(join.iter().map(|c| c.topic.clone()));
+        for names in new.chunks(SUBSCRIBE_BATCH) {
+            sink.subscribe(names).await.map_err(unavailable)?;
         }
-        if !join.is_empty() {
-            let topics: Vec<&Topic> = join.iter().map(|c| &c.topic).collect();
-            let heads = self.commands.heads(&topics).await?;
-            for (channel, head) in join.iter().zip(heads) {
-                channel.set_ready(head);
+        subscribed.extend(channels.iter().map(|c| c.topic.clone()));
+        // Read after subscribing: whatever is published from now on also arrives as a message.
+        let (delivering, fresh): (Vec<_>, Vec<_>) =
+            channels.into_iter().partition(|c| c.is_ready());
+        for batch in fresh.chunks(READ_BATCH) {
+            let requests: Vec<_> = batch.iter().map(|c| (&c.topic, None)).collect();
+            let pages = self.commands.read_many(&requests, 0).await?;
+            for (channel, page) in batch.iter().zip(pages) {
+                channel.set_ready(page.head);
             }
+        }
+        self.backfill(delivering).await
+    }
+
+    /// Dispatches what each channel missed: the events after its latest position, or a gap
+    /// marker and the retained history when those events are gone.
+    async fn backfill(&self, mut pending: Vec<Arc<Channel>>) -> Result<(), BusError> {
+        while !pending.is_empty() {
+            let mut unfinished = Vec::new();
+            for batch in pending.chunks(READ_BATCH) {
+                let requests: Vec<_> = batch.iter().map(|c| (&c.topic, Some(c.latest()))).collect();
+                let pages = self.commands.read_many(&requests, BACKFILL_PAGE).await?;
+                for (channel, page) in batch.iter().zip(pages) {
+                    if let Some(reason) = page.gap {
+                        tracing::warn!(topic = %channel.topic, reason = reason.as_str(), "history lost while the link was down");
+                        channel.dispatch_gap(reason);
+                    }
+                    if page.entries.len() == BACKFILL_PAGE {
+                        unfinished.push(channel.clone());
+                    }
+                    for event in page.entries {
+                        channel.dispatch(event);
+                    }
+                }
+            }
+            pending = unfinished;
         }
         Ok(())
     }
 }
 
-/// Exponential backoff with full jitter, from 100 ms up to 5 s.
+/// The canary schedule: one in flight at a time; the next leaves an interval after the last
+/// arrived.
+struct Canary {
+    /// Until the next send, or while one is in flight, until it is overdue.
+    timer: Pin<Box<Sleep>>,
+    in_flight: bool,
+    seq: u64,
+    interval: Duration,
+    timeout: Duration,
+}
+
+impl Canary {
+    /// The first canary leaves at once.
+    fn new(interval: Duration, timeout: Duration) -> Canary {
+        Canary {
+            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            in_flight: false,
+            seq: 0,
+            interval,
+            timeout,
+        }
+    }
+
+    /// Records a send; returns the payload to publish.
+    fn send(&mut self) -> u64 {
+        self.seq += 1;
+        self.in_flight = true;
+        self.timer.as_mut().reset(Instant::now() + self.timeout);
+        self.seq
+    }
+
+    /// True when `payload` is the canary in flight.
+    fn arrived(&mut self, payload: &[u8]) -> bool {
+        if !self.in_flight || payload != self.seq.to_string().as_bytes() {
+            return false;
+        }
+        self.in_flight = false;
+        self.timer.as_mut().reset(Instant::now() + self.interval);
+        true
+    }
+}
+
+/// Exponential backoff with jitter, from 100 ms up to 5 s.
 #[derive(Default)]
 struct Backoff {
     attempt: u32,
@@ -411,11 +546,12 @@ fn parse_page(reply: Value) -> Option<Page> {
         "lost" => Some(GapReason::Lost),
         _ => return None,
     };
+    let head = StreamId::parse(as_text(&items[1])?).ok()?;
     let entries = raw_entries
         .iter()
         .map(parse_entry)
         .collect::<Option<Vec<_>>>()?;
-    Some(Page { gap, entries })
+    Some(Page { gap, head, entries })
 }
 
 /// `[id, [field, value, ...]]` with fields `d` (data) and optionally `e` (event type).

@@ -1,0 +1,85 @@
+//! Counters of what this replica does, shared by every worker: read by `/status` and by the
+//! connection limit.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// SSE streams open now.
+    open: AtomicUsize,
+    /// SSE streams opened since start.
+    pub opened: AtomicU64,
+    /// Streams closed because the client fell too far behind.
+    pub slow: AtomicU64,
+    /// Streams closed by a drain.
+    pub drained: AtomicU64,
+    /// Subscriptions refused because the replica was at its connection limit.
+    pub rejected: AtomicU64,
+}
+
+impl Stats {
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Counts a new stream unless `max` are open already; the stream is counted until the slot
+    /// is dropped.
+    pub fn try_open(self: &Arc<Self>, max: usize) -> Option<Slot> {
+        self.open
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        self.record(&self.opened);
+        Some(Slot(self.clone()))
+    }
+
+    pub fn record(&self, counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        serde_json::json!({
+            "connections": self.open(),
+            "connections_opened": get(&self.opened),
+            "slow_disconnects": get(&self.slow),
+            "drained": get(&self.drained),
+            "rejected_at_limit": get(&self.rejected),
+        })
+    }
+}
+
+/// One open stream's place in the count.
+#[derive(Debug)]
+pub struct Slot(Arc<Stats>);
+
+impl Slot {
+    pub fn stats(&self) -> &Stats {
+        &self.0
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_stop_at_the_limit_and_free_on_drop() {
+        let stats = Arc::new(Stats::default());
+        let a = stats.try_open(2).unwrap();
+        let _b = stats.try_open(2).unwrap();
+        assert!(stats.try_open(2).is_none());
+        drop(a);
+        assert!(stats.try_open(2).is_some());
+        assert_eq!(stats.opened.load(Ordering::Relaxed), 3);
+        assert_eq!(stats.open(), 1, "the temporary slot was dropped");
+    }
+}
