@@ -33,7 +33,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     // The bus outlives the drain: draining streams keep delivering until their close.
     let stop = CancellationToken::new();
-    let _stop_on_return = stop.clone().drop_guard();
+    let _stop_bus_on_return = stop.clone().drop_guard();
     let (interest_tx, interest_rx) = mpsc::unbounded_channel();
     let hub = Arc::new(Hub::new(config.bus.client_buffer, interest_tx));
     let bus = Arc::new(Bus::start(
@@ -60,6 +60,9 @@ pub async fn run(
         stats: stats.clone(),
         drain: shutdown.clone(),
     });
+    // Kept to close the listening socket when draining: actix can only pause accepting, which
+    // would leave new connections hanging in the backlog instead of refused.
+    let listening = listener.try_clone()?;
     let max_event_bytes = config.stream.max_event_bytes;
     let dead_peer_timeout = config.dead_peer_timeout;
     let server = HttpServer::new(move || {
@@ -79,7 +82,6 @@ pub async fn run(
     // A client's FIN ends its stream instead of leaving a half-open connection behind.
     .h1_allow_half_closed(false)
     .disable_signals()
-    .shutdown_timeout(1)
     .listen(listener)?
     .run();
     let handle = server.handle();
@@ -89,14 +91,16 @@ pub async fn run(
         let started = tokio::time::Instant::now();
         tracing::info!(streams = stats.open(), window = ?drain_window, "draining");
         handle.pause().await;
+        let _ = socket2::SockRef::from(&listening).shutdown(std::net::Shutdown::Both);
         // Each stream closes at its own instant within the spread; wait for the last.
         let deadline = started + config.stream.drain_spread();
         while stats.open() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         tracing::info!(left = stats.open(), elapsed = ?started.elapsed(), "drained");
-        stop.cancel();
-        handle.stop(true).await;
+        // What is left (idle keep-alive connections, a stream stuck in a replay) is cut now,
+        // so that the process exits within the window.
+        handle.stop(false).await;
     });
     server.await?;
     Ok(())

@@ -3,6 +3,8 @@
 //! with an independent parser (`eventsource-stream`).
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -64,6 +66,20 @@ impl RedisServer {
         self.wait_up();
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open, nothing is answered.
+    pub fn pause(&self) {
+        signal(self.child.id(), "STOP");
+    }
+
+    /// Resumes a paused server (SIGCONT).
+    pub fn resume(&self) {
+        signal(self.child.id(), "CONT");
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
     fn wait_up(&self) {
         let client = self.client();
         wait_until(&format!("redis-server on port {}", self.port), || {
@@ -122,6 +138,105 @@ impl Drop for RedisServer {
     }
 }
 
+/// Sends a signal (`TERM`, `KILL`, `STOP`, `CONT`) to a process.
+pub fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .expect("kill(1)");
+    assert!(status.success(), "kill -{name} {pid} failed");
+}
+
+/// Where a test client connects: an in-process replica or a replica process.
+pub trait Replica {
+    fn addr(&self) -> SocketAddr;
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr())
+    }
+
+    /// Waits until `/readyz` answers `status`; panics after `WAIT`.
+    fn wait_readyz(&self, status: u16) {
+        let addr = self.addr();
+        wait_until(&format!("/readyz {status} from {addr}"), || {
+            http_status(addr, "GET", "/readyz") == Some(status)
+        });
+    }
+}
+
+impl Replica for SocketAddr {
+    fn addr(&self) -> SocketAddr {
+        *self
+    }
+}
+
+/// Test flags unless the test sets them: no drain window, so that dropping a replica is quick.
+fn with_test_defaults(flags: &[&str]) -> Vec<String> {
+    let mut all: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
+    for (flag, value) in [("--drain-window", "0s"), ("--workers", "2")] {
+        if !flags.contains(&flag) {
+            all.extend([flag.to_string(), value.to_string()]);
+        }
+    }
+    all
+}
+
+/// A replica as its own `sse-gateway` process, for faults that hit a whole process (SIGKILL,
+/// SIGTERM). Killed on drop.
+pub struct GatewayProcess {
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl GatewayProcess {
+    /// Starts the binary with these flags on a free port and waits until it is ready.
+    pub fn start(redis_url: &str, flags: &[&str]) -> GatewayProcess {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let child = Command::new(env!("CARGO_BIN_EXE_sse-gateway"))
+            .args(["--listen", &addr.to_string(), "--redis-url", redis_url])
+            .args(with_test_defaults(flags))
+            .env("SSEGW_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start sse-gateway");
+        let process = GatewayProcess { addr, child };
+        process.wait_readyz(200);
+        process
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the process to exit without blocking the test's runtime; panics after `limit`.
+    pub async fn exited(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica still running after {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Replica for GatewayProcess {
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// One gateway replica served by `sse_gateway::run` on its own runtime thread.
 pub struct Gateway {
     pub addr: SocketAddr,
@@ -135,8 +250,7 @@ impl Gateway {
     pub fn start(flags: &[&str]) -> Gateway {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let config = Config::from_flags(flags.iter().copied().chain(["--workers", "2"]))
-            .expect("test config");
+        let config = Config::from_flags(with_test_defaults(flags)).expect("test config");
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let thread = std::thread::spawn(move || {
@@ -169,11 +283,18 @@ impl Gateway {
         self.wait_readyz(200);
     }
 
-    /// Waits until `/readyz` answers `status`; panics after `WAIT`.
-    pub fn wait_readyz(&self, status: u16) {
-        wait_until(&format!("/readyz {status} from {}", self.addr), || {
-            http_status(self.addr, "GET", "/readyz") == Some(status)
-        });
+    /// Stops the replica: it drains as configured and returns once `run` has.
+    pub fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(thread) = self.thread.take() {
+            thread.join().expect("gateway thread panicked");
+        }
+    }
+}
+
+impl Replica for Gateway {
+    fn addr(&self) -> SocketAddr {
+        self.addr
     }
 }
 
@@ -266,7 +387,7 @@ pub struct Sse {
 
 impl Sse {
     /// `GET /events?<query>`, optionally with `Last-Event-ID`; asserts the SSE headers.
-    pub async fn open(gw: &Gateway, query: &str, last_event_id: Option<&str>) -> Sse {
+    pub async fn open(gw: &impl Replica, query: &str, last_event_id: Option<&str>) -> Sse {
         let mut request = awc::Client::builder()
             .disable_timeout()
             .finish()
