@@ -1,5 +1,6 @@
 //! Slow consumers: a client that reads too slowly has its stream ended (it can resume from
-//! history) while a fast client on the same topic receives every event.
+//! history) and is counted, and a client that stops reading altogether is dropped after the
+//! dead-peer timeout, while a fast client on the same topic receives every event.
 
 mod support;
 
@@ -97,4 +98,39 @@ async fn a_slow_reader_is_cut_off_while_a_fast_reader_gets_everything() {
         (0..seen.len()).collect::<Vec<_>>(),
         "the slow client saw a gap"
     );
+    let (_, status) = support::get_json(gw.addr, "/status");
+    assert_eq!(status["slow_disconnects"], 1, "{status}");
+}
+
+#[actix_web::test]
+async fn a_client_that_stops_reading_is_dropped_after_the_dead_peer_timeout() {
+    let gw = Gateway::start(&["--dead-peer-timeout", "1s"]);
+    // A stalled client: it sends its request and never reads again.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(gw.addr).await.unwrap();
+    stalled
+        .write_all(b"GET /events?topic=stall HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut fast = Sse::open(&gw, "topic=stall", None).await;
+    let open = || support::get_json(gw.addr, "/status").1["connections"].clone();
+    support::wait_until("both streams open", || open() == 2);
+
+    // Enough to fill every buffer between the replica and the stalled client, but fewer
+    // events than the hub buffers, so that only the kernel can tell it is stuck.
+    let padding = "p".repeat(60_000);
+    for seq in 0..200 {
+        support::http_publish(&gw, "stall", &format!("{seq}:{padding}"), None).await;
+        assert!(fast.next().await.data.starts_with(&format!("{seq}:")));
+    }
+    let started = Instant::now();
+    support::wait_until("the stalled connection to be dropped", || open() == 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "dropped after {:?}",
+        started.elapsed()
+    );
+    support::http_publish(&gw, "stall", "still here", None).await;
+    assert_eq!(fast.next().await.data, "still here");
 }

@@ -493,6 +493,23 @@ impl Sse {
     }
 }
 
+/// `GET <path>` over a blocking socket: the status and the JSON body.
+pub fn get_json(addr: SocketAddr, path: &str) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    let status = reply[9..12].parse().expect("status line");
+    let body = &reply[reply.find("\r\n\r\n").expect("no body") + 4..];
+    (status, serde_json::from_str(body).expect("JSON body"))
+}
+
 /// `POST /publish` over a blocking socket, for publisher threads outside the test runtime.
 pub fn blocking_http_publish(addr: SocketAddr, topic: &str, data: &str) -> String {
     use std::io::{Read, Write};
