@@ -216,6 +216,27 @@ async fn a_cut_redis_link_loses_nothing() {
 }
 
 #[actix_web::test]
+async fn client_kill_of_every_gateway_connection_loses_nothing() {
+    let redis = RedisServer::start();
+    let gw = Gateway::with_redis(&redis, &FAST_FAULTS);
+    survives(&redis, &gw, || {
+        for kind in ["pubsub", "normal"] {
+            let killed: i64 = redis
+                .cmd(redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg(kind))
+                .unwrap();
+            assert!(killed >= 1, "no {kind} connection to kill");
+        }
+        support::wait_until("the replica to subscribe again", || {
+            let list: String = redis
+                .cmd(redis::cmd("CLIENT").arg("LIST").arg("TYPE").arg("pubsub"))
+                .unwrap();
+            list.contains("sub=") && list.lines().count() == 1
+        });
+    })
+    .await;
+}
+
+#[actix_web::test]
 async fn a_blackholed_redis_link_loses_nothing_and_readiness_follows_it() {
     let redis = RedisServer::start();
     let proxy = Proxy::start(redis.addr());
