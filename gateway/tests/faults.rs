@@ -471,3 +471,35 @@ async fn a_draining_replica_refuses_new_connections_at_once() {
     let status = a.exited(Duration::from_secs(4)).await;
     assert!(status.success());
 }
+
+#[actix_web::test]
+async fn a_resume_during_an_outage_waits_for_redis_and_then_replays() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(redis.addr());
+    let url = proxy.redis_url();
+    let gw = Gateway::start(&[&["--redis-url", url.as_str()][..], &FAST_FAULTS].concat());
+    let mut live = Sse::open(&gw, "topic=r", None).await;
+    let ids: Vec<String> = (0..5)
+        .map(|i| redis.fcall_publish("r", &format!("r#{i}"), None))
+        .collect();
+    for id in &ids {
+        assert_eq!(&live.next().await.id, id);
+    }
+
+    proxy.cut();
+    time_to_not_ready(&gw);
+    // The topic is served here, so the stream opens; its history read waits for Redis.
+    let mut resumed = Sse::open(&gw, "topic=r", Some(&ids[0])).await;
+    resumed.assert_quiet(Duration::from_millis(1500)).await;
+    assert!(
+        resumed.raw().contains(":\n\n"),
+        "no keep-alive while waiting: {:?}",
+        resumed.raw()
+    );
+    proxy.restore();
+    let replayed: Vec<String> = resumed.take(4).await.into_iter().map(|e| e.id).collect();
+    assert_eq!(replayed, ids[1..]);
+    let id = redis.fcall_publish("r", "after", None);
+    assert_eq!(resumed.next().await.id, id);
+    assert_eq!(live.next().await.id, id);
+}
