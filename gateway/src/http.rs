@@ -179,15 +179,16 @@ impl SubscribeRequest {
         header_id: Option<&[u8]>,
         max_topics: usize,
     ) -> Result<SubscribeRequest, ApiError> {
-        let mut topics = Vec::new();
+        // Distinct topics count against the limit; a repeated one is the same subscription.
+        let mut topics = std::collections::BTreeSet::new();
         let mut query_id = None;
         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
             match &*key {
                 "topic" => {
                     let topic = Topic::new(&value).map_err(|e| {
-                        ApiError::bad_request(format!("invalid topic {value:?}: {e}"))
+                        ApiError::bad_request(format!("invalid topic {}: {e}", quote(&value)))
                     })?;
-                    topics.push(topic);
+                    topics.insert(topic);
                 }
                 "lastEventId" if !value.is_empty() => query_id = Some(value.into_owned()),
                 _ => {}
@@ -198,7 +199,7 @@ impl SubscribeRequest {
                 )));
             }
         }
-        let topics = TopicSet::new(topics).ok_or_else(|| {
+        let topics = TopicSet::new(topics.into_iter().collect()).ok_or_else(|| {
             ApiError::bad_request("missing topic: add ?topic=<name> (repeatable)")
         })?;
         // A header that is not text cannot be a valid id; it resumes as an invalid id.
@@ -270,15 +271,58 @@ async fn events(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResp
         .streaming(connection.into_stream()))
 }
 
-/// The JSON body of `POST /publish`, as sent.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A client's value in an error message: quoted, and cut short when long.
+fn quote(value: &str) -> String {
+    const SHOWN: usize = 64;
+    match value.char_indices().nth(SHOWN) {
+        None => format!("{value:?}"),
+        Some((end, _)) => format!("{:?}... ({} bytes)", &value[..end], value.len()),
+    }
+}
+
+/// The JSON body of `POST /publish`, as sent: an object with these members only.
+#[derive(Debug)]
 pub struct PublishBody {
     pub topic: String,
     /// A string is sent as is; any other JSON value is sent as its compact JSON text.
     pub data: serde_json::Value,
-    #[serde(default)]
     pub event: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for PublishBody {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Members {
+            topic: String,
+            data: serde_json::Value,
+            #[serde(default)]
+            event: Option<String>,
+        }
+
+        /// Derived struct deserializers also take arrays (`["t", "d"]`); only an object is a
+        /// publish body.
+        struct ObjectOnly;
+
+        impl<'de> serde::de::Visitor<'de> for ObjectOnly {
+            type Value = Members;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(r#"an object {"topic": ..., "data": ..., "event": ...}"#)
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Members, A::Error> {
+                Members::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+
+        let members = deserializer.deserialize_map(ObjectOnly)?;
+        Ok(PublishBody {
+            topic: members.topic,
+            data: members.data,
+            event: members.event,
+        })
+    }
 }
 
 /// A checked publish request.
@@ -293,14 +337,14 @@ impl PublishBody {
     /// Checks the body as the Lua publish function would, so that bad input is a 4xx here
     /// instead of a round trip to Redis.
     pub fn validate(self, max_event_bytes: usize) -> Result<PublishRequest, ApiError> {
-        let topic = Topic::new(&self.topic)
-            .map_err(|e| ApiError::bad_request(format!("invalid topic {:?}: {e}", self.topic)))?;
+        let topic = Topic::new(&self.topic).map_err(|e| {
+            ApiError::bad_request(format!("invalid topic {}: {e}", quote(&self.topic)))
+        })?;
         let event = match self.event.as_deref() {
             None | Some("") => None,
-            Some(name) => Some(
-                EventType::new(name)
-                    .map_err(|e| ApiError::bad_request(format!("invalid event {name:?}: {e}")))?,
-            ),
+            Some(name) => Some(EventType::new(name).map_err(|e| {
+                ApiError::bad_request(format!("invalid event {}: {e}", quote(name)))
+            })?),
         };
         let data = match self.data {
             serde_json::Value::String(text) => text,
@@ -396,5 +440,24 @@ mod tests {
             None,
             Err("too many topics"),
         );
+        check("topic=a&topic=a&topic=a&topic=a", None, Ok((&["a"], None)));
+        check(
+            &format!("topic={}", "x".repeat(5000)),
+            None,
+            Err("... (5000 bytes)"),
+        );
+    }
+
+    #[test]
+    fn publish_bodies_are_objects() {
+        let parse = |json: &str| serde_json::from_str::<PublishBody>(json).map(|_| ());
+        assert!(parse(r#"{"topic":"t","data":"d"}"#).is_ok());
+        for bad in [
+            r#"["t","d"]"#,
+            r#"{"topic":"t","data":"d","x":1}"#,
+            r#"{"data":"d"}"#,
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use ssegw_protocol::frame::GapReason;
+use ssegw_protocol::frame::{EventType, GapReason};
 use ssegw_protocol::{frame, StreamId, Topic};
 use tokio::sync::{broadcast, mpsc, watch};
 
@@ -27,7 +27,7 @@ pub struct Event {
 impl Event {
     /// Frames an event. Payloads that are not UTF-8 (possible through a raw `FCALL`) are
     /// decoded lossily, as a browser would.
-    pub fn new(id: StreamId, event: Option<&str>, data: &[u8]) -> Event {
+    pub fn new(id: StreamId, event: Option<&EventType>, data: &[u8]) -> Event {
         let body = frame::event_body(event, &String::from_utf8_lossy(data));
         let frame = frame::with_id(&id.to_string(), &body);
         Event {

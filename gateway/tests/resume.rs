@@ -301,3 +301,42 @@ async fn a_deleted_stream_is_lost_history_not_a_silent_gap() {
     let event = s.next().await;
     assert_eq!((event.id, event.data), (fresh, "fresh".to_string()));
 }
+
+/// Events written into Redis around the publish function (a raw `XADD` or `PUBLISH`) cannot
+/// forge SSE fields through the event type.
+#[actix_web::test]
+async fn entries_written_around_the_publish_function_cannot_forge_fields() {
+    let redis = support::RedisServer::start();
+    let gw = support::Gateway::with_redis(&redis, &[]);
+    let first = redis.fcall_publish("raw", "first", None);
+    let forged = "a\rid: 9-0\rdata: forged";
+    let raw_id: String = redis
+        .cmd(
+            redis::cmd("XADD")
+                .arg("ssegw:s:{raw}")
+                .arg("*")
+                .arg("d")
+                .arg("x")
+                .arg("e")
+                .arg(forged),
+        )
+        .unwrap();
+    let mut sse = Sse::open(&gw, "topic=raw", Some(&first)).await;
+    let event = sse.next().await;
+    assert_eq!(
+        (event.id.as_str(), event.event.as_str(), event.data.as_str()),
+        (raw_id.as_str(), "message", "x"),
+        "replayed without its invalid type"
+    );
+
+    let _: i64 = redis
+        .cmd(
+            redis::cmd("PUBLISH")
+                .arg("ssegw:c:{raw}")
+                .arg(format!("i99999999999999-0\ne{forged}\n\ny")),
+        )
+        .unwrap();
+    let next = redis.fcall_publish("raw", "next", None);
+    assert_eq!(sse.next().await.id, next, "the forged message is ignored");
+    assert!(!sse.raw().contains("forged"), "{}", sse.raw());
+}

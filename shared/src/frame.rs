@@ -54,8 +54,13 @@ impl EventType {
 }
 
 /// The part of an event frame that is the same for every subscriber: the optional `event:`
-/// line, one `data:` line per payload line, and the blank line that dispatches the event.
-pub fn event_body(event: Option<&str>, data: &str) -> Bytes {
+/// line, one `data:` line per payload line, and the blank line that dispatches the event. The
+/// event type is checked ([`EventType`]), so no line break can forge another field.
+pub fn event_body(event: Option<&EventType>, data: &str) -> Bytes {
+    body(event.map(EventType::as_str), data)
+}
+
+fn body(event: Option<&str>, data: &str) -> Bytes {
     let mut out = BytesMut::with_capacity(data.len() + 16 + event.map_or(0, str::len));
     if let Some(event) = event {
         out.put_slice(b"event: ");
@@ -126,7 +131,7 @@ impl GapReason {
 pub fn gap_event(topic: &str, reason: GapReason) -> Bytes {
     // Topics and reasons are drawn from charsets that need no JSON escaping.
     let data = format!(r#"{{"topic":"{topic}","reason":"{}"}}"#, reason.as_str());
-    event_body(Some(GAP_EVENT), &data)
+    body(Some(GAP_EVENT), &data)
 }
 
 /// Splits at CRLF, LF or CR, the three line breaks SSE parsers accept. An empty payload is one
@@ -154,8 +159,9 @@ mod tests {
     use super::*;
 
     fn check(event: Option<&str>, data: &str, expected: &str) {
+        let event = event.map(|e| EventType::new(e).unwrap());
         assert_eq!(
-            event_body(event, data),
+            event_body(event.as_ref(), data),
             expected.as_bytes(),
             "data {data:?}"
         );

@@ -3,6 +3,7 @@
 //! message format the publish logic sends on a topic's channel.
 
 use crate::event_id::StreamId;
+use crate::frame::EventType;
 use crate::topic::Topic;
 
 /// The name of the function library in `FUNCTION LIST`.
@@ -105,7 +106,11 @@ impl<'a> ChannelMessage<'a> {
                     id = Some(StreamId::parse(text).map_err(|_| MessageError)?);
                 }
                 Some((b'e', value)) => {
-                    event = Some(std::str::from_utf8(value).map_err(|_| MessageError)?);
+                    // Framed verbatim into an `event:` line: a CR in it would start a forged
+                    // field, so only what the publish logic itself accepts gets through.
+                    let text = std::str::from_utf8(value).map_err(|_| MessageError)?;
+                    EventType::new(text).map_err(|_| MessageError)?;
+                    event = Some(text);
                 }
                 Some(_) => {}
             }
@@ -143,6 +148,10 @@ mod tests {
         assert_eq!(ChannelMessage::parse(b"eorder\n\nx"), Err(MessageError));
         assert_eq!(ChannelMessage::parse(b"i5-1\n"), Err(MessageError));
         assert_eq!(ChannelMessage::parse(b"ix\n\n"), Err(MessageError));
+        assert_eq!(
+            ChannelMessage::parse(b"i5-1\nea\rid: 9-0\rdata: forged\n\nx"),
+            Err(MessageError)
+        );
     }
 
     /// `lua/publish.lua` is shipped for `EVAL` users; it must be the generated script.

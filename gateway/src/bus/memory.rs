@@ -95,11 +95,7 @@ impl MemoryBus {
         }
         let log = logs.get_mut(topic).expect("inserted above");
         let id = next_id(log.head, log.head == StreamId::ZERO);
-        let event = Arc::new(Event::new(
-            id,
-            event.map(EventType::as_str),
-            data.as_bytes(),
-        ));
+        let event = Arc::new(Event::new(id, event, data.as_bytes()));
         log.entries.push_back(event.clone());
         log.head = id;
         log.touched = Instant::now();

@@ -336,11 +336,16 @@ impl Subscriber {
         let Some(topic) = script::topic_of_channel(message.get_channel_name()) else {
             return;
         };
-        match ChannelMessage::parse(message.get_payload_bytes()) {
-            Ok(m) => self
+        // Messages come from the publish function, which checks them; anything else on the
+        // channel was sent around it.
+        let message = ChannelMessage::parse(message.get_payload_bytes())
+            .ok()
+            .and_then(|m| Some((m.id, m.event.map(EventType::new).transpose().ok()?, m.data)));
+        match message {
+            Some((id, event, data)) => self
                 .hub
-                .dispatch(&topic, Arc::new(Event::new(m.id, m.event, m.data))),
-            Err(_) => tracing::warn!(%topic, "ignoring malformed channel message"),
+                .dispatch(&topic, Arc::new(Event::new(id, event.as_ref(), data))),
+            None => tracing::warn!(%topic, "ignoring malformed channel message"),
         }
     }
 
@@ -568,11 +573,20 @@ fn parse_entry(entry: &Value) -> Option<Arc<Event>> {
         match (pair.first(), pair.get(1)) {
             (Some(key), Some(Value::BulkString(value))) => match as_text(key)? {
                 "d" => data = Some(value.as_slice()),
-                "e" => event = std::str::from_utf8(value).ok(),
+                // Checked as the publish function would: an entry written around it must not
+                // forge SSE fields. An invalid type is dropped and the data delivered.
+                "e" => {
+                    event = std::str::from_utf8(value)
+                        .ok()
+                        .and_then(|e| EventType::new(e).ok());
+                    if event.is_none() {
+                        tracing::warn!(%id, "ignoring an invalid event type in a stream entry");
+                    }
+                }
                 _ => {}
             },
             _ => return None,
         }
     }
-    Some(Arc::new(Event::new(id, event, data?)))
+    Some(Arc::new(Event::new(id, event.as_ref(), data?)))
 }
