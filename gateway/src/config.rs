@@ -154,9 +154,9 @@ pub struct StreamConfig {
 
 impl StreamConfig {
     /// The part of the drain window over which streams are closed: all of it but a margin
-    /// (a tenth, at most a second) in which the process exits.
+    /// (a quarter, at most a second) in which the process exits.
     pub fn drain_spread(&self) -> Duration {
-        self.drain_window - (self.drain_window / 10).min(Duration::from_secs(1))
+        self.drain_window - (self.drain_window / 4).min(Duration::from_secs(1))
     }
 }
 
