@@ -60,9 +60,6 @@ pub async fn run(
         stats: stats.clone(),
         drain: shutdown.clone(),
     });
-    // Kept to close the listening socket when draining: actix can only pause accepting, which
-    // would leave new connections hanging in the backlog instead of refused.
-    let listening = listener.try_clone()?;
     let max_event_bytes = config.stream.max_event_bytes;
     let dead_peer_timeout = config.dead_peer_timeout;
     let server = HttpServer::new(move || {
@@ -82,26 +79,34 @@ pub async fn run(
     // A client's FIN ends its stream instead of leaving a half-open connection behind.
     .h1_allow_half_closed(false)
     .disable_signals()
+    // Workers still serving connections when the drain window is over are stopped.
+    .shutdown_timeout(config.stream.drain_window.as_secs().max(1))
     .listen(listener)?
     .run();
     let handle = server.handle();
     let drain_window = config.stream.drain_window;
+    let draining = shutdown.clone();
+    let drain_stats = stats.clone();
     tokio::spawn(async move {
-        shutdown.cancelled().await;
-        let started = tokio::time::Instant::now();
-        tracing::info!(streams = stats.open(), window = ?drain_window, "draining");
-        handle.pause().await;
-        let _ = socket2::SockRef::from(&listening).shutdown(std::net::Shutdown::Both);
-        // Each stream closes at its own instant within the spread; wait for the last.
-        let deadline = started + config.stream.drain_spread();
-        while stats.open() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        tracing::info!(left = stats.open(), elapsed = ?started.elapsed(), "drained");
-        // What is left (idle keep-alive connections, a stream stuck in a replay) is cut now,
-        // so that the process exits within the window.
-        handle.stop(false).await;
+        draining.cancelled().await;
+        tracing::info!(streams = drain_stats.open(), window = ?drain_window, "draining");
+        // Closes the listening socket at once, so new connections are refused and go to other
+        // replicas; the workers go on serving the open streams, which close themselves at
+        // their own instants within the drain spread.
+        handle.stop(true).await;
     });
-    server.await?;
+    // Workers notice that their last connection closed only once a second; the process leaves
+    // before the window ends, whatever is still open.
+    let window_over = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(drain_window.saturating_sub(EXIT_MARGIN)).await;
+    };
+    tokio::select! {
+        result = server => result?,
+        _ = window_over => tracing::info!(left = stats.open(), "drain window over"),
+    }
     Ok(())
 }
+
+/// How long before the end of the drain window `run` returns.
+const EXIT_MARGIN: Duration = Duration::from_millis(50);

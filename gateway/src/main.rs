@@ -51,7 +51,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let listener = match std::net::TcpListener::bind(config.listen) {
+    let listener = match listen(config.listen) {
         Ok(listener) => listener,
         Err(e) => {
             eprintln!("sse-gateway: cannot listen on {}: {e}", config.listen);
@@ -77,6 +77,18 @@ fn serve(args: ServeArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Binds the listening socket with a deep accept queue: std's `bind` asks for 128, which drops
+/// connections (their SYNs, retried a second later) when hundreds of clients reconnect at once.
+fn listen(address: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&address.into())?;
+    // The kernel caps it at net.core.somaxconn.
+    socket.listen(4096)?;
+    Ok(socket.into())
 }
 
 /// Cancels `shutdown` on SIGINT or SIGTERM.
