@@ -1,0 +1,431 @@
+//! The command line, parsed and checked once into a `Plan`. Bad flags exit with status 2 and a
+//! message before anything starts.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::http1::BaseUrl;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ssegw-loadtest",
+    version,
+    about = "Load-test harness for sse-gateway: opens SSE connections, publishes open-loop, \
+             measures latency and checks that nothing is lost, repeated or reordered",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Hidden>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Hidden {
+    /// Internal: one shard of connections, driven by a parent harness over stdin/stdout.
+    #[command(hide = true)]
+    Worker,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// Every connection on one hot topic (unless --topics says otherwise).
+    Fanout,
+    /// One topic per connection (unless --topics says otherwise), events spread over them.
+    ManyTopics,
+    /// Connections constantly closing and resuming (--churn-rate per second).
+    Churn,
+    /// Kill a replica (SIGKILL) under load; every client must resume elsewhere, nothing lost.
+    ResumeStorm,
+    /// A long run; memory and latency sampled every interval must stay stable.
+    Soak,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PublishVia {
+    /// `FCALL ssegw_publish` on Redis (--redis-url, or the spawned Redis).
+    Redis,
+    /// `POST /publish` on the gateways.
+    Http,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    #[arg(long, value_enum, default_value = "fanout")]
+    pub scenario: Scenario,
+    /// Gateway base URL; repeat for several (connections are spread round-robin).
+    #[arg(long = "url", value_name = "URL")]
+    pub urls: Vec<String>,
+    /// Start a local redis-server and this many gateway replicas, and test those.
+    #[arg(long, value_name = "N")]
+    pub spawn: Option<usize>,
+    /// Gateway binary for --spawn [default: `sse-gateway` next to this executable].
+    #[arg(long, value_name = "PATH")]
+    pub gateway_bin: Option<PathBuf>,
+    /// Extra argument for every spawned replica; repeat for several (e.g. --gateway-arg=--workers=1).
+    #[arg(long = "gateway-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub gateway_args: Vec<String>,
+    /// Redis to publish to with FCALL [default with --spawn: the spawned one].
+    #[arg(long, value_name = "URL")]
+    pub redis_url: Option<String>,
+    /// How to publish [default: redis when a Redis URL is known, else http].
+    #[arg(long, value_enum)]
+    pub publish_via: Option<PublishVia>,
+    /// SSE connections to open.
+    #[arg(short = 'c', long, default_value_t = 100)]
+    pub connections: u64,
+    /// Topics in the run [default: 1; many-topics: one per connection].
+    #[arg(long, value_name = "K")]
+    pub topics: Option<u32>,
+    /// Topics each connection subscribes to (consecutive topics, wrapping around).
+    #[arg(long, value_name = "M", default_value_t = 1)]
+    pub topics_per_conn: u32,
+    /// New connections per second.
+    #[arg(long, value_name = "PER_S", default_value_t = 1000.0)]
+    pub connect_rate: f64,
+    /// Events per second, in total over all topics (0: connections only, e.g. idle memory).
+    #[arg(long, value_name = "PER_S", default_value_t = 10.0)]
+    pub rate: f64,
+    /// How long to publish.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// After publishing stops, longest wait for every connection to see the last events.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub drain: Duration,
+    /// Longest wait for all connections to open before publishing starts.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+    /// Padding bytes added to every event's data.
+    #[arg(long, default_value_t = 0)]
+    pub payload_bytes: usize,
+    /// Publishes awaiting a reply, at most; an event due beyond that is skipped and counted.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_in_flight: usize,
+    /// Pipelined HTTP connections used by --publish-via http.
+    #[arg(long, default_value_t = 4)]
+    pub publish_conns: usize,
+    /// churn: connections closed (and resumed) per second [default: a tenth of them].
+    #[arg(long, value_name = "PER_S")]
+    pub churn_rate: Option<f64>,
+    /// resume-storm: when to kill, after publishing started [default: a third of --duration].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub kill_at: Option<Duration>,
+    /// resume-storm with --spawn: the replica to kill.
+    #[arg(long, default_value_t = 0)]
+    pub kill_replica: usize,
+    /// resume-storm without --spawn: shell command that kills a replica.
+    #[arg(long, value_name = "CMD")]
+    pub kill_cmd: Option<String>,
+    /// Local addresses to bind client sockets to, round-robin, e.g. 127.0.0.1,127.0.0.2
+    /// (each gives ~28,000 ephemeral ports per gateway) [default: the kernel's choice, or
+    /// 127.0.0.1..127.0.0.N for more than 20,000 connections].
+    #[arg(long, value_delimiter = ',', value_name = "IP,...")]
+    pub source_addrs: Vec<IpAddr>,
+    /// Connections per process; more than this are spread over worker processes.
+    #[arg(long, default_value_t = 15_000)]
+    pub conns_per_process: u64,
+    /// Runtime threads per harness process.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Also record memory and CPU of this process (a gateway not started by --spawn); repeat
+    /// for several.
+    #[arg(long = "watch-pid", value_name = "PID")]
+    pub watch_pids: Vec<u32>,
+    /// Sampling interval for progress, time series, memory and CPU.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub interval: Duration,
+    /// Write the JSON report here.
+    #[arg(long, value_name = "PATH")]
+    pub report: Option<PathBuf>,
+    /// Write an SVG chart of latency percentiles and throughput over time here.
+    #[arg(long, value_name = "PATH")]
+    pub chart: Option<PathBuf>,
+    /// SLO: fail when p99 latency exceeds this.
+    #[arg(long, value_name = "MS")]
+    pub max_p99_ms: Option<f64>,
+    /// SLO: lost events allowed: a count (5), a fraction (0.001) or a percentage (0.1%).
+    #[arg(long, default_value = "0", value_parser = parse_loss)]
+    pub max_loss: LossBudget,
+    /// Do not fail on duplicated or out-of-order events.
+    #[arg(long)]
+    pub allow_duplicates: bool,
+    /// soak: fail when replica memory grows more than this fraction from the first to the
+    /// last quarter of the run.
+    #[arg(long, default_value_t = 0.25)]
+    pub max_rss_growth: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossBudget {
+    Count(u64),
+    Fraction(f64),
+}
+
+impl LossBudget {
+    pub fn allows(&self, lost: u64, expected: u64) -> bool {
+        match *self {
+            LossBudget::Count(n) => lost <= n,
+            LossBudget::Fraction(f) => lost as f64 <= f * expected as f64,
+        }
+    }
+}
+
+fn parse_loss(text: &str) -> Result<LossBudget, String> {
+    let bad = || format!("{text:?} is not a count, fraction or percentage");
+    if let Some(percent) = text.strip_suffix('%') {
+        let p: f64 = percent.trim().parse().map_err(|_| bad())?;
+        return (0.0..=100.0)
+            .contains(&p)
+            .then_some(LossBudget::Fraction(p / 100.0))
+            .ok_or_else(bad);
+    }
+    if text.contains('.') {
+        let f: f64 = text.parse().map_err(|_| bad())?;
+        return (0.0..=1.0)
+            .contains(&f)
+            .then_some(LossBudget::Fraction(f))
+            .ok_or_else(bad);
+    }
+    text.parse().map(LossBudget::Count).map_err(|_| bad())
+}
+
+/// A checked run.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub args: RunArgs,
+    pub topics: u32,
+    pub publish_via: PublishVia,
+    /// Set for --spawn: the gateway binary.
+    pub gateway_bin: Option<PathBuf>,
+    pub churn_rate: Option<f64>,
+    pub kill_at: Option<Duration>,
+    pub source_addrs: Vec<IpAddr>,
+}
+
+/// Connections above which, without --source-addrs, several loopback source addresses are used.
+const ONE_SOURCE_MAX: u64 = 20_000;
+
+impl RunArgs {
+    /// Checks the flags; the message names what is wrong.
+    pub fn into_plan(self) -> Result<Plan, String> {
+        let a = &self;
+        if a.urls.is_empty() && a.spawn.is_none() {
+            return Err("give --url (one or more gateways) or --spawn N".into());
+        }
+        if !a.urls.is_empty() && a.spawn.is_some() {
+            return Err("--url and --spawn exclude each other".into());
+        }
+        for url in &a.urls {
+            BaseUrl::parse(url).map_err(|e| format!("--url: {e}"))?;
+        }
+        if a.spawn == Some(0) {
+            return Err("--spawn needs at least one replica".into());
+        }
+        if a.connections == 0 {
+            return Err("--connections must be at least 1".into());
+        }
+        let topics = a.topics.unwrap_or(match a.scenario {
+            Scenario::ManyTopics => u32::try_from(a.connections)
+                .map_err(|_| "too many connections for one topic each")?,
+            _ => 1,
+        });
+        if topics == 0 {
+            return Err("--topics must be at least 1".into());
+        }
+        if a.topics_per_conn == 0 || a.topics_per_conn > topics || a.topics_per_conn > 256 {
+            return Err(format!(
+                "--topics-per-conn must be between 1 and min(--topics, 256) = {}",
+                topics.min(256)
+            ));
+        }
+        let positive = |name: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(format!("{name} must be a positive number"))
+            }
+        };
+        positive("--connect-rate", a.connect_rate)?;
+        if !(a.rate.is_finite() && a.rate >= 0.0) {
+            return Err("--rate must be zero or more".into());
+        }
+        if a.duration.is_zero() || a.interval.is_zero() {
+            return Err("--duration and --interval must be more than zero".into());
+        }
+        if a.max_in_flight == 0
+            || a.publish_conns == 0
+            || a.threads == 0
+            || a.conns_per_process == 0
+        {
+            return Err("--max-in-flight, --publish-conns, --threads and --conns-per-process must be at least 1".into());
+        }
+        if let Some(p99) = a.max_p99_ms {
+            if !(p99.is_finite() && p99 >= 0.0) {
+                return Err("--max-p99-ms must be zero or more".into());
+            }
+        }
+        let publish_via = match (a.publish_via, a.redis_url.is_some() || a.spawn.is_some()) {
+            (Some(PublishVia::Redis), false) => {
+                return Err("--publish-via redis needs --redis-url or --spawn".into())
+            }
+            (Some(via), _) => via,
+            (None, true) => PublishVia::Redis,
+            (None, false) => PublishVia::Http,
+        };
+        let gateway_bin = match a.spawn {
+            Some(_) => Some(match &a.gateway_bin {
+                Some(path) => path.clone(),
+                None => sibling_gateway().ok_or(
+                    "no sse-gateway binary next to ssegw-loadtest: build it (cargo build --release -p sse-gateway) or pass --gateway-bin",
+                )?,
+            }),
+            None => None,
+        };
+        if let Some(bin) = &gateway_bin {
+            if !bin.is_file() {
+                return Err(format!("--gateway-bin {}: no such file", bin.display()));
+            }
+        }
+        let churn_rate = match a.scenario {
+            Scenario::Churn => {
+                let rate = a.churn_rate.unwrap_or(a.connections as f64 / 10.0);
+                positive("--churn-rate", rate)?;
+                Some(rate)
+            }
+            _ if a.churn_rate.is_some() => {
+                return Err("--churn-rate applies to --scenario churn".into())
+            }
+            _ => None,
+        };
+        let kill_at = match a.scenario {
+            Scenario::ResumeStorm => {
+                match (a.spawn, &a.kill_cmd) {
+                    (Some(n), None) if n >= 2 && a.kill_replica < n => {}
+                    (Some(n), None) if n < 2 => {
+                        return Err(
+                            "resume-storm needs --spawn 2 or more (one to kill, one to resume on)"
+                                .into(),
+                        )
+                    }
+                    (Some(_), None) => {
+                        return Err("--kill-replica is not one of the spawned replicas".into())
+                    }
+                    (None, Some(_)) if a.urls.len() >= 2 => {}
+                    (None, Some(_)) => {
+                        return Err("resume-storm with --kill-cmd needs two --url or more".into())
+                    }
+                    (None, None) => return Err("resume-storm needs --spawn N or --kill-cmd".into()),
+                    (Some(_), Some(_)) => {
+                        return Err("--kill-cmd is for gateways not spawned by the harness".into())
+                    }
+                }
+                let at = a.kill_at.unwrap_or(a.duration / 3);
+                if at >= a.duration {
+                    return Err("--kill-at must fall within --duration".into());
+                }
+                Some(at)
+            }
+            _ if a.kill_at.is_some() || a.kill_cmd.is_some() => {
+                return Err("--kill-at and --kill-cmd apply to --scenario resume-storm".into())
+            }
+            _ => None,
+        };
+        if !(a.max_rss_growth.is_finite() && a.max_rss_growth >= 0.0) {
+            return Err("--max-rss-growth must be zero or more".into());
+        }
+        let source_addrs = if a.source_addrs.is_empty() && a.connections > ONE_SOURCE_MAX {
+            let n = a.connections.div_ceil(ONE_SOURCE_MAX).min(254) as u8;
+            (1..=n).map(|i| IpAddr::from([127, 0, 0, i])).collect()
+        } else {
+            a.source_addrs.clone()
+        };
+        Ok(Plan {
+            topics,
+            publish_via,
+            gateway_bin,
+            churn_rate,
+            kill_at,
+            source_addrs,
+            args: self,
+        })
+    }
+}
+
+/// `sse-gateway` in the directory of this executable (cargo puts every binary of the workspace
+/// in the same target directory).
+fn sibling_gateway() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    // Test binaries live one level deeper, in `deps/`.
+    [dir.join("sse-gateway"), dir.parent()?.join("sse-gateway")]
+        .into_iter()
+        .find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `flags` is the command line after the program name, split on whitespace.
+    fn plan(flags: &str) -> Result<Plan, String> {
+        let args = std::iter::once("ssegw-loadtest").chain(flags.split_whitespace());
+        let cli = Cli::try_parse_from(args).map_err(|e| e.to_string())?;
+        cli.run.into_plan()
+    }
+
+    fn check_error(flags: &str, expected: &str) {
+        let error = plan(flags).expect_err("flags should be refused");
+        assert!(error.contains(expected), "{flags:?}: {error}");
+    }
+
+    #[test]
+    fn refuses_bad_combinations() {
+        check_error("", "give --url");
+        check_error("--url https://x", "only http://");
+        check_error(
+            "--url http://a:1 --topics 2 --topics-per-conn 3",
+            "--topics-per-conn",
+        );
+        check_error("--url http://a:1 --connect-rate 0", "--connect-rate");
+        check_error("--url http://a:1 --publish-via redis", "needs --redis-url");
+        check_error(
+            "--url http://a:1 --scenario resume-storm",
+            "needs --spawn N or --kill-cmd",
+        );
+        check_error(
+            "--url http://a:1 --churn-rate 5",
+            "applies to --scenario churn",
+        );
+        check_error("--url http://a:1 --max-loss 2%x", "not a count");
+        check_error("--url http://a:1 --max-loss 1.5", "not a count");
+    }
+
+    #[test]
+    fn scenario_defaults() {
+        let p = plan("--url http://a:1 -c 50 --scenario many-topics").unwrap();
+        assert_eq!((p.topics, p.publish_via), (50, PublishVia::Http));
+        let p = plan("--url http://a:1 --redis-url redis://x --scenario churn -c 100").unwrap();
+        assert_eq!(
+            (p.topics, p.publish_via, p.churn_rate),
+            (1, PublishVia::Redis, Some(10.0))
+        );
+        let p = plan("--url http://a:1 -c 45000").unwrap();
+        assert_eq!(p.source_addrs.len(), 3);
+    }
+
+    #[test]
+    fn loss_budgets() {
+        assert_eq!(parse_loss("0"), Ok(LossBudget::Count(0)));
+        assert_eq!(parse_loss("0.01"), Ok(LossBudget::Fraction(0.01)));
+        assert_eq!(parse_loss("1%"), Ok(LossBudget::Fraction(0.01)));
+        assert!(LossBudget::Fraction(0.01).allows(1, 100));
+        assert!(!LossBudget::Count(0).allows(1, 100));
+    }
+}

@@ -1,0 +1,330 @@
+//! The open-loop publisher: events go out on schedule at `rate` per second whatever the
+//! server's speed, through the real contract (`FCALL ssegw_publish` on Redis, or pipelined
+//! `POST /publish`), each carrying its topic, per-topic sequence number and publish time. It
+//! never waits for a reply before sending the next event; when `max_in_flight` replies are
+//! outstanding, an event due is skipped and counted instead of delayed.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use futures_util::future::BoxFuture;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use ssegw_protocol::StreamId;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::http1::{self, BaseUrl};
+use crate::layout::Layout;
+use crate::payload::{self, Payload};
+use crate::tracking::AckLog;
+
+/// An event sent later than this after its scheduled time counts as late.
+const LATE: Duration = Duration::from_millis(5);
+/// How long, after publishing stops, replies still in flight are awaited.
+const FINISH_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub enum Via {
+    /// `FCALL ssegw_publish` on one multiplexed connection to this Redis.
+    Redis(String),
+    /// `POST /publish` on this many pipelined connections, spread over the gateway URLs.
+    Http { urls: Vec<String>, lanes: usize },
+}
+
+#[derive(Debug, Clone)]
+pub struct PublishPlan {
+    pub rate: f64,
+    pub via: Via,
+    pub max_in_flight: usize,
+    pub padding: usize,
+}
+
+/// Running totals, read by the orchestrator every interval.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Events handed to the connection (on schedule or late).
+    pub sent: AtomicU64,
+    /// Events Redis stored (an id came back).
+    pub acked: AtomicU64,
+    pub failed: AtomicU64,
+    /// Events due while `max_in_flight` replies were outstanding: never sent.
+    pub skipped: AtomicU64,
+    /// Events sent more than `LATE` after their scheduled time (the harness fell behind).
+    pub late: AtomicU64,
+}
+
+pub struct Outcome {
+    /// Per topic, what was stored, in sequence order.
+    pub logs: Vec<AckLog>,
+    pub first_error: Option<String>,
+    /// From the first event due to the end of the schedule.
+    pub elapsed: Duration,
+}
+
+/// Publishes until `stop` fires, then waits for the replies still in flight.
+pub async fn run(
+    plan: PublishPlan,
+    layout: &Layout,
+    counters: Arc<Counters>,
+    stop: CancellationToken,
+) -> anyhow::Result<Outcome> {
+    let sender = Sender::connect(&plan.via).await?;
+    let names: Vec<String> = (0..layout.topics).map(|t| layout.topic_name(t)).collect();
+    let mut next_seq = vec![0u64; names.len()];
+    let mut logs = vec![AckLog::default(); names.len()];
+    let mut first_error = None;
+    // Each publish is pushed here and first polled in push order, which is the order its
+    // command reaches the connection: a topic's sequence numbers are stored in order.
+    let mut in_flight = FuturesUnordered::new();
+    let period = Duration::from_secs_f64(1.0 / plan.rate);
+    let start = Instant::now();
+    let mut n: u64 = 0;
+    let record =
+        |reply: Reply, logs: &mut Vec<AckLog>, first_error: &mut Option<String>| match reply.result
+        {
+            Ok(id) => {
+                logs[reply.topic as usize].acked.push((reply.seq, id));
+                counters.acked.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+                first_error.get_or_insert_with(|| format!("{e:#}"));
+            }
+        };
+    loop {
+        let due_at = start + period.mul_f64(n as f64);
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
+                record(reply, &mut logs, &mut first_error);
+            }
+            _ = tokio::time::sleep_until(due_at) => {
+                let now = Instant::now();
+                while start + period.mul_f64(n as f64) <= now {
+                    let scheduled = start + period.mul_f64(n as f64);
+                    n += 1;
+                    if in_flight.len() >= plan.max_in_flight {
+                        counters.skipped.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    if now - scheduled > LATE {
+                        counters.late.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let topic = ((n - 1) % names.len() as u64) as u32;
+                    let seq = next_seq[topic as usize];
+                    next_seq[topic as usize] += 1;
+                    let data = payload::format(
+                        &Payload { topic, seq, sent_us: payload::now_us() },
+                        plan.padding,
+                    );
+                    in_flight.push(sender.publish(&names[topic as usize], topic, seq, data));
+                    counters.sent.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+    let elapsed = start.elapsed();
+    let finish = tokio::time::sleep(FINISH_WAIT);
+    tokio::pin!(finish);
+    while !in_flight.is_empty() {
+        tokio::select! {
+            Some(reply) = in_flight.next() => record(reply, &mut logs, &mut first_error),
+            _ = &mut finish => break,
+        }
+    }
+    for log in &mut logs {
+        log.acked.sort_unstable_by_key(|&(seq, _)| seq);
+    }
+    Ok(Outcome {
+        logs,
+        first_error,
+        elapsed,
+    })
+}
+
+struct Reply {
+    topic: u32,
+    seq: u64,
+    result: anyhow::Result<StreamId>,
+}
+
+enum Sender {
+    Redis(redis::aio::MultiplexedConnection),
+    /// Topic `t` always goes to lane `t % lanes.len()`, which keeps its order.
+    Http(Vec<mpsc::Sender<LaneRequest>>),
+}
+
+impl Sender {
+    async fn connect(via: &Via) -> anyhow::Result<Sender> {
+        match via {
+            Via::Redis(url) => {
+                let client = redis::Client::open(url.as_str())
+                    .with_context(|| format!("bad Redis URL {url}"))?;
+                // The default 500 ms response timeout would turn an overloaded server into
+                // failed publishes; an open-loop run wants to see the latency instead.
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_response_timeout(Some(Duration::from_secs(30)))
+                    .set_pipeline_buffer_size(4096);
+                let conn = client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                    .with_context(|| format!("cannot connect to Redis at {url}"))?;
+                Ok(Sender::Redis(conn))
+            }
+            Via::Http { urls, lanes } => {
+                let mut targets = Vec::new();
+                for url in urls {
+                    let base = BaseUrl::parse(url)?;
+                    let addr = resolve(&base.authority).await?;
+                    targets.push((addr, base));
+                }
+                let targets = Arc::new(targets);
+                Ok(Sender::Http(
+                    (0..*lanes)
+                        .map(|lane| start_lane(targets.clone(), lane))
+                        .collect(),
+                ))
+            }
+        }
+    }
+
+    fn publish(
+        &self,
+        topic_name: &str,
+        topic: u32,
+        seq: u64,
+        data: String,
+    ) -> BoxFuture<'static, Reply> {
+        match self {
+            Sender::Redis(conn) => {
+                let mut conn = conn.clone();
+                let mut cmd = redis::cmd("FCALL");
+                cmd.arg("ssegw_publish").arg(1).arg(topic_name).arg(data);
+                Box::pin(async move {
+                    let result = async {
+                        let id: String = cmd.query_async(&mut conn).await?;
+                        StreamId::parse(&id)
+                            .map_err(|_| anyhow!("FCALL answered {id:?}, not an id"))
+                    }
+                    .await;
+                    Reply { topic, seq, result }
+                })
+            }
+            Sender::Http(lanes) => {
+                let lane = lanes[topic as usize % lanes.len()].clone();
+                let body = serde_json::json!({ "topic": topic_name, "data": data }).to_string();
+                Box::pin(async move {
+                    let (tx, rx) = oneshot::channel();
+                    let result = async {
+                        lane.send(LaneRequest { body, reply: tx })
+                            .await
+                            .map_err(|_| anyhow!("publish lane closed"))?;
+                        rx.await.map_err(|_| anyhow!("publish connection lost"))?
+                    }
+                    .await;
+                    Reply { topic, seq, result }
+                })
+            }
+        }
+    }
+}
+
+pub async fn resolve(authority: &str) -> anyhow::Result<SocketAddr> {
+    tokio::net::lookup_host(authority)
+        .await
+        .with_context(|| format!("cannot resolve {authority}"))?
+        .next()
+        .with_context(|| format!("{authority} resolves to no address"))
+}
+
+struct LaneRequest {
+    body: String,
+    reply: oneshot::Sender<anyhow::Result<StreamId>>,
+}
+
+/// One pipelined HTTP/1.1 connection for `POST /publish`. The gateway answers a connection's
+/// requests one at a time and in order, so the FCALLs behind them run in order too.
+fn start_lane(targets: Arc<Vec<(SocketAddr, BaseUrl)>>, lane: usize) -> mpsc::Sender<LaneRequest> {
+    // Requests waiting for the connection; the publisher's in-flight bound keeps it short.
+    let (tx, mut rx) = mpsc::channel::<LaneRequest>(1024);
+    tokio::spawn(async move {
+        let mut target = lane % targets.len();
+        loop {
+            let (addr, base) = &targets[target];
+            if let Err(e) = run_lane(*addr, base, &mut rx).await {
+                if rx.is_closed() {
+                    return;
+                }
+                eprintln!("ssegw-loadtest: publish connection to {addr}: {e:#}");
+                target = (target + 1) % targets.len();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            } else {
+                return;
+            }
+        }
+    });
+    tx
+}
+
+/// Runs one connection until it fails (error) or the publisher is done (`Ok`).
+async fn run_lane(
+    addr: SocketAddr,
+    base: &BaseUrl,
+    rx: &mut mpsc::Receiver<LaneRequest>,
+) -> anyhow::Result<()> {
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (mut read, mut write) = stream.into_split();
+    // Replies owed by the server, in request order: the writer pushes, the reader pops.
+    // Unbounded, but never longer than the publisher's in-flight bound.
+    let (owed_tx, mut owed_rx) =
+        mpsc::unbounded_channel::<oneshot::Sender<anyhow::Result<StreamId>>>();
+    let writer = async {
+        while let Some(request) = rx.recv().await {
+            let bytes = http1::publish_request(base, &request.body);
+            owed_tx
+                .send(request.reply)
+                .map_err(|_| anyhow!("reader ended"))?;
+            write.write_all(&bytes).await?;
+        }
+        Ok::<_, anyhow::Error>(())
+    };
+    let reader = async {
+        let mut buf = Vec::with_capacity(16 * 1024);
+        loop {
+            while let Some((status, body, used)) = http1::parse_sized_response(&buf)? {
+                let result = publish_answer(status, body);
+                buf.drain(..used);
+                let reply = owed_rx.recv().await.context("answer without a request")?;
+                let _ = reply.send(result);
+            }
+            if read.read_buf(&mut buf).await? == 0 {
+                bail!("gateway closed the publish connection");
+            }
+        }
+    };
+    tokio::select! {
+        result = writer => result,
+        result = reader => result,
+    }
+}
+
+fn publish_answer(status: u16, body: &[u8]) -> anyhow::Result<StreamId> {
+    let json: serde_json::Value =
+        serde_json::from_slice(body).context("unreadable publish answer")?;
+    if status != 200 {
+        bail!(
+            "POST /publish answered {status}: {}",
+            json["error"].as_str().unwrap_or("?")
+        );
+    }
+    let id = json["id"].as_str().context("publish answer without id")?;
+    StreamId::parse(id).map_err(|_| anyhow!("publish answer with invalid id {id:?}"))
+}
