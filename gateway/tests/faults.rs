@@ -20,12 +20,15 @@ const TOPICS: [&str; 3] = ["f0", "f1", "f2"];
 /// Fault-test timing: canaries every 200 ms, overdue (and Redis calls failing) after 1 s.
 const FAST_FAULTS: [&str; 4] = ["--canary-interval", "200ms", "--redis-timeout", "1s"];
 
+/// What Redis acknowledged, per topic, in order.
+type Published = HashMap<String, Vec<(StreamId, String)>>;
+
 /// Publishes `<topic>#<n>` to each topic in turn through `FCALL` on its own connection until
 /// stopped, retrying a publish that fails (Redis restarting); records what Redis acknowledged.
 struct Publisher {
     stop: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<()>,
-    published: Arc<Mutex<HashMap<String, Vec<(StreamId, String)>>>>,
+    published: Arc<Mutex<Published>>,
     redis_url: String,
 }
 
@@ -60,7 +63,7 @@ impl Publisher {
 
     /// Stops publishing, then sends `<topic>#end` on every topic; returns what was published
     /// before it, per topic.
-    fn finish(self) -> HashMap<String, Vec<(StreamId, String)>> {
+    fn finish(self) -> Published {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().expect("publisher panicked");
         for topic in TOPICS {
@@ -144,7 +147,7 @@ impl Received {
     }
 
     /// Everything published after the client's start, exactly once and in order, per topic.
-    fn assert_complete(&self, published: &HashMap<String, Vec<(StreamId, String)>>) {
+    fn assert_complete(&self, published: &Published) {
         for (topic, start) in self.topics.iter().zip(&self.start) {
             let mut expected: Vec<&str> = published[topic]
                 .iter()
@@ -342,20 +345,15 @@ struct Follower {
 async fn follow(first: SocketAddr, second: SocketAddr, topic: &str) -> Follower {
     let (mut sse, mut received) = Received::open(&first, &[topic]).await;
     let mut last = received.start[0].to_string();
-    loop {
-        match sse.try_next().await {
-            Some(event) => {
-                received.record(&event);
-                if received.ended() {
-                    return Follower {
-                        received,
-                        ended: None,
-                    };
-                }
-                last = event.id;
-            }
-            None => break,
+    while let Some(event) = sse.try_next().await {
+        received.record(&event);
+        if received.ended() {
+            return Follower {
+                received,
+                ended: None,
+            };
         }
+        last = event.id;
     }
     let raw = sse.raw();
     let last_block = raw.trim_end().rsplit("\n\n").next().unwrap().to_string();
