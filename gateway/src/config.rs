@@ -71,7 +71,14 @@ pub struct ServeArgs {
     /// ready only while canaries arrive within --redis-timeout.
     #[arg(long, env = "SSEGW_CANARY_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub canary_interval: Duration,
-    /// Events a connection may fall behind on one topic before it is closed as too slow.
+    /// Write coalescing (opt-in): a topic's events are held this long after the first of them
+    /// and then written to each connection together, in one write. Trades up to this much
+    /// latency for far fewer writes at high event rates; 0 (the default) writes each event at
+    /// once. At most 1s.
+    #[arg(long, env = "SSEGW_WRITE_COALESCE", default_value = "0ms", value_parser = humantime::parse_duration)]
+    pub write_coalesce: Duration,
+    /// Deliveries a connection may fall behind on one topic before it is closed as too slow
+    /// (with --write-coalesce, a batch counts as one).
     #[arg(long, env = "SSEGW_CLIENT_BUFFER", default_value_t = 1024)]
     pub client_buffer: usize,
     /// Redis command connections in the pool.
@@ -150,6 +157,8 @@ pub struct StreamConfig {
     /// How long a new connection waits for its topics to be subscribed before a 503.
     pub subscribe_timeout: Duration,
     pub drain_window: Duration,
+    /// Zero: no write coalescing.
+    pub write_coalesce: Duration,
 }
 
 impl StreamConfig {
@@ -255,6 +264,10 @@ impl ServeArgs {
             self.canary_interval >= Duration::from_millis(10),
             "--canary-interval (SSEGW_CANARY_INTERVAL) must be at least 10ms",
         )?;
+        check(
+            self.write_coalesce <= Duration::from_secs(1),
+            "--write-coalesce (SSEGW_WRITE_COALESCE) must be at most 1s",
+        )?;
         Ok(Config {
             listen: self.listen,
             workers,
@@ -267,6 +280,7 @@ impl ServeArgs {
                 max_connections: self.max_connections,
                 subscribe_timeout: self.redis_timeout,
                 drain_window: self.drain_window,
+                write_coalesce: self.write_coalesce,
             },
             bus: BusConfig {
                 redis_url: self.redis_url,
@@ -327,6 +341,7 @@ mod tests {
         );
         check_flags(&["--redis-url", "http://x"], Some("SSEGW_REDIS_URL"));
         check_flags(&["--keepalive", "1ms"], Some("SSEGW_KEEPALIVE"));
+        check_flags(&["--write-coalesce", "2s"], Some("SSEGW_WRITE_COALESCE"));
         check_flags(&["--keepalive", "soon"], Some("--keepalive"));
         check_flags(&["--max-topics", "0"], Some("SSEGW_MAX_TOPICS"));
         check_flags(&["--history-max-len", "0"], Some("SSEGW_HISTORY_MAX_LEN"));
@@ -350,6 +365,7 @@ mod tests {
         assert_eq!(config.stream.max_connections, 10_000);
         assert_eq!(config.stream.drain_window, Duration::from_secs(10));
         assert_eq!(config.stream.drain_spread(), Duration::from_secs(9));
+        assert_eq!(config.stream.write_coalesce, Duration::ZERO);
         assert_eq!(config.bus.canary_interval, Duration::from_secs(1));
         assert_eq!(config.bus.script, ScriptSettings::default());
         assert_eq!(config.bus.redis_url, None);

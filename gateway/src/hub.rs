@@ -1,27 +1,28 @@
 //! The local fan-out: one broadcast channel per topic that has subscribers on this replica.
 //! The hub does no I/O. It tells the bus which topics it needs through the `Interest` queue,
-//! and the bus feeds it every event exactly once, already framed.
+//! and the bus feeds it every event exactly once, already framed. Its timers (`Hub::run_timers`)
+//! send keep-alives on idle channels and, with a write-coalescing delay, release the events
+//! gathered during the delay as one batch, so a connection is woken and written once per batch.
+//! Connections therefore hold no timer of their own.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use ssegw_protocol::frame::{EventType, GapReason};
 use ssegw_protocol::{frame, StreamId, Topic};
 use tokio::sync::{broadcast, mpsc, watch};
+use tokio::time::Instant;
 
-/// One event, framed once per replica and shared by every local subscriber of its topic; or a
-/// marker that the replica found part of the topic's history gone while it was cut off.
+/// One event, framed once per replica and shared by every local subscriber of its topic.
 #[derive(Debug)]
 pub struct Event {
-    /// The event's stream id; for a gap marker, the last position delivered before the gap.
     pub id: StreamId,
     /// `event:` and `data:` lines and the terminating blank line, without the `id:` line.
     pub body: Bytes,
     /// `id: <stream id>` followed by `body`: the complete frame for single-topic connections.
     pub frame: Bytes,
-    /// Set on gap markers (whose body and frame are empty).
-    pub gap: Option<GapReason>,
 }
 
 impl Event {
@@ -30,23 +31,55 @@ impl Event {
     pub fn new(id: StreamId, event: Option<&EventType>, data: &[u8]) -> Event {
         let body = frame::event_body(event, &String::from_utf8_lossy(data));
         let frame = frame::with_id(&id.to_string(), &body);
-        Event {
-            id,
-            body,
-            frame,
-            gap: None,
+        Event { id, body, frame }
+    }
+}
+
+/// Events of one topic gathered during the write-coalescing delay, in stream order.
+#[derive(Debug)]
+pub struct Batch {
+    /// Never empty.
+    pub events: Vec<Arc<Event>>,
+    /// Every event's frame, joined: what a single-topic connection writes for the batch.
+    pub frames: Bytes,
+}
+
+impl Batch {
+    fn new(events: Vec<Arc<Event>>) -> Batch {
+        let mut frames = BytesMut::with_capacity(events.iter().map(|e| e.frame.len()).sum());
+        for event in &events {
+            frames.extend_from_slice(&event.frame);
+        }
+        Batch {
+            events,
+            frames: frames.freeze(),
         }
     }
 
-    /// A gap marker: events after `after` were lost for `reason`.
-    fn gap(after: StreamId, reason: GapReason) -> Event {
-        Event {
-            id: after,
-            body: Bytes::new(),
-            frame: Bytes::new(),
-            gap: Some(reason),
-        }
+    pub fn first(&self) -> StreamId {
+        self.events[0].id
     }
+
+    pub fn last(&self) -> StreamId {
+        self.events[self.events.len() - 1].id
+    }
+}
+
+/// What a topic's channel carries to its subscribers; cloned once per receiver, so cheap.
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    Event(Arc<Event>),
+    Batch(Arc<Batch>),
+    /// The replica found the topic's history after `after` gone (a backfill after a
+    /// reconnect); what follows may have any ids, so the topic restarts from zero.
+    Gap {
+        after: StreamId,
+        reason: GapReason,
+    },
+    /// Nothing went out on the channel for a keep-alive interval.
+    Keepalive,
+    /// The replica is draining: each connection closes at its own instant.
+    Drain,
 }
 
 /// A change of this replica's interest in a topic, sent by the hub to the bus.
@@ -58,17 +91,23 @@ pub enum Interest {
     Unsubscribe(Topic),
 }
 
+/// A channel waiting for its coalescing delay to end, and when it ends.
+type Flush = (Instant, Arc<Channel>);
+
 /// The per-topic state shared by the hub, the bus and the topic's subscribers.
 #[derive(Debug)]
 pub struct Channel {
     pub topic: Topic,
-    /// Every event of the topic, in stream order. The capacity bounds how far one subscriber may
-    /// fall behind: a receiver that lags further sees `Lagged` and its connection is closed.
-    sender: broadcast::Sender<Arc<Event>>,
+    /// Every delivery of the topic, in stream order. The capacity bounds how far one
+    /// subscriber may fall behind: a receiver that lags further sees `Lagged` and its
+    /// connection is closed.
+    sender: broadcast::Sender<Delivery>,
     state: Mutex<ChannelState>,
     /// Becomes true once the bus has subscribed the topic and knows its head position; joiners
     /// wait on it before they read history, so nothing published after the read is missed.
     ready: watch::Sender<bool>,
+    /// With a write-coalescing delay: the delay, and where the channel asks to be flushed.
+    coalesce: Option<(Duration, mpsc::UnboundedSender<Flush>)>,
 }
 
 #[derive(Debug, Default)]
@@ -78,12 +117,16 @@ struct ChannelState {
     /// subscribed, or the last event dispatched since, whichever is newer. The bus backfills
     /// from here after a reconnect.
     latest: StreamId,
+    /// Events waiting for the end of the coalescing delay.
+    pending: Vec<Arc<Event>>,
+    /// Something went out since the last keep-alive tick.
+    active: bool,
 }
 
 impl Channel {
     /// Marks the topic subscribed, with `head` the stream's last id as read after subscribing.
     pub fn set_ready(&self, head: StreamId) {
-        let mut state = self.state.lock().expect("channel state poisoned");
+        let mut state = self.lock();
         state.latest = state.latest.max(head);
         drop(state);
         self.ready.send_replace(true);
@@ -94,30 +137,79 @@ impl Channel {
     }
 
     pub fn latest(&self) -> StreamId {
-        self.state.lock().expect("channel state poisoned").latest
+        self.lock().latest
     }
 
-    /// Delivers an event to the topic's local subscribers, unless it is not newer than the
-    /// latest one: the same event can come both from a backfill and from pub/sub. Callers
-    /// dispatch each topic's events in stream order.
-    pub fn dispatch(&self, event: Arc<Event>) {
-        let mut state = self.state.lock().expect("channel state poisoned");
+    /// Delivers an event to the topic's local subscribers (at the end of the coalescing delay,
+    /// if one is set), unless it is not newer than the latest one: the same event can come both
+    /// from a backfill and from pub/sub. Callers dispatch each topic's events in stream order.
+    pub fn dispatch(self: &Arc<Self>, event: Arc<Event>) {
+        let mut state = self.lock();
         if event.id <= state.latest {
             return;
         }
         state.latest = event.id;
-        // An error only means no receiver exists at this instant.
-        let _ = self.sender.send(event);
+        match &self.coalesce {
+            None => self.send(&mut state, Delivery::Event(event)),
+            Some((delay, flushes)) => {
+                if state.pending.is_empty() {
+                    // The flusher is gone only when the hub is: nobody would receive anyway.
+                    let _ = flushes.send((Instant::now() + *delay, self.clone()));
+                }
+                state.pending.push(event);
+            }
+        }
     }
 
     /// Tells the topic's subscribers that events after the latest position are gone (found by
     /// a backfill after a reconnect). The history that follows may have any ids, so the
     /// channel starts over from zero.
     pub fn dispatch_gap(&self, reason: GapReason) {
-        let mut state = self.state.lock().expect("channel state poisoned");
-        let marker = Arc::new(Event::gap(state.latest, reason));
-        state.latest = StreamId::ZERO;
-        let _ = self.sender.send(marker);
+        let mut state = self.lock();
+        self.release(&mut state);
+        let after = std::mem::take(&mut state.latest);
+        self.send(&mut state, Delivery::Gap { after, reason });
+    }
+
+    /// Sends the events gathered during the coalescing delay.
+    fn flush(&self) {
+        let mut state = self.lock();
+        self.release(&mut state);
+    }
+
+    /// A keep-alive, unless something went out since the last call.
+    fn keepalive(&self) {
+        let mut state = self.lock();
+        if !std::mem::take(&mut state.active) && state.pending.is_empty() {
+            // An error only means no receiver exists at this instant.
+            let _ = self.sender.send(Delivery::Keepalive);
+        }
+    }
+
+    fn drain(&self) {
+        let mut state = self.lock();
+        self.release(&mut state);
+        self.send(&mut state, Delivery::Drain);
+    }
+
+    fn release(&self, state: &mut ChannelState) {
+        let delivery = match state.pending.len() {
+            0 => return,
+            1 => Delivery::Event(state.pending.pop().expect("one pending")),
+            _ => Delivery::Batch(Arc::new(Batch::new(std::mem::take(&mut state.pending)))),
+        };
+        self.send(state, delivery);
+    }
+
+    /// Sends under the state lock, so that deliveries keep the order of the calls.
+    fn send(&self, state: &mut ChannelState, delivery: Delivery) {
+        state.active = true;
+        // An error only means no receiver exists at this instant.
+        let _ = self.sender.send(delivery);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ChannelState> {
+        self.state.lock().expect("channel state poisoned")
     }
 }
 
@@ -128,15 +220,66 @@ pub struct Hub {
     /// so its length is bounded by subscriber churn, and the bus drains it in batches.
     interest: mpsc::UnboundedSender<Interest>,
     capacity: usize,
+    /// With a write-coalescing delay: the delay and the queue of channels to flush, in
+    /// deadline order (every channel waits the same delay).
+    coalesce: Option<(Duration, mpsc::UnboundedSender<Flush>)>,
+    /// The other end of that queue, taken by `run_timers`.
+    flushes: Mutex<Option<mpsc::UnboundedReceiver<Flush>>>,
 }
 
 impl Hub {
-    /// `capacity` is the number of events a subscriber may lag behind on one topic.
-    pub fn new(capacity: usize, interest: mpsc::UnboundedSender<Interest>) -> Hub {
+    /// `capacity` is the number of deliveries a subscriber may lag behind on one topic;
+    /// `coalesce` is the write-coalescing delay (zero: none), effective once `run_timers` runs.
+    pub fn new(
+        capacity: usize,
+        interest: mpsc::UnboundedSender<Interest>,
+        coalesce: Duration,
+    ) -> Hub {
+        let (coalesce, flushes) = if coalesce.is_zero() {
+            (None, None)
+        } else {
+            let (tx, rx) = mpsc::unbounded_channel();
+            (Some((coalesce, tx)), Some(rx))
+        };
         Hub {
             channels: Mutex::new(HashMap::new()),
             interest,
             capacity,
+            coalesce,
+            flushes: Mutex::new(flushes),
+        }
+    }
+
+    /// Sends a keep-alive every `keepalive` on each channel that was idle meanwhile, and
+    /// flushes coalesced events when their delay is over. Runs until dropped.
+    pub async fn run_timers(self: Arc<Self>, keepalive: Duration) {
+        let flushes = self.flushes.lock().expect("hub poisoned").take();
+        let keepalives = async {
+            let mut ticks = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                for channel in self.channels() {
+                    channel.keepalive();
+                }
+            }
+        };
+        let flusher = async {
+            let Some(mut flushes) = flushes else {
+                return std::future::pending().await;
+            };
+            while let Some((due, channel)) = flushes.recv().await {
+                tokio::time::sleep_until(due).await;
+                channel.flush();
+            }
+        };
+        tokio::join!(keepalives, flusher);
+    }
+
+    /// Tells every connection that the replica is draining.
+    pub fn drain(&self) {
+        for channel in self.channels() {
+            channel.drain();
         }
     }
 
@@ -150,6 +293,7 @@ impl Hub {
                 sender: broadcast::channel(self.capacity).0,
                 state: Mutex::new(ChannelState::default()),
                 ready: watch::channel(false).0,
+                coalesce: self.coalesce.clone(),
             });
             // A send error means the bus is gone (shutdown); joiners then time out waiting.
             let _ = self.interest.send(Interest::Subscribe(channel.clone()));
@@ -217,7 +361,7 @@ impl Hub {
 pub struct Membership {
     hub: Arc<Hub>,
     pub channel: Arc<Channel>,
-    pub receiver: broadcast::Receiver<Arc<Event>>,
+    pub receiver: broadcast::Receiver<Delivery>,
 }
 
 impl Membership {
@@ -254,10 +398,31 @@ mod tests {
         Arc::new(Event::new(StreamId::new(ms, 0), None, b"x"))
     }
 
+    fn hub(coalesce: Duration) -> Arc<Hub> {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        Arc::new(Hub::new(8, tx, coalesce))
+    }
+
+    /// What the member has received so far, as text: event ids, batches of ids, markers.
+    fn received(m: &mut Membership) -> Vec<String> {
+        std::iter::from_fn(|| m.receiver.try_recv().ok())
+            .map(|d| match d {
+                Delivery::Event(e) => e.id.to_string(),
+                Delivery::Batch(b) => {
+                    let ids: Vec<String> = b.events.iter().map(|e| e.id.to_string()).collect();
+                    format!("[{}]", ids.join(" "))
+                }
+                Delivery::Gap { after, reason } => format!("gap {} after {after}", reason.as_str()),
+                Delivery::Keepalive => "keepalive".into(),
+                Delivery::Drain => "drain".into(),
+            })
+            .collect()
+    }
+
     #[test]
     fn subscribes_on_first_join_and_unsubscribes_after_last_leave() {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let hub = Arc::new(Hub::new(8, tx));
+        let hub = Arc::new(Hub::new(8, tx, Duration::ZERO));
         let a = hub.join(&topic("t"));
         let b = hub.join(&topic("t"));
         assert!(matches!(rx.try_recv(), Ok(Interest::Subscribe(c)) if c.topic == topic("t")));
@@ -274,16 +439,16 @@ mod tests {
 
     #[test]
     fn dispatch_reaches_members_once_with_shared_bytes() {
-        let (tx, _rx) = mpsc::unbounded_channel();
-        let hub = Arc::new(Hub::new(8, tx));
+        let hub = hub(Duration::ZERO);
         let mut a = hub.join(&topic("t"));
         let mut b = hub.join(&topic("t"));
         let mut other = hub.join(&topic("u"));
         hub.dispatch(&topic("t"), event(7));
-        let (ea, eb) = (
-            a.receiver.try_recv().unwrap(),
-            b.receiver.try_recv().unwrap(),
-        );
+        let (Ok(Delivery::Event(ea)), Ok(Delivery::Event(eb))) =
+            (a.receiver.try_recv(), b.receiver.try_recv())
+        else {
+            panic!("both members must receive the event");
+        };
         assert!(Arc::ptr_eq(&ea, &eb));
         assert_eq!(ea.frame, &b"id: 7-0\ndata: x\n\n"[..]);
         assert!(other.receiver.try_recv().is_err());
@@ -292,8 +457,7 @@ mod tests {
 
     #[tokio::test]
     async fn ready_reports_the_newest_known_position() {
-        let (tx, _rx) = mpsc::unbounded_channel();
-        let hub = Arc::new(Hub::new(8, tx));
+        let hub = hub(Duration::ZERO);
         let m = hub.join(&topic("t"));
         hub.dispatch(&topic("t"), event(3));
         m.channel.set_ready(StreamId::new(2, 0));
@@ -302,31 +466,78 @@ mod tests {
 
     #[test]
     fn dispatch_drops_events_already_delivered() {
-        let (tx, _rx) = mpsc::unbounded_channel();
-        let hub = Arc::new(Hub::new(8, tx));
+        let hub = hub(Duration::ZERO);
         let mut m = hub.join(&topic("t"));
         for ms in [3, 2, 3, 4] {
             m.channel.dispatch(event(ms));
         }
-        let got: Vec<u64> = std::iter::from_fn(|| m.receiver.try_recv().ok())
-            .map(|e| e.id.ms)
-            .collect();
-        assert_eq!(got, [3, 4]);
+        assert_eq!(received(&mut m), ["3-0", "4-0"]);
     }
 
     #[test]
     fn a_gap_marker_carries_the_last_position_and_restarts_the_channel() {
-        let (tx, _rx) = mpsc::unbounded_channel();
-        let hub = Arc::new(Hub::new(8, tx));
+        let hub = hub(Duration::ZERO);
         let mut m = hub.join(&topic("t"));
         m.channel.dispatch(event(9));
         m.channel.dispatch_gap(GapReason::Lost);
         // A new history may start with smaller ids; it is delivered all the same.
         m.channel.dispatch(event(5));
-        let got: Vec<(u64, Option<GapReason>)> = std::iter::from_fn(|| m.receiver.try_recv().ok())
-            .map(|e| (e.id.ms, e.gap))
-            .collect();
-        assert_eq!(got, [(9, None), (9, Some(GapReason::Lost)), (5, None)]);
+        assert_eq!(received(&mut m), ["9-0", "gap lost after 9-0", "5-0"]);
         assert_eq!(m.channel.latest(), StreamId::new(5, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn coalescing_gathers_events_of_the_delay_into_one_batch() {
+        let hub = hub(Duration::from_millis(5));
+        tokio::spawn(hub.clone().run_timers(Duration::from_secs(60)));
+        let mut m = hub.join(&topic("t"));
+        for ms in [1, 2, 2, 3] {
+            m.channel.dispatch(event(ms));
+        }
+        tokio::time::sleep(Duration::from_millis(4)).await;
+        assert!(received(&mut m).is_empty(), "released before the delay");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        // A batch of one is sent as a plain event.
+        m.channel.dispatch(event(4));
+        tokio::time::sleep(Duration::from_millis(6)).await;
+        assert_eq!(received(&mut m), ["[1-0 2-0 3-0]", "4-0"]);
+        m.channel.dispatch(event(5));
+        m.channel.dispatch(event(6));
+        // A gap or a drain releases what is pending first, keeping the order.
+        m.channel.dispatch_gap(GapReason::Trimmed);
+        hub.drain();
+        assert_eq!(
+            received(&mut m),
+            ["[5-0 6-0]", "gap trimmed after 6-0", "drain"]
+        );
+    }
+
+    #[test]
+    fn a_batch_joins_its_frames() {
+        let batch = Batch::new(vec![event(1), event(2)]);
+        assert_eq!(
+            batch.frames,
+            &b"id: 1-0\ndata: x\n\nid: 2-0\ndata: x\n\n"[..]
+        );
+        assert_eq!(
+            (batch.first(), batch.last()),
+            (StreamId::new(1, 0), StreamId::new(2, 0))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keepalives_go_only_to_channels_idle_for_an_interval() {
+        let hub = hub(Duration::ZERO);
+        tokio::spawn(hub.clone().run_timers(Duration::from_secs(10)));
+        let mut busy = hub.join(&topic("busy"));
+        let mut idle = hub.join(&topic("idle"));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        busy.channel.dispatch(event(1));
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(received(&mut busy), ["1-0"]);
+        assert_eq!(received(&mut idle), ["keepalive"]);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(received(&mut busy), ["keepalive"]);
+        assert_eq!(received(&mut idle), ["keepalive"]);
     }
 }

@@ -35,7 +35,13 @@ pub async fn run(
     let stop = CancellationToken::new();
     let _stop_bus_on_return = stop.clone().drop_guard();
     let (interest_tx, interest_rx) = mpsc::unbounded_channel();
-    let hub = Arc::new(Hub::new(config.bus.client_buffer, interest_tx));
+    let hub = Arc::new(Hub::new(
+        config.bus.client_buffer,
+        interest_tx,
+        config.stream.write_coalesce,
+    ));
+    let timers = tokio::spawn(hub.clone().run_timers(config.stream.keepalive));
+    let _stop_timers_on_return = AbortOnDrop(timers);
     let bus = Arc::new(Bus::start(
         &config.bus,
         hub.clone(),
@@ -54,7 +60,7 @@ pub async fn run(
     // Built once here: the factory below runs once per worker.
     let stats = Arc::new(Stats::default());
     let state = web::Data::new(AppState {
-        hub,
+        hub: hub.clone(),
         bus,
         stream: Arc::new(config.stream.clone()),
         stats: stats.clone(),
@@ -70,9 +76,13 @@ pub async fn run(
     })
     .on_connect(move |connection, _| {
         if let Some(tcp) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() {
+            let socket = socket2::SockRef::from(tcp);
             // Written data that stays unacknowledged this long (a vanished or stalled client)
             // ends the connection.
-            let _ = socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(dead_peer_timeout));
+            let _ = socket.set_tcp_user_timeout(Some(dead_peer_timeout));
+            // Each event leaves at once: Nagle would hold a frame back until the client
+            // acknowledged the previous one (up to its delayed-ACK timeout, 40 ms on Linux).
+            let _ = socket.set_tcp_nodelay(true);
         }
     })
     .workers(config.workers)
@@ -90,6 +100,8 @@ pub async fn run(
     tokio::spawn(async move {
         draining.cancelled().await;
         tracing::info!(streams = drain_stats.open(), window = ?drain_window, "draining");
+        // Every stream picks its closing instant when the marker reaches it.
+        hub.drain();
         // Closes the listening socket at once, so new connections are refused and go to other
         // replicas; the workers go on serving the open streams, which close themselves at
         // their own instants within the drain spread.
@@ -106,6 +118,15 @@ pub async fn run(
         _ = window_over => tracing::info!(left = stats.open(), "drain window over"),
     }
     Ok(())
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// How long before the end of the drain window `run` returns.

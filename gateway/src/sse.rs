@@ -1,7 +1,8 @@
 //! One SSE connection: the preamble, then for each topic a replay from history (when resuming),
 //! then live events from the hub, with duplicates dropped by stream id, gap markers turned into
 //! control events, keep-alive comments, and an end when the client lags too far or the replica
-//! drains.
+//! drains. Keep-alives and the drain arrive through the topic channels like events (see `hub`),
+//! so a connection waits on its receivers alone and holds no timer until it drains.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,12 +14,12 @@ use futures_util::stream::Stream;
 use ssegw_protocol::frame::{self, GapReason};
 use ssegw_protocol::{cursor, StreamId, TopicSet};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::Bus;
 use crate::config::StreamConfig;
-use crate::hub::{Event, Membership};
+use crate::hub::{Delivery, Event, Membership};
 use crate::stats::Slot;
 
 /// Events read from history per request while replaying.
@@ -61,7 +62,8 @@ pub struct Connection {
     config: Arc<StreamConfig>,
     /// This stream's place in the replica's connection count.
     slot: Slot,
-    /// Cancelled when the replica starts draining.
+    /// Cancelled when the replica starts draining. Only read when the connection may have
+    /// missed the hub's drain marker: at the start and after resubscribing.
     drain: CancellationToken,
     /// Set once draining: the instant this connection closes, picked at random in the window.
     close_at: Option<Pin<Box<Sleep>>>,
@@ -72,8 +74,6 @@ pub struct Connection {
     /// Set once a live event went out since the last replay; a lag after that closes the
     /// connection instead of replaying again.
     live: bool,
-    last_write: Instant,
-    keepalive: Pin<Box<Sleep>>,
 }
 
 /// Why the replica ended a connection's stream.
@@ -126,12 +126,10 @@ impl Connection {
                 gap,
             })
             .collect();
-        let now = Instant::now();
-        Connection {
+        let mut connection = Connection {
             topics,
             streams,
             bus,
-            keepalive: Box::pin(tokio::time::sleep_until(now + config.keepalive)),
             config,
             slot,
             drain,
@@ -140,15 +138,16 @@ impl Connection {
             preamble: Some(preamble),
             catch_ups: 0,
             live: false,
-            last_write: now,
-        }
+        };
+        // Joined after the hub sent its drain marker, the connection must drain all the same.
+        connection.check_drain();
+        connection
     }
 
     /// The response body: chunks until the connection ends.
     pub fn into_stream(self) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> {
         futures_util::stream::unfold(self, |mut conn| async move {
             let chunk = conn.next_chunk().await?;
-            conn.last_write = Instant::now();
             Some((Ok(chunk), conn))
         })
     }
@@ -229,56 +228,39 @@ impl Connection {
         Ok((!out.is_empty()).then(|| out.freeze()))
     }
 
-    /// Waits for the next live event (or keep-alive, or this connection's drain instant);
-    /// gathers whatever else is ready.
+    /// Waits for the next delivery (or this connection's drain instant); gathers whatever
+    /// else is ready into the same chunk.
     async fn live_step(&mut self) -> Result<Option<Bytes>, End> {
         let (index, received) = tokio::select! {
             biased;
-            _ = self.drain.cancelled(), if self.close_at.is_none() => {
-                let delay = self.config.drain_spread().mul_f64(fastrand::f64());
-                self.close_at = Some(Box::pin(tokio::time::sleep(delay)));
-                return Ok(None);
-            }
             _ = until(&mut self.close_at) => {
                 // A short, random reconnection delay, then the end of the stream.
                 let retry = DRAIN_RETRY_MAX.min(self.config.retry).mul_f64(fastrand::f64());
                 self.ending = Some(End::Drained);
                 return Ok(Some(frame::preamble(retry.as_millis() as u64, None)));
             }
-            _ = &mut self.keepalive => {
-                let due = self.last_write + self.config.keepalive;
-                if Instant::now() >= due {
-                    self.keepalive.as_mut().reset(Instant::now() + self.config.keepalive);
-                    return Ok(Some(Bytes::from_static(frame::KEEPALIVE)));
-                }
-                // Written since the timer was set: wait for the rest of the interval only.
-                self.keepalive.as_mut().reset(due);
-                return Ok(None);
-            }
             next = recv_any(&mut self.streams) => next,
         };
-        let mut out = BytesMut::new();
-        // A lone event is handed out as its shared frame, without copying.
-        let mut only = None;
+        let mut chunk = Chunk::default();
         match received {
-            Ok(event) => self.take(index, event, &mut out, &mut only),
+            Ok(delivery) => self.take(index, delivery, &mut chunk),
             Err(RecvError::Lagged(_)) => return self.lagged(index),
             Err(RecvError::Closed) => return Err(End::Closed),
         }
         // Drain what is already queued so that a burst leaves in one write.
-        'drain: while out.len() < MAX_CHUNK_BYTES {
+        'drain: while chunk.len() < MAX_CHUNK_BYTES {
             let mut any = false;
             for i in 0..self.streams.len() {
                 match self.streams[i].membership.receiver.try_recv() {
-                    Ok(event) => {
+                    Ok(delivery) => {
                         any = true;
-                        self.take(i, event, &mut out, &mut only);
+                        self.take(i, delivery, &mut chunk);
                     }
                     Err(TryRecvError::Lagged(_)) => return self.lagged(i),
                     Err(TryRecvError::Closed) => return Err(End::Closed),
                     Err(TryRecvError::Empty) => {}
                 }
-                if out.len() >= MAX_CHUNK_BYTES {
+                if chunk.len() >= MAX_CHUNK_BYTES {
                     break 'drain;
                 }
             }
@@ -286,56 +268,70 @@ impl Connection {
                 break;
             }
         }
-        let chunk = match only {
-            Some(event) => self.frame_of(&event),
-            None if out.is_empty() => return Ok(None),
-            None => out.freeze(),
-        };
-        self.live = true;
-        Ok(Some(chunk))
+        if chunk.events {
+            self.live = true;
+        }
+        Ok(chunk.finish())
     }
 
-    /// Takes one item from topic `index`'s receiver: a new event is recorded as the topic's
-    /// position and written (or kept in `only` while it is alone); an event at or before the
-    /// position is a duplicate and dropped; a gap marker the connection has not yet passed
-    /// becomes the control event and restarts the topic from zero.
-    fn take(
-        &mut self,
-        index: usize,
-        event: Arc<Event>,
-        out: &mut BytesMut,
-        only: &mut Option<Arc<Event>>,
-    ) {
-        let position = self.streams[index].position;
-        let new = match event.gap {
-            // A connection whose replay already read past the gap has announced it itself.
-            Some(_) => position <= event.id,
-            None => event.id > position,
-        };
-        if !new {
-            return;
-        }
-        // The first event's cursor must not yet include what follows it.
-        if let Some(first) = only.take() {
-            self.put_event(out, &first);
-        }
-        let stream = &mut self.streams[index];
-        match event.gap {
-            Some(reason) => {
-                out.put_slice(&frame::gap_event(
-                    stream.membership.channel.topic.as_str(),
-                    reason,
-                ));
-                stream.position = StreamId::ZERO;
-            }
-            None => {
-                stream.position = event.id;
-                if out.is_empty() {
-                    *only = Some(event);
+    /// Takes one delivery from topic `index`'s receiver into `chunk`.
+    fn take(&mut self, index: usize, delivery: Delivery, chunk: &mut Chunk) {
+        match delivery {
+            Delivery::Event(event) => self.take_event(index, &event, chunk),
+            Delivery::Batch(batch) => {
+                // The common case: a single-topic connection past none of the batch writes it
+                // as it is, shared.
+                if self.streams.len() == 1 && batch.first() > self.streams[index].position {
+                    self.streams[index].position = batch.last();
+                    chunk.push_shared(batch.frames.clone());
+                    chunk.events = true;
                 } else {
-                    self.put_event(out, &event);
+                    for event in &batch.events {
+                        self.take_event(index, event, chunk);
+                    }
                 }
             }
+            Delivery::Gap { after, reason } => {
+                let stream = &mut self.streams[index];
+                // A connection whose replay already read past the gap has announced it itself.
+                if stream.position <= after {
+                    let topic = stream.membership.channel.topic.as_str();
+                    chunk.buf().put_slice(&frame::gap_event(topic, reason));
+                    stream.position = StreamId::ZERO;
+                }
+            }
+            Delivery::Keepalive => chunk.keepalive = true,
+            Delivery::Drain => self.start_drain(),
+        }
+    }
+
+    /// A new event (after the topic's position) is recorded as the position and written; an
+    /// event at or before it is a duplicate and dropped.
+    fn take_event(&mut self, index: usize, event: &Arc<Event>, chunk: &mut Chunk) {
+        if event.id <= self.streams[index].position {
+            return;
+        }
+        self.streams[index].position = event.id;
+        chunk.events = true;
+        if self.streams.len() == 1 {
+            chunk.push_shared(event.frame.clone());
+        } else {
+            // The cursor covers every topic's position, this event's included.
+            self.put_event(chunk.buf(), event);
+        }
+    }
+
+    /// Picks this connection's closing instant in the drain spread, once.
+    fn start_drain(&mut self) {
+        if self.close_at.is_none() {
+            let delay = self.config.drain_spread().mul_f64(fastrand::f64());
+            self.close_at = Some(Box::pin(tokio::time::sleep(delay)));
+        }
+    }
+
+    fn check_drain(&mut self) {
+        if self.drain.is_cancelled() {
+            self.start_drain();
         }
     }
 
@@ -350,16 +346,9 @@ impl Connection {
         let stream = &mut self.streams[index];
         stream.membership.resubscribe();
         stream.replaying = true;
+        // The drain marker may have been among the deliveries skipped.
+        self.check_drain();
         Ok(None)
-    }
-
-    fn frame_of(&self, event: &Event) -> Bytes {
-        if self.streams.len() == 1 {
-            return event.frame.clone();
-        }
-        let mut out = BytesMut::with_capacity(event.body.len() + 64);
-        self.put_event(&mut out, event);
-        out.freeze()
     }
 
     /// Appends `event`, already recorded as its topic's position, with this connection's id:
@@ -375,6 +364,49 @@ impl Connection {
     }
 }
 
+/// A chunk being gathered for one write. A lone shared frame (an event's or a batch's) is
+/// handed out as it is; anything more is copied into one buffer.
+#[derive(Default)]
+struct Chunk {
+    shared: Option<Bytes>,
+    copied: BytesMut,
+    /// An event went into the chunk.
+    events: bool,
+    /// A keep-alive was asked for: written only if nothing else is.
+    keepalive: bool,
+}
+
+impl Chunk {
+    fn push_shared(&mut self, bytes: Bytes) {
+        if self.shared.is_none() && self.copied.is_empty() {
+            self.shared = Some(bytes);
+        } else {
+            self.buf().put_slice(&bytes);
+        }
+    }
+
+    /// The buffer to append to, holding what came before.
+    fn buf(&mut self) -> &mut BytesMut {
+        if let Some(shared) = self.shared.take() {
+            self.copied.put_slice(&shared);
+        }
+        &mut self.copied
+    }
+
+    fn len(&self) -> usize {
+        self.shared.as_ref().map_or(0, Bytes::len) + self.copied.len()
+    }
+
+    fn finish(self) -> Option<Bytes> {
+        match self.shared {
+            Some(shared) => Some(shared),
+            None if !self.copied.is_empty() => Some(self.copied.freeze()),
+            None if self.keepalive => Some(Bytes::from_static(frame::KEEPALIVE)),
+            None => None,
+        }
+    }
+}
+
 /// Waits for an optional timer; never completes without one.
 async fn until(timer: &mut Option<Pin<Box<Sleep>>>) {
     match timer {
@@ -384,7 +416,7 @@ async fn until(timer: &mut Option<Pin<Box<Sleep>>>) {
 }
 
 /// The next event of any topic; `recv` is cancel-safe, so losing the race loses nothing.
-async fn recv_any(streams: &mut [TopicStream]) -> (usize, Result<Arc<Event>, RecvError>) {
+async fn recv_any(streams: &mut [TopicStream]) -> (usize, Result<Delivery, RecvError>) {
     if let [only] = streams {
         return (0, only.membership.receiver.recv().await);
     }
@@ -413,7 +445,7 @@ mod tests {
     async fn idle_body_state_stays_small() {
         let config = Config::from_flags::<_, &str>([]).unwrap();
         let (interest_tx, interest_rx) = tokio::sync::mpsc::unbounded_channel();
-        let hub = Arc::new(Hub::new(16, interest_tx));
+        let hub = Arc::new(Hub::new(16, interest_tx, std::time::Duration::ZERO));
         let bus = Bus::start(&config.bus, hub.clone(), interest_rx, Default::default()).unwrap();
         let topic = Topic::new("t").unwrap();
         let membership = hub.join(&topic);

@@ -446,3 +446,73 @@ async fn readiness_follows_redis_and_open_streams_survive_its_restart() {
         );
     }
 }
+
+/// The HTTP chunks of a raw `GET /events` response, read until `want` chunks holding events
+/// have arrived. Each chunk is one write of the gateway's body.
+fn event_chunks(
+    addr: std::net::SocketAddr,
+    query: &str,
+    want: usize,
+    ready: impl FnOnce(),
+) -> Vec<String> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(support::WAIT)).unwrap();
+    write!(stream, "GET /events?{query} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let mut ready = Some(ready);
+    let mut chunks = Vec::new();
+    while chunks.len() < want {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        let size = usize::from_str_radix(line.trim_end(), 16).expect("chunk size");
+        let mut chunk = vec![0; size + 2];
+        reader.read_exact(&mut chunk).unwrap();
+        chunk.truncate(size);
+        let chunk = String::from_utf8(chunk).unwrap();
+        if chunk.contains("data:") {
+            chunks.push(chunk);
+        } else if let Some(ready) = ready.take() {
+            // The preamble: the stream is subscribed.
+            ready();
+        }
+    }
+    chunks
+}
+
+#[test]
+fn write_coalescing_sends_the_events_of_one_delay_in_one_write() {
+    let redis = RedisServer::start();
+    let gw = support::GatewayProcess::start(&redis.url(), &["--write-coalesce", "300ms"]);
+    let mut ids = Vec::new();
+    let mut published_at = None;
+    let chunks = event_chunks(gw.addr, "topic=burst", 1, || {
+        published_at = Some(std::time::Instant::now());
+        for i in 0..5 {
+            ids.push(redis.fcall_publish("burst", &format!("e{i}"), None));
+        }
+    });
+    let waited = published_at.expect("subscribed").elapsed();
+    assert!(
+        waited >= Duration::from_millis(300),
+        "written before the delay was over: {waited:?}"
+    );
+    let expected: String = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| format!("id: {id}\ndata: e{i}\n\n"))
+        .collect();
+    assert_eq!(
+        chunks,
+        [expected],
+        "the burst must leave in one write, in order"
+    );
+}
