@@ -5,8 +5,9 @@
 //! gathered during the delay as one batch, so a connection is woken and written once per batch.
 //! Connections therefore hold no timer of their own.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -302,13 +303,17 @@ impl Hub {
         let channel = channel.clone();
         let mut state = channel.state.lock().expect("channel state poisoned");
         state.members += 1;
-        let receiver = channel.sender.subscribe();
+        let (relay, receiver) = match Relay::join(&channel, self.capacity) {
+            Some((relay, receiver)) => (Some(relay), receiver),
+            None => (None, channel.sender.subscribe()),
+        };
         drop(state);
         drop(channels);
         Membership {
             hub: self.clone(),
             channel,
             receiver,
+            _relay: relay,
         }
     }
 
@@ -357,11 +362,89 @@ impl Hub {
     }
 }
 
+/// A topic's deliveries relayed to one runtime thread (an HTTP worker) and fanned out there.
+/// The bus dispatches on another thread, and waking a task of a tokio current-thread runtime
+/// from outside costs a syscall; through the relay, the channel wakes one task per worker and
+/// the worker wakes its own connections locally.
+struct Relay {
+    topic: Topic,
+    /// The relay task holds the only strong sender: if the task ends, the thread's receivers
+    /// see `Closed`.
+    sender: broadcast::WeakSender<Delivery>,
+    task: tokio::task::AbortHandle,
+}
+
+thread_local! {
+    /// This thread's relays, by topic; an entry lives while a member on this thread holds it.
+    static RELAYS: RefCell<HashMap<Topic, Weak<Relay>>> = RefCell::new(HashMap::new());
+}
+
+impl Relay {
+    /// This thread's relay of `channel` (started if needed) and a receiver of it; `None`
+    /// outside a tokio runtime.
+    fn join(
+        channel: &Channel,
+        capacity: usize,
+    ) -> Option<(Arc<Relay>, broadcast::Receiver<Delivery>)> {
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        RELAYS
+            .try_with(|relays| {
+                let mut relays = relays.borrow_mut();
+                let existing = relays.get(&channel.topic).and_then(Weak::upgrade);
+                if let Some(relay) = existing {
+                    if let Some(sender) = relay.sender.upgrade() {
+                        let receiver = sender.subscribe();
+                        return (relay, receiver);
+                    }
+                }
+                let (sender, receiver) = broadcast::channel(capacity);
+                let relay = Arc::new(Relay {
+                    topic: channel.topic.clone(),
+                    sender: sender.downgrade(),
+                    task: runtime
+                        .spawn(relay(channel.sender.subscribe(), sender))
+                        .abort_handle(),
+                });
+                relays.insert(channel.topic.clone(), Arc::downgrade(&relay));
+                (relay, receiver)
+            })
+            .ok()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = RELAYS.try_with(|relays| {
+            if let Ok(mut relays) = relays.try_borrow_mut() {
+                if relays
+                    .get(&self.topic)
+                    .is_some_and(|relay| relay.strong_count() == 0)
+                {
+                    relays.remove(&self.topic);
+                }
+            }
+        });
+    }
+}
+
+/// Forwards a channel's deliveries to one thread's receivers. Ends, closing them (their
+/// connections end and resume elsewhere), if the thread fell further behind than the
+/// channel buffers, or when the channel closes.
+async fn relay(mut from: broadcast::Receiver<Delivery>, to: broadcast::Sender<Delivery>) {
+    while let Ok(delivery) = from.recv().await {
+        // An error only means no receiver exists at this instant.
+        let _ = to.send(delivery);
+    }
+}
+
 /// One subscriber's place in a topic; leaving happens on drop.
 pub struct Membership {
     hub: Arc<Hub>,
     pub channel: Arc<Channel>,
     pub receiver: broadcast::Receiver<Delivery>,
+    /// Keeps this thread's relay of the topic running.
+    _relay: Option<Arc<Relay>>,
 }
 
 impl Membership {
@@ -506,6 +589,8 @@ mod tests {
         // A gap or a drain releases what is pending first, keeping the order.
         m.channel.dispatch_gap(GapReason::Trimmed);
         hub.drain();
+        // Let the thread's relay forward them.
+        tokio::time::sleep(Duration::from_millis(1)).await;
         assert_eq!(
             received(&mut m),
             ["[5-0 6-0]", "gap trimmed after 6-0", "drain"]
@@ -539,5 +624,49 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert_eq!(received(&mut busy), ["keepalive"]);
         assert_eq!(received(&mut idle), ["keepalive"]);
+    }
+
+    fn relays_on_this_thread() -> usize {
+        RELAYS.with(|relays| relays.borrow().len())
+    }
+
+    #[tokio::test]
+    async fn a_thread_relays_each_topic_once_while_it_has_members() {
+        let hub = hub(Duration::ZERO);
+        let mut a = hub.join(&topic("t"));
+        let mut b = hub.join(&topic("t"));
+        assert_eq!(relays_on_this_thread(), 1);
+        assert_eq!(
+            a.channel.sender.receiver_count(),
+            1,
+            "one relay, not one per member"
+        );
+        hub.dispatch(&topic("t"), event(1));
+        tokio::task::yield_now().await;
+        assert_eq!(received(&mut a), ["1-0"]);
+        assert_eq!(received(&mut b), ["1-0"]);
+        drop((a, b));
+        assert_eq!(relays_on_this_thread(), 0);
+        // A later member starts a new relay.
+        let mut c = hub.join(&topic("t"));
+        hub.dispatch(&topic("t"), event(2));
+        tokio::task::yield_now().await;
+        assert_eq!(received(&mut c), ["2-0"]);
+    }
+
+    #[tokio::test]
+    async fn a_relay_that_falls_behind_closes_its_receivers() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let hub = Arc::new(Hub::new(16, tx, Duration::ZERO));
+        let mut m = hub.join(&topic("t"));
+        // The relay has no chance to run: more than the buffer is dispatched at once.
+        for ms in 1..=40 {
+            hub.dispatch(&topic("t"), event(ms));
+        }
+        tokio::task::yield_now().await;
+        assert!(matches!(
+            m.receiver.recv().await,
+            Err(broadcast::error::RecvError::Closed)
+        ));
     }
 }
