@@ -2,6 +2,8 @@
 //! its connections at a set rate, keeps each one open (reconnecting to the next gateway and
 //! resuming with `Last-Event-ID` whenever it drops), accounts for every event, reports every
 //! interval, and on `Finish` waits for stragglers and hands back each connection's record.
+//! Against a baseline target a connection is owed every event from its 200 response on and
+//! reconnects without resuming.
 //!
 //! Memory per connection is kept small: one task, its socket, a parser holding only a split
 //! line and the current event's fields, and a `ConnState` behind an uncontended mutex. Bytes
@@ -22,6 +24,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::config::Target;
 use crate::http1::{self, BaseUrl, Chunked, Framing};
 use crate::latency::{Buckets, Latency};
 use crate::layout::Layout;
@@ -52,6 +55,7 @@ thread_local! {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ShardPlan {
     pub shard: usize,
+    pub target: Target,
     pub layout: Layout,
     /// Connections `first..first + count` of the run.
     pub first: u64,
@@ -471,8 +475,8 @@ async fn session(
             .map(|t| shared.plan.layout.topic_name(t.topic))
             .collect();
         (
-            http1::subscribe_request(base, &names, state.last_id.as_deref()),
-            state.last_id.is_some(),
+            http1::subscribe_request(base, shared.plan.target, &names, state.last_id.as_deref()),
+            state.last_id.is_some() && shared.plan.target.resumes(),
         )
     };
     stream.write_all(&request).await?;
@@ -496,7 +500,7 @@ async fn session(
             READ_BUF.with_borrow_mut(|buf| read_some(&stream, buf, shared, slot, &mut reader))?;
         if let Some(status) = status {
             if status != 200 {
-                bail!("GET /events answered {status}");
+                bail!("the subscribe request was answered {status}");
             }
             if shared.connected.fetch_add(1, Ordering::Relaxed) + 1 >= shared.plan.count {
                 shared
@@ -505,6 +509,14 @@ async fn session(
             }
             open = Some(Open(&shared.connected));
             let mut state = shared.conns[slot].lock().expect("conn state poisoned");
+            if !shared.plan.target.resumes() {
+                // A baseline sends no starting position: the connection is owed every event of
+                // the run (published once the connections are open), which the publisher logs
+                // under synthetic ids, all after ZERO.
+                for track in &mut state.tracks {
+                    track.set_baseline(StreamId::ZERO);
+                }
+            }
             if state.opened {
                 state.reconnects += 1;
                 shared.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -594,8 +606,8 @@ fn on_frame(
         last.push_str(id);
     }
     let Some(data) = frame.data else {
-        // The preamble of a fresh connection: its starting position in every topic.
-        if let Some(id) = frame.id {
+        // The gateway's preamble of a fresh connection: its starting position in every topic.
+        if let (Some(id), true) = (frame.id, shared.plan.target.resumes()) {
             set_baselines(state, layout, conn, id);
         }
         return;

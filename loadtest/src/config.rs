@@ -2,7 +2,7 @@
 //! message before anything starts.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -46,6 +46,36 @@ pub enum Scenario {
     Soak,
 }
 
+/// The server under test. The baselines answer the same question with the same client,
+/// publisher and accounting, so the gateway can be compared with them in one run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Target {
+    /// sse-gateway replicas.
+    Gateway,
+    /// `ssegw-baseline`: a plain actix-web handler streaming from a tokio broadcast channel
+    /// (no Redis, no ids).
+    Actix,
+    /// nginx with the nchan module, storing messages in Redis.
+    Nchan,
+}
+
+impl Target {
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Gateway => "gateway",
+            Target::Actix => "actix",
+            Target::Nchan => "nchan",
+        }
+    }
+
+    /// Whether a reconnecting client can resume with `Last-Event-ID` and be owed what it
+    /// missed. Only the gateway promises that; the harness resumes nowhere else.
+    pub fn resumes(self) -> bool {
+        self == Target::Gateway
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PublishVia {
@@ -59,16 +89,21 @@ pub enum PublishVia {
 pub struct RunArgs {
     #[arg(long, value_enum, default_value = "fanout")]
     pub scenario: Scenario,
-    /// Gateway base URL; repeat for several (connections are spread round-robin).
+    /// The server under test: the gateway, or a baseline to compare it with.
+    #[arg(long, value_enum, default_value = "gateway")]
+    pub target: Target,
+    /// Server base URL; repeat for several (connections are spread round-robin).
     #[arg(long = "url", value_name = "URL")]
     pub urls: Vec<String>,
-    /// Start a local redis-server and this many gateway replicas, and test those.
+    /// Start a local redis-server and this many replicas of the target, and test those.
     #[arg(long, value_name = "N")]
     pub spawn: Option<usize>,
-    /// Gateway binary for --spawn [default: `sse-gateway` next to this executable].
+    /// Server binary for --spawn [default: `sse-gateway`, or `ssegw-baseline` for --target
+    /// actix, next to this executable]. nchan runs the `nginx` found on PATH.
     #[arg(long, value_name = "PATH")]
     pub gateway_bin: Option<PathBuf>,
-    /// Extra argument for every spawned replica; repeat for several (e.g. --gateway-arg=--workers=1).
+    /// Extra argument for every spawned gateway or actix replica; repeat for several (e.g.
+    /// --gateway-arg=--workers=1).
     #[arg(long = "gateway-arg", value_name = "ARG", allow_hyphen_values = true)]
     pub gateway_args: Vec<String>,
     /// Redis to publish to with FCALL [default with --spawn: the spawned one].
@@ -196,14 +231,25 @@ fn parse_loss(text: &str) -> Result<LossBudget, String> {
     text.parse().map(LossBudget::Count).map_err(|_| bad())
 }
 
+/// What `--spawn` starts besides Redis, one per replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Servers {
+    /// `sse-gateway --listen ADDR --redis-url URL ARGS...`
+    Gateway { bin: PathBuf, args: Vec<String> },
+    /// `ssegw-baseline --listen ADDR ARGS...` (it needs no Redis).
+    Actix { bin: PathBuf, args: Vec<String> },
+    /// `nginx` with the nchan module, from a generated configuration.
+    Nchan { nginx: PathBuf, module: PathBuf },
+}
+
 /// A checked run.
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub args: RunArgs,
     pub topics: u32,
     pub publish_via: PublishVia,
-    /// Set for --spawn: the gateway binary.
-    pub gateway_bin: Option<PathBuf>,
+    /// Set for --spawn.
+    pub servers: Option<Servers>,
     pub churn_rate: Option<f64>,
     pub kill_at: Option<Duration>,
     pub source_addrs: Vec<IpAddr>,
@@ -271,7 +317,9 @@ impl RunArgs {
                 return Err("--max-p99-ms must be zero or more".into());
             }
         }
+        check_target(a)?;
         let publish_via = match (a.publish_via, a.redis_url.is_some() || a.spawn.is_some()) {
+            _ if a.target != Target::Gateway => PublishVia::Http,
             (Some(PublishVia::Redis), false) => {
                 return Err("--publish-via redis needs --redis-url or --spawn".into())
             }
@@ -279,20 +327,10 @@ impl RunArgs {
             (None, true) => PublishVia::Redis,
             (None, false) => PublishVia::Http,
         };
-        let gateway_bin = match a.spawn {
-            Some(_) => Some(match &a.gateway_bin {
-                Some(path) => path.clone(),
-                None => sibling_gateway().ok_or(
-                    "no sse-gateway binary next to ssegw-loadtest: build it (cargo build --release -p sse-gateway) or pass --gateway-bin",
-                )?,
-            }),
+        let servers = match a.spawn {
+            Some(_) => Some(spawned_servers(a)?),
             None => None,
         };
-        if let Some(bin) = &gateway_bin {
-            if !bin.is_file() {
-                return Err(format!("--gateway-bin {}: no such file", bin.display()));
-            }
-        }
         let churn_rate = match a.scenario {
             Scenario::Churn => {
                 let rate = a.churn_rate.unwrap_or(a.connections as f64 / 10.0);
@@ -349,7 +387,7 @@ impl RunArgs {
         Ok(Plan {
             topics,
             publish_via,
-            gateway_bin,
+            servers,
             churn_rate,
             kill_at,
             source_addrs,
@@ -358,14 +396,104 @@ impl RunArgs {
     }
 }
 
-/// `sse-gateway` in the directory of this executable (cargo puts every binary of the workspace
-/// in the same target directory).
-fn sibling_gateway() -> Option<PathBuf> {
+/// The limits of a baseline target: it is measured on fan-out only, with one topic per
+/// connection, and publishes over HTTP.
+fn check_target(a: &RunArgs) -> Result<(), String> {
+    if a.target == Target::Gateway {
+        return Ok(());
+    }
+    let target = a.target.name();
+    if !matches!(a.scenario, Scenario::Fanout | Scenario::ManyTopics) {
+        return Err(format!(
+            "--target {target} supports --scenario fanout and many-topics only: churn, \
+             resume-storm and soak need clients to resume with Last-Event-ID and be sent what \
+             they missed, which only the gateway offers"
+        ));
+    }
+    if a.topics_per_conn != 1 {
+        return Err(format!(
+            "--target {target} serves one topic per connection: drop --topics-per-conn"
+        ));
+    }
+    if a.publish_via.is_some() || a.redis_url.is_some() {
+        return Err(format!(
+            "--target {target} is published to over HTTP; --publish-via and --redis-url are \
+             for the gateway"
+        ));
+    }
+    if a.target == Target::Nchan && (a.gateway_bin.is_some() || !a.gateway_args.is_empty()) {
+        return Err(
+            "--target nchan runs nginx from PATH with a generated configuration: drop \
+             --gateway-bin and --gateway-arg"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// What --spawn starts for the target, with every binary found and checked.
+fn spawned_servers(a: &RunArgs) -> Result<Servers, String> {
+    let binary = |name: &str, package: &str| match &a.gateway_bin {
+        Some(path) if path.is_file() => Ok(path.clone()),
+        Some(path) => Err(format!("--gateway-bin {}: no such file", path.display())),
+        None => sibling(name).ok_or(format!(
+            "no {name} binary next to ssegw-loadtest: build it (cargo build --release -p \
+             {package}) or pass --gateway-bin"
+        )),
+    };
+    Ok(match a.target {
+        Target::Gateway => Servers::Gateway {
+            bin: binary("sse-gateway", "sse-gateway")?,
+            args: a.gateway_args.clone(),
+        },
+        Target::Actix => Servers::Actix {
+            bin: binary("ssegw-baseline", "ssegw-loadtest")?,
+            args: a.gateway_args.clone(),
+        },
+        Target::Nchan => {
+            let missing = "--target nchan needs nginx with the nchan module \
+                           (apt-get install nginx libnginx-mod-nchan)";
+            let nginx = find_nginx().ok_or(format!("{missing}: no nginx on PATH"))?;
+            let module = find_nchan_module().ok_or(format!(
+                "{missing}: no ngx_nchan_module.so in {}",
+                NGINX_MODULE_DIRS.join(", ")
+            ))?;
+            Servers::Nchan { nginx, module }
+        }
+    })
+}
+
+/// `name` in the directory of this executable (cargo puts every binary of the workspace in
+/// the same target directory).
+fn sibling(name: &str) -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let dir = exe.parent()?;
     // Test binaries live one level deeper, in `deps/`.
-    [dir.join("sse-gateway"), dir.parent()?.join("sse-gateway")]
+    [dir.join(name), dir.parent()?.join(name)]
         .into_iter()
+        .find(|p| p.is_file())
+}
+
+/// `nginx` on PATH, or in the sbin directories a non-root PATH may lack.
+fn find_nginx() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/local/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join("nginx"))
+        .find(|p| p.is_file())
+}
+
+/// Where distributions put dynamic nginx modules (Debian: the first).
+const NGINX_MODULE_DIRS: [&str; 3] = [
+    "/usr/lib/nginx/modules",
+    "/usr/lib64/nginx/modules",
+    "/usr/local/nginx/modules",
+];
+
+fn find_nchan_module() -> Option<PathBuf> {
+    NGINX_MODULE_DIRS
+        .iter()
+        .map(|dir| Path::new(dir).join("ngx_nchan_module.so"))
         .find(|p| p.is_file())
 }
 
@@ -418,6 +546,40 @@ mod tests {
         );
         let p = plan("--url http://a:1 -c 45000").unwrap();
         assert_eq!(p.source_addrs.len(), 3);
+    }
+
+    #[test]
+    fn baseline_targets_take_fanout_and_many_topics_only() {
+        for target in ["actix", "nchan"] {
+            let flags = |rest: &str| format!("--url http://a:1 --target {target} {rest}");
+            for scenario in ["churn", "resume-storm", "soak"] {
+                check_error(
+                    &flags(&format!("--scenario {scenario}")),
+                    "need clients to resume with Last-Event-ID",
+                );
+            }
+            check_error(
+                &flags("--topics 4 --topics-per-conn 2"),
+                "one topic per connection",
+            );
+            check_error(&flags("--publish-via redis"), "over HTTP");
+            check_error(&flags("--redis-url redis://x"), "over HTTP");
+            let p = plan(&flags("--scenario many-topics -c 20")).unwrap();
+            assert_eq!(
+                (p.args.target.name(), p.topics, p.publish_via),
+                (target, 20, PublishVia::Http)
+            );
+            assert!(p.servers.is_none());
+        }
+        check_error(
+            "--spawn 1 --target nchan --gateway-arg=--workers=1",
+            "drop --gateway-bin and --gateway-arg",
+        );
+        check_error(
+            "--spawn 1 --target actix --gateway-bin /nonexistent",
+            "no such file",
+        );
+        assert!(Target::Gateway.resumes() && !Target::Nchan.resumes());
     }
 
     #[test]

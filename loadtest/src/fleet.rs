@@ -1,6 +1,8 @@
-//! `--spawn`: a local `redis-server` on a free port and gateway replicas from the built binary,
-//! started, killed on request and always torn down: on drop, on Ctrl-C (the orchestrator drops
-//! the fleet) and, through `PR_SET_PDEATHSIG`, even when the harness itself is killed.
+//! `--spawn`: a local `redis-server` on a free port and replicas of the target (gateways or
+//! `ssegw-baseline`s from the built binaries, or nginx with nchan from a generated
+//! configuration), started, killed on request and always torn down: on drop, on Ctrl-C (the
+//! orchestrator drops the fleet) and, through `PR_SET_PDEATHSIG`, even when the harness itself
+//! is killed.
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::process::CommandExt;
@@ -11,6 +13,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
+
+use crate::config::Servers;
+use crate::procstat;
 
 /// Longest wait for Redis to answer and for a replica's `/readyz` to say 200.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -26,25 +31,38 @@ pub struct Fleet {
 /// A child process of the fleet and what was seen of it.
 pub struct Proc {
     pub name: String,
-    /// Gateway base URL (replicas) or Redis URL.
+    /// Server base URL (replicas) or Redis URL.
     pub url: String,
     pub pid: u32,
+    /// The process serves through children of its own (nginx's master and its workers):
+    /// memory and CPU are sampled over all of them, and they are killed with it.
+    pub with_children: bool,
     child: Option<Child>,
 }
 
 impl Proc {
+    /// Starts `command`; `with_children` as in `Proc`.
     fn spawn(
         name: String,
         url: String,
         mut command: Command,
         log_dir: &Path,
+        with_children: bool,
     ) -> anyhow::Result<Proc> {
         let log = std::fs::File::create(log_dir.join(format!("{name}.log")))?;
         command
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        die_with_parent(&mut command);
+        // nginx's master stops its workers on SIGTERM; SIGKILLed, it would leave them running.
+        die_with_parent(
+            &mut command,
+            if with_children {
+                libc::SIGTERM
+            } else {
+                libc::SIGKILL
+            },
+        );
         let child = command
             .spawn()
             .with_context(|| format!("cannot start {name} ({:?})", command.get_program()))?;
@@ -52,8 +70,21 @@ impl Proc {
             name,
             url,
             pid: child.id(),
+            with_children,
             child: Some(child),
         })
+    }
+
+    /// SIGKILL to the process's own children first (they would outlive it), then to it.
+    fn kill_now(child: &mut Child, with_children: bool) {
+        if with_children {
+            for pid in procstat::children(child.id()) {
+                // SAFETY: signalling a process of the fleet's own tree.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     fn exited(&mut self) -> Option<std::process::ExitStatus> {
@@ -65,8 +96,7 @@ impl Proc {
     /// SIGKILL, the way a replica crashes.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            Proc::kill_now(&mut child, self.with_children);
         }
     }
 
@@ -84,28 +114,25 @@ impl Proc {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = child.kill();
-        let _ = child.wait();
+        Proc::kill_now(&mut child, self.with_children);
     }
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.kill();
     }
 }
 
-/// Asks the kernel to SIGKILL the child when the harness dies, so nothing is left running
-/// even if the harness is killed itself. (Tied to the spawning thread: the fleet is started
-/// from the main task, which runs on the main thread.)
-pub fn die_with_parent(command: &mut Command) {
+/// Asks the kernel to send `signal` (SIGKILL, unless the child must clean up after itself) to
+/// the child when the harness dies, so nothing is left running even if the harness is killed
+/// itself. (Tied to the spawning thread: the fleet is started from the main task, which runs
+/// on the main thread.)
+pub fn die_with_parent(command: &mut Command, signal: libc::c_int) {
     // SAFETY: prctl is async-signal-safe, as required between fork and exec.
     unsafe {
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -118,12 +145,10 @@ pub fn free_port() -> anyhow::Result<u16> {
 }
 
 impl Fleet {
-    /// Starts Redis and `replicas` gateways (`gateway_bin` with `extra_args`), and waits until
-    /// every replica is ready.
+    /// Starts Redis and `replicas` servers, and waits until every replica is ready.
     pub async fn start(
         replicas: usize,
-        gateway_bin: &Path,
-        extra_args: &[String],
+        servers: &Servers,
         log_dir: PathBuf,
     ) -> anyhow::Result<Fleet> {
         std::fs::create_dir_all(&log_dir)
@@ -141,7 +166,8 @@ impl Fleet {
             "--appendonly",
             "no",
         ]);
-        let redis = Proc::spawn("redis".into(), redis_url.clone(), command, &log_dir)
+        // The actix baseline does not use Redis; starting it anyway keeps one fleet shape.
+        let redis = Proc::spawn("redis".into(), redis_url.clone(), command, &log_dir, false)
             .context("redis-server is needed for --spawn (apt-get install redis-server)")?;
         let mut fleet = Fleet {
             redis,
@@ -151,32 +177,72 @@ impl Fleet {
         };
         fleet.wait_redis(port).await?;
         for i in 0..replicas {
+            let name = format!("replica-{i}");
             let listen: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
-            let mut command = Command::new(gateway_bin);
-            command
-                .args([
-                    "--listen",
-                    &listen.to_string(),
-                    "--redis-url",
-                    &fleet.redis_url,
-                ])
-                .args(extra_args)
-                .env(
-                    "SSEGW_LOG",
-                    std::env::var("SSEGW_LOG").unwrap_or_else(|_| "warn".into()),
-                );
-            let proc = Proc::spawn(
-                format!("replica-{i}"),
-                format!("http://{listen}"),
-                command,
-                &fleet.log_dir,
-            )?;
+            let command = fleet.replica_command(servers, &name, listen)?;
+            let url = format!("http://{listen}");
+            let with_children = matches!(servers, Servers::Nchan { .. });
+            let proc = Proc::spawn(name, url, command, &fleet.log_dir, with_children)?;
             fleet.replicas.push(proc);
         }
         for i in 0..fleet.replicas.len() {
             fleet.wait_ready(i).await?;
         }
         Ok(fleet)
+    }
+
+    /// The command that starts replica `name` listening on `listen`.
+    fn replica_command(
+        &self,
+        servers: &Servers,
+        name: &str,
+        listen: SocketAddr,
+    ) -> anyhow::Result<Command> {
+        let log_level = std::env::var("SSEGW_LOG").unwrap_or_else(|_| "warn".into());
+        Ok(match servers {
+            Servers::Gateway { bin, args } => {
+                let mut command = Command::new(bin);
+                command
+                    .args(["--listen", &listen.to_string()])
+                    .args(["--redis-url", &self.redis_url])
+                    .args(args)
+                    .env("SSEGW_LOG", log_level);
+                command
+            }
+            Servers::Actix { bin, args } => {
+                let mut command = Command::new(bin);
+                command.args(["--listen", &listen.to_string()]).args(args);
+                command
+            }
+            Servers::Nchan { nginx, module } => {
+                // nginx's own files (configuration, error log, pid, temporary bodies) stay in
+                // the replica's directory; nothing under /etc/nginx or /var is read or written.
+                let dir = self.log_dir.join(name);
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+                let files = hard_open_file_limit().min(NGINX_MAX_FILES);
+                let conf = nginx_conf(&NginxConf {
+                    dir: &dir,
+                    module,
+                    listen,
+                    redis_url: &self.redis_url,
+                    files,
+                });
+                let conf_path = dir.join("nginx.conf");
+                std::fs::write(&conf_path, conf)
+                    .with_context(|| format!("cannot write {}", conf_path.display()))?;
+                let mut command = Command::new(nginx);
+                command
+                    .arg("-p")
+                    .arg(&dir)
+                    .arg("-e")
+                    .arg(dir.join("error.log"))
+                    .arg("-c")
+                    .arg(&conf_path)
+                    .args(["-g", "daemon off;"]);
+                command
+            }
+        })
     }
 
     async fn wait_redis(&mut self, port: u16) -> anyhow::Result<()> {
@@ -244,6 +310,89 @@ impl Fleet {
     }
 }
 
+/// Open files (and so connections) of an nginx worker at most; fewer when the hard limit is
+/// lower, since an unprivileged master cannot raise it.
+const NGINX_MAX_FILES: u64 = 40_000;
+
+fn hard_open_file_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_max
+    } else {
+        1024
+    }
+}
+
+/// What the generated nginx configuration depends on.
+pub struct NginxConf<'a> {
+    /// nginx's prefix: its error log, pid file and temporary files go here.
+    pub dir: &'a Path,
+    /// `ngx_nchan_module.so`.
+    pub module: &'a Path,
+    pub listen: SocketAddr,
+    pub redis_url: &'a str,
+    /// `worker_rlimit_nofile` and `worker_connections`.
+    pub files: u64,
+}
+
+/// An nginx configuration serving nchan alone: one worker (its best setting on two cores),
+/// channels stored in Redis, `/sub/NAME` an EventSource subscriber and `/pub/NAME` a publisher
+/// of channel NAME, `/readyz` 200. Channel names may hold dots (the harness's topics do).
+/// Nothing is buffered: nchan writes each message to its subscribers as it comes, with no
+/// gzip or proxy between.
+pub fn nginx_conf(c: &NginxConf<'_>) -> String {
+    let dir = c.dir.display();
+    format!(
+        r#"# Generated by ssegw-loadtest for --target nchan.
+load_module {module};
+worker_processes 1;
+worker_rlimit_nofile {files};
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+lock_file {dir}/nginx.lock;
+events {{
+    worker_connections {files};
+}}
+http {{
+    access_log off;
+    gzip off;
+    client_body_temp_path {dir}/client_body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    upstream redis_store {{
+        nchan_redis_server {redis};
+    }}
+    server {{
+        listen {listen} backlog=4096;
+        location = /readyz {{
+            return 200;
+        }}
+        location ~ /sub/([\w.]+)$ {{
+            nchan_subscriber eventsource;
+            nchan_channel_id $1;
+            nchan_redis_pass redis_store;
+        }}
+        location ~ /pub/([\w.]+)$ {{
+            nchan_publisher;
+            nchan_channel_id $1;
+            nchan_redis_pass redis_store;
+        }}
+    }}
+}}
+"#,
+        module = c.module.display(),
+        files = c.files,
+        redis = c.redis_url,
+        listen = c.listen,
+    )
+}
+
 /// Status of `GET /readyz`, over a plain connection.
 async fn readyz(addr: &str) -> Option<u16> {
     let attempt = async {
@@ -260,4 +409,47 @@ async fn readyz(addr: &str) -> Option<u16> {
         .await
         .ok()
         .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nginx_conf_keeps_everything_in_its_directory() {
+        let conf = nginx_conf(&NginxConf {
+            dir: Path::new("/tmp/run/replica-0"),
+            module: Path::new("/usr/lib/nginx/modules/ngx_nchan_module.so"),
+            listen: ([127, 0, 0, 1], 8099).into(),
+            redis_url: "redis://127.0.0.1:6400",
+            files: 20_000,
+        });
+        for line in [
+            "load_module /usr/lib/nginx/modules/ngx_nchan_module.so;",
+            "worker_processes 1;",
+            "worker_rlimit_nofile 20000;",
+            "worker_connections 20000;",
+            "pid /tmp/run/replica-0/nginx.pid;",
+            "error_log /tmp/run/replica-0/error.log warn;",
+            "client_body_temp_path /tmp/run/replica-0/client_body;",
+            "nchan_redis_server redis://127.0.0.1:6400;",
+            "listen 127.0.0.1:8099 backlog=4096;",
+            r"location ~ /sub/([\w.]+)$ {",
+            "nchan_subscriber eventsource;",
+            r"location ~ /pub/([\w.]+)$ {",
+            "nchan_publisher;",
+            "location = /readyz {",
+        ] {
+            assert!(
+                conf.lines().any(|l| l.trim() == line),
+                "missing {line:?} in\n{conf}"
+            );
+        }
+        assert_eq!(conf.matches("nchan_redis_pass redis_store;").count(), 2);
+        assert!(
+            !conf.contains("/etc/nginx") && !conf.contains("/var/"),
+            "{conf}"
+        );
+        assert_eq!(conf.matches('{').count(), conf.matches('}').count());
+    }
 }

@@ -1,11 +1,13 @@
-//! The client side of HTTP/1.1 the harness needs, without I/O: gateway base URLs, request
-//! bytes, response heads (`httparse`), chunked transfer decoding and pipelined responses with
-//! a `Content-Length`. No TLS, no redirects, no compression: the harness only talks to
-//! gateways it was pointed at.
+//! The client side of HTTP/1.1 the harness needs, without I/O: base URLs, request bytes for
+//! each `--target`, response heads (`httparse`), chunked transfer decoding and pipelined
+//! responses with a `Content-Length`. No TLS, no redirects, no compression: the harness only
+//! talks to servers it was pointed at.
 
 use anyhow::{bail, Context};
 
-/// A gateway base URL, `http://host:port[/prefix]`.
+use crate::config::Target;
+
+/// A server's base URL, `http://host:port[/prefix]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BaseUrl {
     /// `host:port`, for connecting and for the `Host` header.
@@ -45,25 +47,41 @@ impl BaseUrl {
     }
 }
 
-/// `GET <prefix>/events?topic=...` with `Last-Event-ID` when resuming. Topic names of a run
-/// need no percent-encoding (`layout` makes them of letters, digits and dots).
+/// The subscribe request for `target`: the gateway's `GET <prefix>/events?topic=a&topic=b`
+/// (with `Last-Event-ID` when resuming), actix's `GET <prefix>/events?topic=a`, nchan's
+/// `GET <prefix>/sub/a`. Topic names of a run need no percent-encoding (`layout` makes them of
+/// letters, digits and dots); a baseline gets one topic and never a `Last-Event-ID`.
 pub fn subscribe_request(
     base: &BaseUrl,
+    target: Target,
     topics: &[String],
     last_event_id: Option<&str>,
 ) -> Vec<u8> {
-    let mut out = format!("GET {}/events?", base.prefix);
-    for (i, topic) in topics.iter().enumerate() {
-        if i > 0 {
-            out.push('&');
+    let mut out = format!("GET {}", base.prefix);
+    match target {
+        Target::Gateway => {
+            out.push_str("/events?");
+            for (i, topic) in topics.iter().enumerate() {
+                if i > 0 {
+                    out.push('&');
+                }
+                out.push_str("topic=");
+                out.push_str(topic);
+            }
         }
-        out.push_str("topic=");
-        out.push_str(topic);
+        Target::Actix => {
+            out.push_str("/events?topic=");
+            out.push_str(&topics[0]);
+        }
+        Target::Nchan => {
+            out.push_str("/sub/");
+            out.push_str(&topics[0]);
+        }
     }
     out.push_str(" HTTP/1.1\r\nHost: ");
     out.push_str(&base.authority);
     out.push_str("\r\nAccept: text/event-stream\r\n");
-    if let Some(id) = last_event_id {
+    if let (Some(id), true) = (last_event_id, target.resumes()) {
         out.push_str("Last-Event-ID: ");
         out.push_str(id);
         out.push_str("\r\n");
@@ -72,13 +90,29 @@ pub fn subscribe_request(
     out.into_bytes()
 }
 
-/// `POST <prefix>/publish` with a JSON body, keeping the connection open for the next one.
-pub fn publish_request(base: &BaseUrl, json: &str) -> Vec<u8> {
+/// The publish request for `target`, keeping the connection open for the next one: the
+/// gateway's `POST <prefix>/publish` with a JSON body `{"topic","data"}`; for the baselines,
+/// `data` as the raw body of actix's `POST <prefix>/publish?topic=NAME` or nchan's
+/// `POST <prefix>/pub/NAME`.
+pub fn publish_request(base: &BaseUrl, target: Target, topic: &str, data: &str) -> Vec<u8> {
+    let (path, content_type, body) = match target {
+        Target::Gateway => (
+            "/publish".to_string(),
+            "application/json",
+            serde_json::json!({ "topic": topic, "data": data }).to_string(),
+        ),
+        Target::Actix => (
+            format!("/publish?topic={topic}"),
+            "text/plain",
+            data.to_string(),
+        ),
+        Target::Nchan => (format!("/pub/{topic}"), "text/plain", data.to_string()),
+    };
     format!(
-        "POST {}/publish HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}",
+        "POST {}{path} HTTP/1.1\r\nHost: {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
         base.prefix,
         base.authority,
-        json.len()
+        body.len()
     )
     .into_bytes()
 }
@@ -250,16 +284,55 @@ mod tests {
         check_url("http://", None);
     }
 
+    fn check_request(request: Vec<u8>, start: &str, end: &str) {
+        let text = String::from_utf8(request).unwrap();
+        assert!(
+            text.starts_with(start),
+            "{text:?} should start with {start:?}"
+        );
+        assert!(text.ends_with(end), "{text:?} should end with {end:?}");
+    }
+
     #[test]
-    fn subscribe_request_carries_topics_and_resume_id() {
+    fn subscribe_requests_per_target() {
         let base = BaseUrl::parse("http://h:1/p").unwrap();
         let topics = ["a".to_string(), "b".to_string()];
-        let text = String::from_utf8(subscribe_request(&base, &topics, Some("5-0"))).unwrap();
-        assert!(
-            text.starts_with("GET /p/events?topic=a&topic=b HTTP/1.1\r\nHost: h:1\r\n"),
-            "{text}"
+        check_request(
+            subscribe_request(&base, Target::Gateway, &topics, Some("5-0")),
+            "GET /p/events?topic=a&topic=b HTTP/1.1\r\nHost: h:1\r\n",
+            "Accept: text/event-stream\r\nLast-Event-ID: 5-0\r\n\r\n",
         );
-        assert!(text.ends_with("Last-Event-ID: 5-0\r\n\r\n"), "{text}");
+        check_request(
+            subscribe_request(&base, Target::Actix, &topics[..1], Some("5-0")),
+            "GET /p/events?topic=a HTTP/1.1\r\nHost: h:1\r\n",
+            "Accept: text/event-stream\r\n\r\n",
+        );
+        check_request(
+            subscribe_request(&base, Target::Nchan, &topics[..1], None),
+            "GET /p/sub/a HTTP/1.1\r\nHost: h:1\r\n",
+            "Accept: text/event-stream\r\n\r\n",
+        );
+    }
+
+    #[test]
+    fn publish_requests_per_target() {
+        let base = BaseUrl::parse("http://h:1").unwrap();
+        let json = r#"{"data":"{\"t\":0}","topic":"lt.x.0"}"#;
+        check_request(
+            publish_request(&base, Target::Gateway, "lt.x.0", r#"{"t":0}"#),
+            "POST /publish HTTP/1.1\r\nHost: h:1\r\nContent-Type: application/json\r\n",
+            &format!("Content-Length: {}\r\n\r\n{json}", json.len()),
+        );
+        check_request(
+            publish_request(&base, Target::Actix, "lt.x.0", r#"{"t":0}"#),
+            "POST /publish?topic=lt.x.0 HTTP/1.1\r\nHost: h:1\r\nContent-Type: text/plain\r\n",
+            "Content-Length: 7\r\n\r\n{\"t\":0}",
+        );
+        check_request(
+            publish_request(&base, Target::Nchan, "lt.x.0", r#"{"t":0}"#),
+            "POST /pub/lt.x.0 HTTP/1.1\r\nHost: h:1\r\nContent-Type: text/plain\r\n",
+            "Content-Length: 7\r\n\r\n{\"t\":0}",
+        );
     }
 
     #[test]
@@ -274,6 +347,13 @@ mod tests {
         assert_eq!(
             parse_head(sized).unwrap().unwrap().framing,
             Framing::Length(2)
+        );
+        // nchan's EventSource answer: neither chunked nor sized, the body runs until close.
+        let nchan = b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nContent-Type: text/event-stream; charset=utf-8\r\nConnection: keep-alive\r\n\r\n: hi\n\n";
+        let head = parse_head(nchan).unwrap().unwrap();
+        assert_eq!(
+            (head.status, head.framing, &nchan[head.len..]),
+            (200, Framing::Close, &b": hi\n\n"[..])
         );
         assert_eq!(parse_head(b"HTTP/1.1 200 OK\r\nx: y\r\n").unwrap(), None);
         assert!(parse_head(b"garbage\r\n\r\n").is_err());

@@ -52,9 +52,13 @@ fn main() -> ExitCode {
         }
     }
     if let Some(path) = &plan.args.chart {
+        let s = &report.settings;
         let title = format!(
-            "{:?}, {} connections, {} events/s",
-            report.scenario, report.settings.connections, report.settings.rate
+            "{}: {:?}, {} connections, {} events/s",
+            s.target.name(),
+            report.scenario,
+            s.connections,
+            s.rate
         );
         if let Err(e) = chart::write_svg(path, &title, &report.intervals) {
             eprintln!("ssegw-loadtest: cannot write {}: {e:#}", path.display());

@@ -1,6 +1,7 @@
 //! Memory and CPU of a process from `/proc` (Linux): resident set (now and peak) from
 //! `/proc/<pid>/status`, CPU time (user + system) from `/proc/<pid>/stat`. Pure parsing plus
-//! one read per sample.
+//! one read per sample. `sample_tree` adds a process's children (nginx's workers to its
+//! master).
 
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +25,38 @@ pub fn sample(pid: u32) -> Option<ProcSample> {
         peak_kib,
         cpu_s: ticks as f64 / clock_ticks_per_second(),
     })
+}
+
+/// Samples process `pid` and its children, summed (the peaks too: a bound, not a joint
+/// peak); `None` once `pid` is gone.
+pub fn sample_tree(pid: u32) -> Option<ProcSample> {
+    let mut total = sample(pid)?;
+    for child in children(pid) {
+        if let Some(s) = sample(child) {
+            total.rss_kib += s.rss_kib;
+            total.peak_kib += s.peak_kib;
+            total.cpu_s += s.cpu_s;
+        }
+    }
+    Some(total)
+}
+
+/// The children of process `pid`, from `/proc/<pid>/task/<tid>/children` of each thread.
+pub fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|text| parse_children(&text))
+        .collect()
+}
+
+/// The pids in `/proc/<pid>/task/<tid>/children`: space-separated.
+fn parse_children(text: &str) -> Vec<u32> {
+    text.split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
 }
 
 fn clock_ticks_per_second() -> f64 {
@@ -77,5 +110,59 @@ mod tests {
     fn samples_this_process() {
         let me = sample(std::process::id()).expect("own /proc entry");
         assert!(me.rss_kib > 0 && me.peak_kib >= me.rss_kib, "{me:?}");
+    }
+
+    #[test]
+    fn parses_children() {
+        assert_eq!(parse_children("9768 9770 \n"), vec![9768, 9770]);
+        assert_eq!(parse_children(""), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn samples_a_process_with_its_children() {
+        // An idle shell with an idle child: both stay the same size while sampled.
+        let mut shell = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & wait"])
+            .spawn()
+            .expect("sh");
+        let pid = shell.id();
+        let children = format!("/proc/{pid}/task/{pid}/children");
+        let sleeper = (0..500).find_map(|_| {
+            // Found once it runs `sleep`: between fork and exec its size still changes.
+            let found = std::fs::read_to_string(&children)
+                .ok()
+                .and_then(|text| parse_children(&text).first().copied())
+                .filter(|s| {
+                    std::fs::read_to_string(format!("/proc/{s}/comm")).is_ok_and(|c| c == "sleep\n")
+                });
+            if found.is_none() {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            found
+        });
+        // Sampled again if a size moved between the three reads (a page touched meanwhile).
+        let samples = sleeper.map(|s| {
+            let mut samples = (sample(pid), sample(s), sample_tree(pid));
+            for _ in 0..20 {
+                if let (Some(parent), Some(child), Some(tree)) = samples {
+                    if tree.rss_kib == parent.rss_kib + child.rss_kib {
+                        break;
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                samples = (sample(pid), sample(s), sample_tree(pid));
+            }
+            samples
+        });
+        if let Some(s) = sleeper {
+            // SAFETY: signalling the child of our own child, still running (its parent waits).
+            unsafe { libc::kill(s as libc::pid_t, libc::SIGKILL) };
+        }
+        let _ = shell.kill();
+        let _ = shell.wait();
+        let Some((Some(parent), Some(child), Some(tree))) = samples else {
+            panic!("no child of the shell found in {children}: {samples:?}");
+        };
+        assert_eq!(tree.rss_kib, parent.rss_kib + child.rss_kib, "{tree:?}");
     }
 }

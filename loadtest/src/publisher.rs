@@ -3,6 +3,12 @@
 //! `POST /publish`), each carrying its topic, per-topic sequence number and publish time. It
 //! never waits for a reply before sending the next event; when `max_in_flight` replies are
 //! outstanding, an event due is skipped and counted instead of delayed.
+//!
+//! A baseline target (`--target actix|nchan`) is published to over HTTP too, with the event
+//! data as the raw body; it gives no stream id back, so each acknowledged event is logged under
+//! the synthetic id `StreamId::new(seq + 1, 0)`. Those ids grow with the sequence number and are
+//! all after `StreamId::ZERO`, the position a baseline's connection starts at, so
+//! `tracking::reconcile` owes every connection every stored event, unchanged.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::Target;
 use crate::http1::{self, BaseUrl};
 use crate::layout::Layout;
 use crate::payload::{self, Payload};
@@ -33,8 +40,13 @@ const FINISH_WAIT: Duration = Duration::from_secs(10);
 pub enum Via {
     /// `FCALL ssegw_publish` on one multiplexed connection to this Redis.
     Redis(String),
-    /// `POST /publish` on this many pipelined connections, spread over the gateway URLs.
-    Http { urls: Vec<String>, lanes: usize },
+    /// `target`'s publish request (`http1::publish_request`) on this many pipelined
+    /// connections, spread over the URLs.
+    Http {
+        urls: Vec<String>,
+        lanes: usize,
+        target: Target,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -50,7 +62,7 @@ pub struct PublishPlan {
 pub struct Counters {
     /// Events handed to the connection (on schedule or late).
     pub sent: AtomicU64,
-    /// Events Redis stored (an id came back).
+    /// Events the server accepted (for the gateway: Redis stored them, an id came back).
     pub acked: AtomicU64,
     pub failed: AtomicU64,
     /// Events due while `max_in_flight` replies were outstanding: never sent.
@@ -178,7 +190,11 @@ impl Sender {
                     .with_context(|| format!("cannot connect to Redis at {url}"))?;
                 Ok(Sender::Redis(conn))
             }
-            Via::Http { urls, lanes } => {
+            Via::Http {
+                urls,
+                lanes,
+                target,
+            } => {
                 let mut targets = Vec::new();
                 for url in urls {
                     let base = BaseUrl::parse(url)?;
@@ -188,7 +204,7 @@ impl Sender {
                 let targets = Arc::new(targets);
                 Ok(Sender::Http(
                     (0..*lanes)
-                        .map(|lane| start_lane(targets.clone(), lane))
+                        .map(|lane| start_lane(targets.clone(), *target, lane))
                         .collect(),
                 ))
             }
@@ -219,11 +235,17 @@ impl Sender {
             }
             Sender::Http(lanes) => {
                 let lane = lanes[topic as usize % lanes.len()].clone();
-                let body = serde_json::json!({ "topic": topic_name, "data": data }).to_string();
+                let topic_name = topic_name.to_string();
                 Box::pin(async move {
                     let (tx, rx) = oneshot::channel();
                     let result = async {
-                        lane.send(LaneRequest { body, reply: tx })
+                        let request = LaneRequest {
+                            topic: topic_name,
+                            data,
+                            seq,
+                            reply: tx,
+                        };
+                        lane.send(request)
                             .await
                             .map_err(|_| anyhow!("publish lane closed"))?;
                         rx.await.map_err(|_| anyhow!("publish connection lost"))?
@@ -245,25 +267,39 @@ pub async fn resolve(authority: &str) -> anyhow::Result<SocketAddr> {
 }
 
 struct LaneRequest {
-    body: String,
+    topic: String,
+    data: String,
+    seq: u64,
     reply: oneshot::Sender<anyhow::Result<StreamId>>,
 }
 
-/// One pipelined HTTP/1.1 connection for `POST /publish`. The gateway answers a connection's
-/// requests one at a time and in order, so the FCALLs behind them run in order too.
-fn start_lane(targets: Arc<Vec<(SocketAddr, BaseUrl)>>, lane: usize) -> mpsc::Sender<LaneRequest> {
+/// A reply the server owes a lane: the event's sequence number (for a baseline's synthetic
+/// id) and where the outcome goes.
+struct Owed {
+    seq: u64,
+    reply: oneshot::Sender<anyhow::Result<StreamId>>,
+}
+
+/// One pipelined HTTP/1.1 connection for publish requests. The server answers a connection's
+/// requests one at a time and in order (for the gateway, so the FCALLs behind them run in
+/// order too).
+fn start_lane(
+    targets: Arc<Vec<(SocketAddr, BaseUrl)>>,
+    target: Target,
+    lane: usize,
+) -> mpsc::Sender<LaneRequest> {
     // Requests waiting for the connection; the publisher's in-flight bound keeps it short.
     let (tx, mut rx) = mpsc::channel::<LaneRequest>(1024);
     tokio::spawn(async move {
-        let mut target = lane % targets.len();
+        let mut url = lane % targets.len();
         loop {
-            let (addr, base) = &targets[target];
-            if let Err(e) = run_lane(*addr, base, &mut rx).await {
+            let (addr, base) = &targets[url];
+            if let Err(e) = run_lane(*addr, base, target, &mut rx).await {
                 if rx.is_closed() {
                     return;
                 }
                 eprintln!("ssegw-loadtest: publish connection to {addr}: {e:#}");
-                target = (target + 1) % targets.len();
+                url = (url + 1) % targets.len();
                 tokio::time::sleep(Duration::from_millis(100)).await;
             } else {
                 return;
@@ -277,6 +313,7 @@ fn start_lane(targets: Arc<Vec<(SocketAddr, BaseUrl)>>, lane: usize) -> mpsc::Se
 async fn run_lane(
     addr: SocketAddr,
     base: &BaseUrl,
+    target: Target,
     rx: &mut mpsc::Receiver<LaneRequest>,
 ) -> anyhow::Result<()> {
     let stream = TcpStream::connect(addr).await?;
@@ -284,14 +321,15 @@ async fn run_lane(
     let (mut read, mut write) = stream.into_split();
     // Replies owed by the server, in request order: the writer pushes, the reader pops.
     // Unbounded, but never longer than the publisher's in-flight bound.
-    let (owed_tx, mut owed_rx) =
-        mpsc::unbounded_channel::<oneshot::Sender<anyhow::Result<StreamId>>>();
+    let (owed_tx, mut owed_rx) = mpsc::unbounded_channel::<Owed>();
     let writer = async {
         while let Some(request) = rx.recv().await {
-            let bytes = http1::publish_request(base, &request.body);
-            owed_tx
-                .send(request.reply)
-                .map_err(|_| anyhow!("reader ended"))?;
+            let bytes = http1::publish_request(base, target, &request.topic, &request.data);
+            let owed = Owed {
+                seq: request.seq,
+                reply: request.reply,
+            };
+            owed_tx.send(owed).map_err(|_| anyhow!("reader ended"))?;
             write.write_all(&bytes).await?;
         }
         Ok::<_, anyhow::Error>(())
@@ -300,13 +338,13 @@ async fn run_lane(
         let mut buf = Vec::with_capacity(16 * 1024);
         loop {
             while let Some((status, body, used)) = http1::parse_sized_response(&buf)? {
-                let result = publish_answer(status, body);
+                let owed = owed_rx.recv().await.context("answer without a request")?;
+                let result = publish_answer(target, status, body, owed.seq);
                 buf.drain(..used);
-                let reply = owed_rx.recv().await.context("answer without a request")?;
-                let _ = reply.send(result);
+                let _ = owed.reply.send(result);
             }
             if read.read_buf(&mut buf).await? == 0 {
-                bail!("gateway closed the publish connection");
+                bail!("server closed the publish connection");
             }
         }
     };
@@ -316,7 +354,21 @@ async fn run_lane(
     }
 }
 
-fn publish_answer(status: u16, body: &[u8]) -> anyhow::Result<StreamId> {
+/// The stream id an answer to the publish of event `seq` stands for: the gateway's stored id,
+/// or for a baseline, which stores nothing, the synthetic `StreamId::new(seq + 1, 0)` on any
+/// 2xx (actix answers 200 `{"receivers":n}`, nchan 201 or 202 with channel figures).
+fn publish_answer(target: Target, status: u16, body: &[u8], seq: u64) -> anyhow::Result<StreamId> {
+    if target != Target::Gateway {
+        if (200..300).contains(&status) {
+            return Ok(StreamId::new(seq + 1, 0));
+        }
+        let text = String::from_utf8_lossy(&body[..body.len().min(200)]);
+        bail!(
+            "{} publish answered {status}: {}",
+            target.name(),
+            text.trim()
+        );
+    }
     let json: serde_json::Value =
         serde_json::from_slice(body).context("unreadable publish answer")?;
     if status != 200 {
@@ -327,4 +379,42 @@ fn publish_answer(status: u16, body: &[u8]) -> anyhow::Result<StreamId> {
     }
     let id = json["id"].as_str().context("publish answer without id")?;
     StreamId::parse(id).map_err(|_| anyhow!("publish answer with invalid id {id:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(target: Target, status: u16, body: &str, expected: Result<StreamId, &str>) {
+        let got = publish_answer(target, status, body.as_bytes(), 41).map_err(|e| e.to_string());
+        match expected {
+            Ok(id) => assert_eq!(got.ok(), Some(id), "{target:?} {status} {body:?}"),
+            Err(part) => assert!(
+                got.as_ref().is_err_and(|e| e.contains(part)),
+                "{target:?} {status} {body:?}: {got:?}"
+            ),
+        }
+    }
+
+    #[test]
+    fn answers_per_target() {
+        check(
+            Target::Gateway,
+            200,
+            r#"{"id":"17-3"}"#,
+            Ok(StreamId::new(17, 3)),
+        );
+        check(
+            Target::Gateway,
+            400,
+            r#"{"error":"bad topic"}"#,
+            Err("bad topic"),
+        );
+        check(Target::Gateway, 200, "{}", Err("without id"));
+        let synthetic = Ok(StreamId::new(42, 0));
+        check(Target::Actix, 200, r#"{"receivers":3}"#, synthetic);
+        check(Target::Nchan, 201, "queued messages: 1\n", synthetic);
+        check(Target::Nchan, 202, "active subscribers: 0\n", synthetic);
+        check(Target::Actix, 400, "give ?topic=NAME", Err("answered 400"));
+    }
 }

@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use crate::config::{LossBudget, Plan, PublishVia, Scenario};
+use crate::config::{LossBudget, Plan, PublishVia, Scenario, Target};
 use crate::latency::LatencySummary;
 use crate::tracking::Tally;
 
@@ -26,6 +26,8 @@ pub struct Report {
 
 #[derive(Debug, Serialize)]
 pub struct Settings {
+    /// The server under test (`gateway`, or a baseline: `actix`, `nchan`).
+    pub target: Target,
     pub connections: u64,
     pub topics: u32,
     pub topics_per_conn: u32,
@@ -214,6 +216,10 @@ pub fn summary(report: &Report) -> String {
     let mut row = |name: &str, value: String| {
         let _ = writeln!(out, "  {name:<22} {value}");
     };
+    row(
+        "target",
+        format!("{} ({})", s.target.name(), s.urls.join(", ")),
+    );
     row(
         "scenario",
         format!(

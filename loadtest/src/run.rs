@@ -36,6 +36,8 @@ use crate::worker::{self, Worker};
 struct Watch {
     name: String,
     pid: u32,
+    /// Sample the process with its children (nginx: master and workers).
+    with_children: bool,
     /// Connections it serves (gateways) or holds (harness processes), for KiB per connection.
     connections: Option<u64>,
     start: Option<(Instant, ProcSample)>,
@@ -49,6 +51,7 @@ impl Watch {
         Watch {
             name: name.into(),
             pid,
+            with_children: false,
             connections,
             start: None,
             connected: None,
@@ -59,7 +62,11 @@ impl Watch {
 
     /// Samples the process; `None` (keeping the last sample) once it is gone.
     fn sample(&mut self) -> Option<ProcSample> {
-        let sample = procstat::sample(self.pid)?;
+        let sample = if self.with_children {
+            procstat::sample_tree(self.pid)?
+        } else {
+            procstat::sample(self.pid)?
+        };
         let now = Instant::now();
         self.start.get_or_insert((now, sample));
         self.last = Some((now, sample));
@@ -190,10 +197,10 @@ pub async fn run(plan: Plan) -> anyhow::Result<Report> {
     let a = &plan.args;
     let run_id = format!("{:08x}", fastrand::u32(..));
     let started_at_unix_s = payload::now_us() / 1_000_000;
-    let mut fleet = match (a.spawn, &plan.gateway_bin) {
-        (Some(n), Some(bin)) => {
+    let mut fleet = match (a.spawn, &plan.servers) {
+        (Some(n), Some(servers)) => {
             let log_dir = std::env::temp_dir().join(format!("ssegw-loadtest-{run_id}"));
-            Some(Fleet::start(n, bin, &a.gateway_args, log_dir).await?)
+            Some(Fleet::start(n, servers, log_dir).await?)
         }
         _ => None,
     };
@@ -225,11 +232,9 @@ pub async fn run(plan: Plan) -> anyhow::Result<Report> {
     if let Some(fleet) = &fleet {
         watches.push(Watch::new("redis", fleet.redis.pid, None));
         for replica in &fleet.replicas {
-            watches.push(Watch::new(
-                replica.name.clone(),
-                replica.pid,
-                Some(per_gateway),
-            ));
+            let mut watch = Watch::new(replica.name.clone(), replica.pid, Some(per_gateway));
+            watch.with_children = replica.with_children;
+            watches.push(watch);
         }
     }
     for &pid in &a.watch_pids {
@@ -246,6 +251,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Report> {
             let first = shard as u64 * per_shard;
             ShardPlan {
                 shard,
+                target: a.target,
                 layout: layout.clone(),
                 first,
                 count: per_shard.min(n - first),
@@ -331,6 +337,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Report> {
                         _ => Via::Http {
                             urls: urls.clone(),
                             lanes: a.publish_conns,
+                            target: a.target,
                         },
                     };
                     let publish_plan = PublishPlan {
@@ -481,6 +488,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Report> {
         run_id,
         started_at_unix_s,
         settings: Settings {
+            target: a.target,
             connections: n,
             topics: plan.topics,
             topics_per_conn: a.topics_per_conn,

@@ -166,6 +166,17 @@ mod tests {
     }
 
     #[test]
+    fn nchan_frames() {
+        check(
+            ": hi\n\nid: 1795570231:0\ndata: {\"t\":0}\n\nid: 1795570231:1\ndata: {\"t\":1}\n\n",
+            &[
+                (Some("1795570231:0"), None, Some("{\"t\":0}")),
+                (Some("1795570231:1"), None, Some("{\"t\":1}")),
+            ],
+        );
+    }
+
+    #[test]
     fn whatwg_line_rules() {
         check(
             "data: a\r\ndata:b\r\rdata\n\n",

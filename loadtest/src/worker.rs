@@ -37,7 +37,7 @@ pub async fn spawn(
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true);
-    crate::fleet::die_with_parent(command.as_std_mut());
+    crate::fleet::die_with_parent(command.as_std_mut(), libc::SIGKILL);
     let mut child = command.spawn().context("cannot start a worker process")?;
     let mut stdin = child.stdin.take().context("worker stdin")?;
     let stdout = child.stdout.take().context("worker stdout")?;

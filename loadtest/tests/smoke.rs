@@ -1,10 +1,12 @@
 //! CI smoke of every scenario: a few hundred connections for a few seconds against a spawned
 //! Redis and two gateway replicas (`--spawn 2`), each run checked for zero loss, zero
-//! duplicates, exit status 0 and a complete JSON report; plus the SLO gate failing a run and
+//! duplicates, exit status 0 and a complete JSON report; the same fan-out against each
+//! baseline target (`--target actix`, `--target nchan`); plus the SLO gate failing a run and
 //! bad flags exiting 2. Runs one at a time: they share two cores.
 //!
 //! The gateway binary comes from the same target directory: `cargo test --workspace` builds
-//! every binary of the workspace before running tests.
+//! every binary of the workspace before running tests. The nchan run needs nginx and its nchan
+//! module installed (`.ci/run` installs them); without them it fails, saying so.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -28,9 +30,43 @@ fn gateway_bin() -> PathBuf {
     path
 }
 
-/// Runs the harness with `flags` plus a spawned fleet and a report file; returns the output
-/// and the parsed report (if one was written).
+/// What to spawn: the harness's flags for it and the replica names expected in the report.
+struct Fleet {
+    flags: Vec<String>,
+    replicas: &'static [&'static str],
+}
+
+/// Two gateway replicas.
+fn gateways() -> Fleet {
+    let gateway = gateway_bin().display().to_string();
+    Fleet {
+        flags: vec![
+            "--spawn".into(),
+            "2".into(),
+            "--gateway-bin".into(),
+            gateway,
+        ],
+        replicas: &["replica-0", "replica-1"],
+    }
+}
+
+/// One replica of a baseline target.
+fn baseline(target: &str) -> Fleet {
+    Fleet {
+        flags: ["--spawn", "1", "--target", target]
+            .map(String::from)
+            .to_vec(),
+        replicas: &["replica-0"],
+    }
+}
+
+/// Runs the harness with `flags` plus a spawned gateway fleet and a report file; returns the
+/// output and the parsed report (if one was written).
 fn harness(name: &str, flags: &[&str]) -> (Output, Option<Value>) {
+    harness_on(&gateways(), name, flags)
+}
+
+fn harness_on(fleet: &Fleet, name: &str, flags: &[&str]) -> (Output, Option<Value>) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = std::env::temp_dir().join(format!(
         "ssegw-loadtest-smoke-{}-{name}",
@@ -39,10 +75,8 @@ fn harness(name: &str, flags: &[&str]) -> (Output, Option<Value>) {
     std::fs::create_dir_all(&dir).unwrap();
     let report = dir.join("report.json");
     let chart = dir.join("chart.svg");
-    let gateway = gateway_bin();
     let output = Command::new(HARNESS)
-        .args(["--spawn", "2", "--gateway-bin"])
-        .arg(&gateway)
+        .args(&fleet.flags)
         .arg("--report")
         .arg(&report)
         .arg("--chart")
@@ -73,9 +107,14 @@ fn text(output: &Output) -> String {
     )
 }
 
-/// Runs a scenario that must pass, checks exactness and the report's shape, returns the report.
+/// Runs a scenario that must pass against gateways, checks exactness and the report's shape,
+/// returns the report.
 fn exact_run(name: &str, flags: &[&str]) -> Value {
-    let (output, report) = harness(name, flags);
+    exact_run_on(&gateways(), name, flags)
+}
+
+fn exact_run_on(fleet: &Fleet, name: &str, flags: &[&str]) -> Value {
+    let (output, report) = harness_on(fleet, name, flags);
     assert_eq!(output.status.code(), Some(0), "{name}: {}", text(&output));
     let r = report.unwrap_or_else(|| panic!("{name}: no report; {}", text(&output)));
     let d = &r["delivery"];
@@ -130,8 +169,8 @@ fn exact_run(name: &str, flags: &[&str]) -> Value {
         .iter()
         .filter_map(|p| p["name"].as_str())
         .collect();
-    for want in ["harness", "redis", "replica-0", "replica-1"] {
-        assert!(names.contains(&want), "{name}: processes {names:?}");
+    for want in ["harness", "redis"].iter().chain(fleet.replicas) {
+        assert!(names.contains(want), "{name}: processes {names:?}");
     }
     assert!(
         processes
@@ -167,6 +206,34 @@ fn fanout_over_worker_processes() {
         r["delivery"]["expected"].as_u64(),
         Some(300 * r["publish"]["acked"].as_u64().unwrap())
     );
+}
+
+/// Fan-out of 300 connections to a baseline target: every event reaches every connection.
+fn baseline_fanout(target: &str) -> Value {
+    let r = exact_run_on(
+        &baseline(target),
+        target,
+        &["-c", "300", "--rate", "20", "--duration", "2s"],
+    );
+    assert_eq!(r["settings"]["target"], target);
+    assert_eq!(r["connections"]["reconnects"], 0, "{}", r["connections"]);
+    assert_eq!(
+        r["delivery"]["expected"].as_u64(),
+        Some(300 * r["publish"]["acked"].as_u64().unwrap())
+    );
+    r
+}
+
+#[test]
+fn actix_baseline_fanout() {
+    baseline_fanout("actix");
+}
+
+/// Without nginx and its nchan module the harness refuses the flags (status 2), naming the
+/// packages to install, and this fails with its output.
+#[test]
+fn nchan_baseline_fanout() {
+    baseline_fanout("nchan");
 }
 
 #[test]
@@ -293,6 +360,7 @@ fn bad_flags_exit_2() {
     for flags in [
         &["--url", "ftp://x"][..],
         &["--spawn", "1", "--scenario", "resume-storm"],
+        &["--spawn", "1", "--target", "nchan", "--scenario", "churn"],
         &["--connections", "many"],
         &[],
     ] {
