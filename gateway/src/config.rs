@@ -78,8 +78,10 @@ pub struct ServeArgs {
     #[arg(long, env = "SSEGW_WRITE_COALESCE", default_value = "0ms", value_parser = humantime::parse_duration)]
     pub write_coalesce: Duration,
     /// Deliveries a connection may fall behind on one topic before it is closed as too slow
-    /// (with --write-coalesce, a batch counts as one).
-    #[arg(long, env = "SSEGW_CLIENT_BUFFER", default_value_t = 1024)]
+    /// (with --write-coalesce, a batch counts as one). Each topic holds this many deliveries
+    /// in memory on each replica, whatever its subscribers: keep it modest when a replica
+    /// serves many topics.
+    #[arg(long, env = "SSEGW_CLIENT_BUFFER", default_value_t = 128)]
     pub client_buffer: usize,
     /// Redis command connections in the pool.
     #[arg(long, env = "SSEGW_REDIS_POOL_SIZE", default_value_t = 16)]
@@ -366,6 +368,7 @@ mod tests {
         assert_eq!(config.stream.drain_window, Duration::from_secs(10));
         assert_eq!(config.stream.drain_spread(), Duration::from_secs(9));
         assert_eq!(config.stream.write_coalesce, Duration::ZERO);
+        assert_eq!(config.bus.client_buffer, 128);
         assert_eq!(config.bus.canary_interval, Duration::from_secs(1));
         assert_eq!(config.bus.script, ScriptSettings::default());
         assert_eq!(config.bus.redis_url, None);

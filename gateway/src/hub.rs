@@ -92,6 +92,10 @@ pub enum Interest {
     Unsubscribe(Topic),
 }
 
+/// Members of a topic that receive from its channel directly; later ones go through their
+/// thread's relay.
+const DIRECT_MEMBERS: usize = 8;
+
 /// A channel waiting for its coalescing delay to end, and when it ends.
 type Flush = (Instant, Arc<Channel>);
 
@@ -303,7 +307,12 @@ impl Hub {
         let channel = channel.clone();
         let mut state = channel.state.lock().expect("channel state poisoned");
         state.members += 1;
-        let (relay, receiver) = match Relay::join(&channel, self.capacity) {
+        // A topic with few members here is received directly: a relay would cost a second
+        // buffer (memory, with many small topics) for few wakes saved.
+        let relayed = (state.members > DIRECT_MEMBERS)
+            .then(|| Relay::join(&channel, self.capacity))
+            .flatten();
+        let (relay, receiver) = match relayed {
             Some((relay, receiver)) => (Some(relay), receiver),
             None => (None, channel.sender.subscribe()),
         };
@@ -633,18 +642,26 @@ mod tests {
     #[tokio::test]
     async fn a_thread_relays_each_topic_once_while_it_has_members() {
         let hub = hub(Duration::ZERO);
+        let mut direct: Vec<Membership> =
+            (0..DIRECT_MEMBERS).map(|_| hub.join(&topic("t"))).collect();
+        assert_eq!(
+            relays_on_this_thread(),
+            0,
+            "the first members receive directly"
+        );
         let mut a = hub.join(&topic("t"));
         let mut b = hub.join(&topic("t"));
         assert_eq!(relays_on_this_thread(), 1);
         assert_eq!(
             a.channel.sender.receiver_count(),
-            1,
+            DIRECT_MEMBERS + 1,
             "one relay, not one per member"
         );
         hub.dispatch(&topic("t"), event(1));
         tokio::task::yield_now().await;
-        assert_eq!(received(&mut a), ["1-0"]);
-        assert_eq!(received(&mut b), ["1-0"]);
+        for m in direct.iter_mut().chain([&mut a, &mut b]) {
+            assert_eq!(received(m), ["1-0"]);
+        }
         drop((a, b));
         assert_eq!(relays_on_this_thread(), 0);
         // A later member starts a new relay.
@@ -652,12 +669,14 @@ mod tests {
         hub.dispatch(&topic("t"), event(2));
         tokio::task::yield_now().await;
         assert_eq!(received(&mut c), ["2-0"]);
+        assert_eq!(relays_on_this_thread(), 1);
     }
 
     #[tokio::test]
     async fn a_relay_that_falls_behind_closes_its_receivers() {
         let (tx, _rx) = mpsc::unbounded_channel();
         let hub = Arc::new(Hub::new(16, tx, Duration::ZERO));
+        let _direct: Vec<Membership> = (0..DIRECT_MEMBERS).map(|_| hub.join(&topic("t"))).collect();
         let mut m = hub.join(&topic("t"));
         // The relay has no chance to run: more than the buffer is dispatched at once.
         for ms in 1..=40 {
