@@ -340,3 +340,46 @@ async fn entries_written_around_the_publish_function_cannot_forge_fields() {
     assert_eq!(sse.next().await.id, next, "the forged message is ignored");
     assert!(!sse.raw().contains("forged"), "{}", sse.raw());
 }
+
+/// `ssegw_read` calls Redis has served so far.
+fn history_reads(redis: &support::RedisServer) -> u64 {
+    let info: String = redis
+        .cmd(redis::cmd("INFO").arg("commandstats"))
+        .expect("INFO commandstats");
+    // FCALLs of every function are counted together; nothing but the reads runs meanwhile.
+    info.lines()
+        .find_map(|line| line.strip_prefix("cmdstat_fcall:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().expect("a count"))
+}
+
+#[actix_web::test]
+async fn a_storm_of_resumes_from_one_position_reads_history_once() {
+    let cluster = Cluster::redis(&[]);
+    let redis = cluster.redis.as_ref().unwrap();
+    // The topic is subscribed on the replica, so resuming needs only the history read.
+    let mut live = Sse::open(cluster.replica(0), "topic=storm", None).await;
+    let from = redis.fcall_publish("storm", "seen", None);
+    let missed: Vec<String> = (1..=3)
+        .map(|i| redis.fcall_publish("storm", &format!("missed {i}"), None))
+        .collect();
+    assert_eq!(live.take(4).await.len(), 4);
+    let before = history_reads(redis);
+    // Frozen, Redis holds the first read, and every later resume finds it under way.
+    redis.pause();
+    let mut resumed = Vec::new();
+    for _ in 0..40 {
+        resumed.push(Sse::open(cluster.replica(0), "topic=storm", Some(&from)).await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.resume();
+    for sse in &mut resumed {
+        let ids: Vec<String> = sse.take(3).await.into_iter().map(|e| e.id).collect();
+        assert_eq!(ids, missed);
+    }
+    let reads = history_reads(redis) - before;
+    assert_eq!(
+        reads, 1,
+        "40 resumes from one position, {reads} history reads"
+    );
+}

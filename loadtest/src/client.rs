@@ -1,5 +1,5 @@
 //! A shard of SSE client connections, run in the harness process or in a worker process: opens
-//! its connections at a set rate, keeps each one open (reconnecting to the next gateway and
+//! its connections at a set rate, keeps each one open (reconnecting to another gateway and
 //! resuming with `Last-Event-ID` whenever it drops), accounts for every event, reports every
 //! interval, and on `Finish` waits for stragglers and hands back each connection's record.
 //! Against a baseline target a connection is owed every event from its 200 response on and
@@ -380,7 +380,7 @@ enum Ended {
     Dropped,
 }
 
-/// One client connection, for the whole run: sessions one after another, each to the next
+/// One client connection, for the whole run: sessions one after another, each to another
 /// gateway in the list (like a client its load balancer moved), resuming where the last ended.
 async fn connection(shared: Arc<Shared>, slot: usize) {
     let conn = shared.plan.first + slot as u64;
@@ -413,14 +413,43 @@ async fn connection(shared: Arc<Shared>, slot: usize) {
                 failures += 1;
             }
         }
-        url = (url + 1) % shared.targets.len();
-        // The first retry goes to the next gateway at once; repeated failures back off.
+        url = next_url(url, shared.targets.len(), fastrand::usize(..));
+        // The first retry goes to another gateway at once; repeated failures back off.
         if failures > 1 {
             let backoff = FIRST_BACKOFF
                 .saturating_mul(1 << (failures - 2).min(6))
                 .min(MAX_BACKOFF);
             tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64())).await;
         }
+    }
+}
+
+/// The gateway a connection that left `url` tries next: another one, picked by `random`, so the
+/// clients of a lost replica spread over all the others as behind a load balancer (all to the
+/// next one would overload it).
+fn next_url(url: usize, urls: usize, random: usize) -> usize {
+    if urls < 2 {
+        return 0;
+    }
+    (url + 1 + random % (urls - 1)) % urls
+}
+
+/// Lets `bind` leave the port to `connect` (Linux `IP_BIND_ADDRESS_NO_PORT`), which picks one
+/// free for the whole address pair. Otherwise every bound socket holds a port of its source
+/// address exclusively, TIME_WAIT ones included, and a resume storm runs out of ports
+/// ("Address already in use"). Best effort: without it, binding still works, with fewer ports.
+fn bind_address_no_port(socket: &TcpSocket) {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket descriptor and an int option of the right size.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
 }
 
@@ -459,6 +488,7 @@ async fn session(
         TcpSocket::new_v6()?
     };
     if let Some(source) = shared.plan.layout.source_addr(conn) {
+        bind_address_no_port(&socket);
         socket
             .bind(SocketAddr::new(source, 0))
             .with_context(|| format!("cannot bind {source}"))?;
@@ -646,5 +676,19 @@ fn set_baselines(state: &mut ConnState, layout: &Layout, conn: u64, id: &str) {
     };
     for (track, position) in state.tracks.iter_mut().zip(positions) {
         track.set_baseline(position);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_url;
+
+    #[test]
+    fn a_reconnect_goes_to_any_other_gateway() {
+        assert_eq!(next_url(0, 1, 7), 0);
+        assert_eq!(next_url(1, 2, 7), 0);
+        let picked: std::collections::BTreeSet<usize> =
+            (0..10).map(|r| next_url(1, 3, r)).collect();
+        assert_eq!(picked.into_iter().collect::<Vec<_>>(), [0, 2]);
     }
 }

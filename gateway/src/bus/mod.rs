@@ -18,7 +18,7 @@ use crate::hub::{Event, Hub, Interest};
 pub use self::memory::MemoryBus;
 pub use self::redis::RedisBus;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BusError {
     /// The store could not be reached or did not answer in time.
     #[error("Redis is unavailable: {0}")]
@@ -78,10 +78,10 @@ impl Bus {
         topic: &Topic,
         after: StreamId,
         count: usize,
-    ) -> Result<Page, BusError> {
+    ) -> Result<Arc<Page>, BusError> {
         match self {
             Bus::Redis(bus) => bus.read(topic, after, count).await,
-            Bus::Memory(bus) => Ok(bus.read(topic, after, count)),
+            Bus::Memory(bus) => Ok(Arc::new(bus.read(topic, after, count))),
         }
     }
 

@@ -10,7 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadpool_redis::{Pool, Runtime};
@@ -19,7 +19,7 @@ use redis::Value;
 use ssegw_protocol::frame::{EventType, GapReason};
 use ssegw_protocol::script::{self, ChannelMessage, ScriptSettings};
 use ssegw_protocol::{StreamId, Topic};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
@@ -38,6 +38,38 @@ pub struct RedisBus {
     commands: Commands,
     /// True while canaries make the round trip through Redis in time.
     ready: Arc<AtomicBool>,
+    /// History reads under way, by what they ask for: a caller asking the same joins the
+    /// read instead of making its own. In a resume storm thousands of clients of a lost replica
+    /// resume the same topic from the same position at once; one Redis call serves them all.
+    reads: Mutex<HashMap<ReadKey, watch::Sender<Option<ReadResult>>>>,
+}
+
+type ReadKey = (Topic, StreamId, usize);
+type ReadResult = Result<Arc<Page>, BusError>;
+
+/// The caller doing a shared read; whether it completes or is dropped (its client left), the
+/// read leaves the table and its waiters are answered or, if it was dropped, read themselves.
+struct Leader<'a> {
+    reads: &'a Mutex<HashMap<ReadKey, watch::Sender<Option<ReadResult>>>>,
+    key: ReadKey,
+}
+
+impl Leader<'_> {
+    fn finish(self, result: &ReadResult) {
+        if let Some(waiters) = self.remove() {
+            waiters.send_replace(Some(result.clone()));
+        }
+    }
+
+    fn remove(&self) -> Option<watch::Sender<Option<ReadResult>>> {
+        self.reads.lock().expect("reads poisoned").remove(&self.key)
+    }
+}
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        self.remove();
+    }
 }
 
 impl RedisBus {
@@ -94,6 +126,7 @@ impl RedisBus {
                 timeout,
             },
             ready: Arc::new(AtomicBool::new(false)),
+            reads: Mutex::default(),
         })
     }
 
@@ -115,7 +148,37 @@ impl RedisBus {
         StreamId::parse(&id).map_err(|_| BusError::Unavailable(format!("unexpected id {id:?}")))
     }
 
-    pub async fn read(
+    /// Reads up to `count` events after `after`, sharing the Redis call with concurrent
+    /// callers asking the same.
+    pub async fn read(&self, topic: &Topic, after: StreamId, count: usize) -> ReadResult {
+        let key = (topic.clone(), after, count);
+        let waiting = {
+            let mut reads = self.reads.lock().expect("reads poisoned");
+            match reads.get(&key) {
+                Some(read) => Some(read.subscribe()),
+                None => {
+                    reads.insert(key.clone(), watch::channel(None).0);
+                    None
+                }
+            }
+        };
+        if let Some(mut read) = waiting {
+            if let Ok(result) = read.wait_for(Option::is_some).await {
+                return result.clone().expect("waited for it");
+            }
+            // The leading caller went away before its read ended.
+            return self.read_alone(topic, after, count).await.map(Arc::new);
+        }
+        let leader = Leader {
+            reads: &self.reads,
+            key,
+        };
+        let result = self.read_alone(topic, after, count).await.map(Arc::new);
+        leader.finish(&result);
+        result
+    }
+
+    async fn read_alone(
         &self,
         topic: &Topic,
         after: StreamId,
