@@ -319,6 +319,7 @@ impl Hub {
         drop(state);
         drop(channels);
         Membership {
+            joined: std::time::Instant::now(),
             hub: self.clone(),
             channel,
             receiver,
@@ -452,6 +453,9 @@ pub struct Membership {
     hub: Arc<Hub>,
     pub channel: Arc<Channel>,
     pub receiver: broadcast::Receiver<Delivery>,
+    /// When `receiver` started receiving: a history read issued after it, with what the
+    /// receiver gets, misses nothing.
+    pub joined: std::time::Instant,
     /// Keeps this thread's relay of the topic running.
     _relay: Option<Arc<Relay>>,
 }
@@ -469,6 +473,7 @@ impl Membership {
     /// Starts receiving again at the newest event, after this member lagged too far behind.
     pub fn resubscribe(&mut self) {
         self.receiver = self.receiver.resubscribe();
+        self.joined = std::time::Instant::now();
     }
 }
 

@@ -201,7 +201,9 @@ impl Connection {
         let topic = stream.membership.channel.topic.clone();
         // Boxed: the read's state is large and only needed while replaying; inline, it would
         // sit in every idle connection's body future.
-        let page = match Box::pin(self.bus.read(&topic, stream.position, REPLAY_PAGE)).await {
+        let since = stream.membership.joined;
+        let read = self.bus.read(&topic, stream.position, REPLAY_PAGE, since);
+        let page = match Box::pin(read).await {
             Ok(page) => page,
             Err(e) => {
                 // The client stays connected and the replay resumes when the store is back; the

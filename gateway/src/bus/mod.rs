@@ -4,8 +4,10 @@
 
 mod memory;
 mod redis;
+mod single_flight;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use ssegw_protocol::frame::{EventType, GapReason};
 use ssegw_protocol::{StreamId, Topic};
@@ -72,15 +74,17 @@ impl Bus {
         }
     }
 
-    /// Reads up to `count` events after `after` (`StreamId::ZERO`: from the oldest retained).
+    /// Reads up to `count` events after `after` (`StreamId::ZERO`: from the oldest retained),
+    /// as Redis had them at some instant after `since`.
     pub async fn read(
         &self,
         topic: &Topic,
         after: StreamId,
         count: usize,
+        since: Instant,
     ) -> Result<Arc<Page>, BusError> {
         match self {
-            Bus::Redis(bus) => bus.read(topic, after, count).await,
+            Bus::Redis(bus) => bus.read(topic, after, count, since).await,
             Bus::Memory(bus) => Ok(Arc::new(bus.read(topic, after, count))),
         }
     }

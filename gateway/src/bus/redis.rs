@@ -10,7 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_redis::{Pool, Runtime};
@@ -19,10 +19,11 @@ use redis::Value;
 use ssegw_protocol::frame::{EventType, GapReason};
 use ssegw_protocol::script::{self, ChannelMessage, ScriptSettings};
 use ssegw_protocol::{StreamId, Topic};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
+use super::single_flight::SingleFlight;
 use super::{BusError, Page};
 use crate::config::BusConfig;
 use crate::hub::{Channel, Event, Hub, Interest};
@@ -38,39 +39,11 @@ pub struct RedisBus {
     commands: Commands,
     /// True while canaries make the round trip through Redis in time.
     ready: Arc<AtomicBool>,
-    /// History reads under way, by what they ask for: a caller asking the same joins the
-    /// read instead of making its own. In a resume storm thousands of clients of a lost replica
-    /// resume the same topic from the same position at once; one Redis call serves them all.
-    reads: Mutex<HashMap<ReadKey, watch::Sender<Option<ReadResult>>>>,
+    /// History reads under way: a caller asking the same page joins one (see `single_flight`).
+    reads: SingleFlight<(Topic, StreamId, usize), ReadResult>,
 }
 
-type ReadKey = (Topic, StreamId, usize);
 type ReadResult = Result<Arc<Page>, BusError>;
-
-/// The caller doing a shared read; whether it completes or is dropped (its client left), the
-/// read leaves the table and its waiters are answered or, if it was dropped, read themselves.
-struct Leader<'a> {
-    reads: &'a Mutex<HashMap<ReadKey, watch::Sender<Option<ReadResult>>>>,
-    key: ReadKey,
-}
-
-impl Leader<'_> {
-    fn finish(self, result: &ReadResult) {
-        if let Some(waiters) = self.remove() {
-            waiters.send_replace(Some(result.clone()));
-        }
-    }
-
-    fn remove(&self) -> Option<watch::Sender<Option<ReadResult>>> {
-        self.reads.lock().expect("reads poisoned").remove(&self.key)
-    }
-}
-
-impl Drop for Leader<'_> {
-    fn drop(&mut self) {
-        self.remove();
-    }
-}
 
 impl RedisBus {
     /// Starts the bus of a serving replica: command pool plus the pub/sub subscriber task.
@@ -126,7 +99,7 @@ impl RedisBus {
                 timeout,
             },
             ready: Arc::new(AtomicBool::new(false)),
-            reads: Mutex::default(),
+            reads: SingleFlight::new(),
         })
     }
 
@@ -148,47 +121,23 @@ impl RedisBus {
         StreamId::parse(&id).map_err(|_| BusError::Unavailable(format!("unexpected id {id:?}")))
     }
 
-    /// Reads up to `count` events after `after`, sharing the Redis call with concurrent
-    /// callers asking the same.
-    pub async fn read(&self, topic: &Topic, after: StreamId, count: usize) -> ReadResult {
-        let key = (topic.clone(), after, count);
-        let waiting = {
-            let mut reads = self.reads.lock().expect("reads poisoned");
-            match reads.get(&key) {
-                Some(read) => Some(read.subscribe()),
-                None => {
-                    reads.insert(key.clone(), watch::channel(None).0);
-                    None
-                }
-            }
-        };
-        if let Some(mut read) = waiting {
-            if let Ok(result) = read.wait_for(Option::is_some).await {
-                return result.clone().expect("waited for it");
-            }
-            // The leading caller went away before its read ended.
-            return self.read_alone(topic, after, count).await.map(Arc::new);
-        }
-        let leader = Leader {
-            reads: &self.reads,
-            key,
-        };
-        let result = self.read_alone(topic, after, count).await.map(Arc::new);
-        leader.finish(&result);
-        result
-    }
-
-    async fn read_alone(
+    /// Reads up to `count` events after `after` as Redis had them after `since`, sharing the
+    /// Redis call with concurrent callers asking the same.
+    pub async fn read(
         &self,
         topic: &Topic,
         after: StreamId,
         count: usize,
-    ) -> Result<Page, BusError> {
-        let reply: Value = self
-            .commands
-            .fcall(&read_cmd(topic, Some(after), count))
-            .await?;
-        parse_page(reply).ok_or_else(malformed)
+        since: std::time::Instant,
+    ) -> ReadResult {
+        let connect = || async { self.commands.connection().await.map_err(Err) };
+        let query = |mut conn: deadpool_redis::Connection| async move {
+            let cmd = read_cmd(topic, Some(after), count);
+            let reply: Value = self.commands.fcall_on(&mut conn, &cmd).await?;
+            parse_page(reply).map(Arc::new).ok_or_else(malformed)
+        };
+        let key = (topic.clone(), after, count);
+        self.reads.run(key, since, connect, query).await
     }
 
     /// True while the last canary came back in time: the replica receives what is published.
@@ -232,10 +181,18 @@ impl Commands {
     /// persistence, `FUNCTION FLUSH`).
     async fn fcall<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, BusError> {
         let mut conn = self.connection().await?;
-        match self.query(cmd, &mut conn).await {
+        self.fcall_on(&mut conn, cmd).await
+    }
+
+    async fn fcall_on<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut deadpool_redis::Connection,
+        cmd: &redis::Cmd,
+    ) -> Result<T, BusError> {
+        match self.query(cmd, conn).await {
             Err(BusError::Rejected(msg)) if msg.contains("Function not found") => {
-                self.load_library(&mut conn).await?;
-                self.query(cmd, &mut conn).await
+                self.load_library(conn).await?;
+                self.query(cmd, conn).await
             }
             other => other,
         }
