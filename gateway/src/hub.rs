@@ -166,6 +166,35 @@ impl Channel {
         }
     }
 
+    /// Delivers a run of events in stream order (a backfill page after a reconnect) as one
+    /// batch, leaving out those not newer than the latest: a long outage's backlog then takes a
+    /// few places in each subscriber's buffer instead of overflowing it.
+    pub fn dispatch_all(self: &Arc<Self>, events: Vec<Arc<Event>>) {
+        let mut state = self.lock();
+        let mut fresh = Vec::with_capacity(events.len());
+        for event in events {
+            if event.id > state.latest {
+                state.latest = event.id;
+                fresh.push(event);
+            }
+        }
+        if fresh.is_empty() {
+            return;
+        }
+        match &self.coalesce {
+            None => {
+                state.pending = fresh;
+                self.release(&mut state);
+            }
+            Some((delay, flushes)) => {
+                if state.pending.is_empty() {
+                    let _ = flushes.send((Instant::now() + *delay, self.clone()));
+                }
+                state.pending.extend(fresh);
+            }
+        }
+    }
+
     /// Tells the topic's subscribers that events after the latest position are gone (found by
     /// a backfill after a reconnect). The history that follows may have any ids, so the
     /// channel starts over from zero.
@@ -609,6 +638,19 @@ mod tests {
             received(&mut m),
             ["[5-0 6-0]", "gap trimmed after 6-0", "drain"]
         );
+    }
+
+    #[test]
+    fn a_backfill_page_goes_out_as_one_batch_without_what_was_delivered() {
+        let hub = hub(Duration::ZERO);
+        let mut m = hub.join(&topic("t"));
+        m.channel.dispatch(event(2));
+        m.channel
+            .dispatch_all(vec![event(1), event(2), event(3), event(4)]);
+        m.channel.dispatch_all(vec![event(4)]);
+        m.channel.dispatch_all(vec![event(5)]);
+        assert_eq!(received(&mut m), ["2-0", "[3-0 4-0]", "5-0"]);
+        assert_eq!(m.channel.latest(), StreamId::new(5, 0));
     }
 
     #[test]

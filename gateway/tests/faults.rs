@@ -501,3 +501,31 @@ async fn a_resume_during_an_outage_waits_for_redis_and_then_replays() {
     assert_eq!(resumed.next().await.id, id);
     assert_eq!(live.next().await.id, id);
 }
+
+#[actix_web::test]
+async fn a_backlog_larger_than_the_client_buffer_is_caught_up_on_the_same_stream() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(redis.addr());
+    let url = proxy.redis_url();
+    let flags = [
+        &["--redis-url", url.as_str(), "--client-buffer", "16"][..],
+        &FAST_FAULTS,
+    ]
+    .concat();
+    let gw = Gateway::start(&flags);
+    let mut sse = Sse::open(&gw, "topic=backlog", None).await;
+    sse.baseline().await;
+    proxy.cut();
+    time_to_not_ready(&gw);
+    // Ten buffers' worth, published while the replica is cut off.
+    let missed: Vec<String> = (0..160)
+        .map(|i| redis.fcall_publish("backlog", &format!("m{i}"), None))
+        .collect();
+    proxy.restore();
+    gw.wait_readyz(200);
+    let got: Vec<String> = sse.take(160).await.into_iter().map(|e| e.id).collect();
+    assert_eq!(
+        got, missed,
+        "the whole backlog, in order, on the first stream"
+    );
+}

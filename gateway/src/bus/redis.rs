@@ -457,9 +457,7 @@ impl Subscriber {
                     if page.entries.len() == BACKFILL_PAGE {
                         unfinished.push(channel.clone());
                     }
-                    for event in page.entries {
-                        channel.dispatch(event);
-                    }
+                    channel.dispatch_all(page.entries);
                 }
             }
             pending = unfinished;
