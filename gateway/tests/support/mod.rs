@@ -29,7 +29,7 @@ pub fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("no free port")
@@ -388,12 +388,19 @@ pub struct Sse {
 impl Sse {
     /// `GET /events?<query>`, optionally with `Last-Event-ID`; asserts the SSE headers.
     pub async fn open(gw: &impl Replica, query: &str, last_event_id: Option<&str>) -> Sse {
+        let id = last_event_id.map(|id| ("Last-Event-ID", id));
+        Sse::open_with(gw, query, id.as_slice()).await
+    }
+
+    /// `GET /events?<query>` with these request headers; asserts the SSE headers, and that the
+    /// stream is not compressed (a compressor holds events back until its buffer fills).
+    pub async fn open_with(gw: &impl Replica, query: &str, headers: &[(&str, &str)]) -> Sse {
         let mut request = awc::Client::builder()
             .disable_timeout()
             .finish()
             .get(gw.url(&format!("/events?{query}")));
-        if let Some(id) = last_event_id {
-            request = request.insert_header(("Last-Event-ID", id));
+        for &header in headers {
+            request = request.insert_header(header);
         }
         let response = request.send().await.expect("GET /events");
         assert_eq!(response.status(), 200, "GET /events?{query}");
@@ -401,6 +408,11 @@ impl Sse {
         assert_eq!(headers.get("content-type").unwrap(), "text/event-stream");
         assert_eq!(headers.get("cache-control").unwrap(), "no-cache");
         assert_eq!(headers.get("x-accel-buffering").unwrap(), "no");
+        assert_eq!(
+            headers.get("content-encoding"),
+            None,
+            "a compressed event stream"
+        );
         let raw = Arc::new(Mutex::new(Vec::new()));
         let tap = raw.clone();
         let body = response.map(move |chunk| {

@@ -1,0 +1,463 @@
+//! The deployment files check out with the real tools: every Kubernetes manifest and the output
+//! of every kustomization against the Kubernetes schemas (and the ServiceMonitor against the
+//! Prometheus Operator's), `docker-compose.yml` against Compose's, the Dockerfile and rendered
+//! manifests under static security checks (accepted findings are annotated where they occur),
+//! and the settings they pass to the gateway are ones the binary accepts, with grace periods
+//! longer than the drain.
+//!
+//! The Python tools, pinned in `.ci/deploy-tools.txt`, come from the virtualenv `.ci/run`
+//! installs them into (`$SSEGW_DEPLOY_TOOLS`, by default `~/.cache/ssegw-deploy-tools`), else
+//! from PATH; `docker-compose` is Debian's. A missing tool fails the test, naming how to get it.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Kubernetes versions the manifests must be valid for: the oldest supported here and the
+/// newest the validator knows.
+const KUBERNETES_VERSIONS: [&str; 2] = ["1.29.0", "1.37.0"];
+/// Custom resources, checked against their own schema instead of Kubernetes'.
+const SERVICE_MONITOR: &str = "kind: ServiceMonitor";
+/// Settings the gateway reads from the environment that are no flags (README "Configuration").
+const ENV_ONLY: [&str; 2] = ["SSEGW_LOG", "SSEGW_LOG_FORMAT"];
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn tools_dir() -> PathBuf {
+    match std::env::var_os("SSEGW_DEPLOY_TOOLS") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+            .join(".cache/ssegw-deploy-tools"),
+    }
+}
+
+/// A tool from the deploy tools' virtualenv, else from PATH; panics with how to install it.
+fn tool(name: &str, install: &str) -> PathBuf {
+    let pinned = tools_dir().join("bin").join(name);
+    if pinned.is_file() {
+        return pinned;
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} is required for the deploy checks: not in {} nor on PATH ({install})",
+                tools_dir().join("bin").display()
+            )
+        })
+}
+
+const FROM_PYPI: &str = "`bash .ci/run` installs the versions pinned in .ci/deploy-tools.txt";
+
+/// Runs `command` in the repository; panics with its output unless it succeeds.
+fn run(command: &mut Command) -> String {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = command
+        .current_dir(repo())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&stdout).into_owned(),
+        String::from_utf8_lossy(&stderr).into_owned(),
+    );
+    assert!(
+        status.success(),
+        "{command:?} failed ({status}):\n{stdout}\n{stderr}"
+    );
+    stdout
+}
+
+/// A scratch directory under cargo's target directory, emptied first.
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("deploy-files-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Every `.yaml` file under `dir`, recursively, sorted.
+fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(yaml_files(&path));
+        } else if path.extension().is_some_and(|e| e == "yaml") {
+            files.push(path);
+        }
+    }
+    files.sort();
+    files
+}
+
+/// The Kubernetes manifests in `k8s/`: every YAML file but the kustomizations themselves.
+fn manifests() -> Vec<PathBuf> {
+    yaml_files(&repo().join("k8s"))
+        .into_iter()
+        .filter(|p| !p.ends_with("kustomization.yaml"))
+        .collect()
+}
+
+/// The directories of `k8s/` with a kustomization (base, overlays, the trial Redis, monitoring).
+fn kustomizations() -> Vec<PathBuf> {
+    let all: Vec<PathBuf> = yaml_files(&repo().join("k8s"))
+        .into_iter()
+        .filter(|p| p.ends_with("kustomization.yaml"))
+        .map(|p| p.parent().unwrap().to_path_buf())
+        .collect();
+    assert!(
+        all.iter().any(|d| d.ends_with("overlays/production")),
+        "no production overlay among {all:?}"
+    );
+    all
+}
+
+/// `kubectl kustomize` of every kustomization, each written to `dir`; returns (name, file).
+fn render_all(dir: &Path) -> Vec<(String, PathBuf)> {
+    let kubectl = tool("kubectl", FROM_PYPI);
+    kustomizations()
+        .into_iter()
+        .map(|k| {
+            let name = k
+                .strip_prefix(repo())
+                .unwrap()
+                .to_string_lossy()
+                .replace('/', "-");
+            let yaml = run(Command::new(&kubectl).arg("kustomize").arg(&k));
+            let file = dir.join(format!("{name}.yaml"));
+            std::fs::write(&file, yaml).unwrap();
+            (name, file)
+        })
+        .collect()
+}
+
+/// Splits YAML files into their documents, sorted into Kubernetes' own kinds and
+/// ServiceMonitors, each group written to one file in `dir`.
+fn sort_documents(files: &[PathBuf], dir: &Path) -> (PathBuf, PathBuf) {
+    let (mut core, mut monitors) = (String::new(), String::new());
+    for file in files {
+        let text = std::fs::read_to_string(file).unwrap();
+        for doc in text.split("\n---\n") {
+            let doc = doc.trim_start_matches("---\n");
+            if doc.trim().is_empty() {
+                continue;
+            }
+            let group = if doc.lines().any(|l| l == SERVICE_MONITOR) {
+                &mut monitors
+            } else {
+                &mut core
+            };
+            group.push_str("---\n");
+            group.push_str(doc);
+            group.push('\n');
+        }
+    }
+    let (core_file, monitors_file) = (dir.join("core.yaml"), dir.join("monitors.yaml"));
+    std::fs::write(&core_file, core).unwrap();
+    std::fs::write(&monitors_file, monitors).unwrap();
+    (core_file, monitors_file)
+}
+
+/// YAML documents as JSON values, through the tools' Python (PyYAML comes with them).
+fn yaml_to_json(yaml: &str) -> Vec<Value> {
+    let dir = scratch(&format!("json-{:x}", fastrand::u64(..)));
+    let file = dir.join("in.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let json = run(Command::new(tool("python", FROM_PYPI))
+        .args([
+            "-c",
+            "import json, sys, yaml\n\
+         docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d is not None]\n\
+         json.dump(docs, sys.stdout)",
+        ])
+        .arg(&file));
+    let _ = std::fs::remove_dir_all(&dir);
+    serde_json::from_str(&json).unwrap()
+}
+
+fn duration(text: &str) -> Duration {
+    humantime::parse_duration(text).unwrap_or_else(|e| panic!("duration {text:?}: {e}"))
+}
+
+#[test]
+fn kubernetes_manifests_and_kustomizations_validate_against_the_schemas() {
+    let dir = scratch("schemas");
+    let mut files = manifests();
+    files.extend(render_all(&dir).into_iter().map(|(_, file)| file));
+    let (core, monitors) = sort_documents(&files, &dir);
+
+    let validate = tool("kubernetes-validate", FROM_PYPI);
+    for version in KUBERNETES_VERSIONS {
+        // --quiet prints only warnings and failures; a kind it has no schema for is only a
+        // warning, so anything printed fails the check.
+        let printed = run(Command::new(&validate)
+            .args(["--strict", "--quiet", "--kubernetes-version", version])
+            .arg(&core));
+        assert!(
+            printed.trim().is_empty(),
+            "kubernetes-validate {version}:\n{printed}"
+        );
+    }
+
+    let monitors_text = std::fs::read_to_string(&monitors).unwrap();
+    assert!(
+        monitors_text.contains(SERVICE_MONITOR),
+        "no ServiceMonitor found in k8s/"
+    );
+    run(Command::new(tool("python", FROM_PYPI))
+        .arg(repo().join("gateway/tests/deploy_files/servicemonitor.py"))
+        .arg(&monitors));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_pods_grace_period_outlasts_the_pre_stop_pause_and_the_drain() {
+    let dir = scratch("grace");
+    let mut checked = 0;
+    for (name, file) in render_all(&dir) {
+        let docs = yaml_to_json(&std::fs::read_to_string(&file).unwrap());
+        let kind = |k: &'static str| docs.iter().filter(move |d| d["kind"] == k);
+        for deployment in kind("Deployment") {
+            let pod = &deployment["spec"]["template"]["spec"];
+            let container = &pod["containers"][0];
+            let config_map = container["envFrom"][0]["configMapRef"]["name"].clone();
+            let settings = kind("ConfigMap")
+                .find(|c| c["metadata"]["name"] == config_map)
+                .unwrap_or_else(|| panic!("{name}: no ConfigMap {config_map}"));
+            let drain = duration(settings["data"]["SSEGW_DRAIN_WINDOW"].as_str().unwrap());
+            let pause = match container["lifecycle"]["preStop"]["exec"]["command"].as_array() {
+                Some(command) if command[0] == "sleep" => {
+                    Duration::from_secs(command[1].as_str().unwrap().parse().unwrap())
+                }
+                other => panic!("{name}: preStop is not a pause: {other:?}"),
+            };
+            let grace = Duration::from_secs(pod["terminationGracePeriodSeconds"].as_u64().unwrap());
+            // The drain exits just before its window ends; keep a margin for that exit.
+            assert!(
+                grace >= pause + drain + Duration::from_secs(5),
+                "{name}: terminationGracePeriodSeconds {grace:?} leaves no margin after the \
+                 preStop pause {pause:?} and SSEGW_DRAIN_WINDOW {drain:?}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 3, "only {checked} Deployments rendered");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `docker-compose config` of the file with every profile on, as JSON.
+fn compose_config() -> Value {
+    let compose = tool(
+        "docker-compose",
+        "apt-get install --no-install-recommends docker-compose",
+    );
+    let yaml = run(Command::new(compose).args([
+        "--file",
+        "docker-compose.yml",
+        "--profile",
+        "otel",
+        "--profile",
+        "metrics",
+        "config",
+    ]));
+    yaml_to_json(&yaml).remove(0)
+}
+
+fn gateway_services(config: &Value) -> Vec<(&String, &Value)> {
+    let services: Vec<(&String, &Value)> = config["services"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(name, _)| name.starts_with("gateway-"))
+        .collect();
+    assert_eq!(services.len(), 3, "three gateway replicas");
+    services
+}
+
+#[test]
+fn docker_compose_yml_is_valid_and_runs_the_tested_balancer_config() {
+    let config = compose_config();
+    let services = config["services"].as_object().unwrap();
+    let mut names: Vec<&str> = services.keys().map(String::as_str).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "gateway-1",
+            "gateway-2",
+            "gateway-3",
+            "lb",
+            "otel-collector",
+            "prometheus",
+            "redis"
+        ]
+    );
+
+    // The balancer runs deploy/nginx.conf, the file gateway/tests/balancer.rs runs.
+    let lb = &services["lb"];
+    let tested = repo().join("deploy/nginx.conf");
+    let mount = lb["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .find_map(|v| v.strip_prefix(&format!("{}:", tested.display())))
+        .unwrap_or_else(|| panic!("lb does not mount {}", tested.display()));
+    let target = mount.split(':').next().unwrap();
+    let entrypoint: Vec<&str> = lb["entrypoint"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(
+        entrypoint.windows(2).any(|w| w == ["-c", target]),
+        "lb runs {entrypoint:?}, not the mounted {target}"
+    );
+    assert_eq!(lb["ports"][0]["published"], 8080, "one published port");
+
+    for (name, gateway) in gateway_services(&config) {
+        let grace = duration(gateway["stop_grace_period"].as_str().unwrap());
+        let drain = duration(
+            gateway["environment"]["SSEGW_DRAIN_WINDOW"]
+                .as_str()
+                .unwrap(),
+        );
+        assert!(
+            grace > drain,
+            "{name}: stop_grace_period {grace:?} within SSEGW_DRAIN_WINDOW {drain:?}"
+        );
+    }
+}
+
+/// The `KEY=VALUE` lines of an env file, comments left out.
+fn env_file(path: &Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (key, value) = l.split_once('=').expect("KEY=VALUE");
+            (key.to_string(), value.to_string())
+        })
+        .collect()
+}
+
+/// Starts the gateway with these settings (on a free loopback port, with the embedded bus) and
+/// waits until it answers `/healthz`: bad settings would make it exit 2 first.
+fn assert_gateway_starts_with(origin: &str, settings: &[(String, String)]) {
+    let help = run(Command::new(env!("CARGO_BIN_EXE_sse-gateway")).arg("--help"));
+    for (key, _) in settings {
+        assert!(
+            help.contains(&format!("[env: {key}=")) || ENV_ONLY.contains(&key.as_str()),
+            "{origin}: {key} is no setting of sse-gateway"
+        );
+    }
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], support::free_port()));
+    let mut gateway = Command::new(env!("CARGO_BIN_EXE_sse-gateway"))
+        .envs(
+            settings
+                .iter()
+                .filter(|(k, _)| k != "SSEGW_LISTEN" && k != "SSEGW_REDIS_URL")
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        )
+        .env("SSEGW_LISTEN", addr.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start sse-gateway");
+    let deadline = Instant::now() + support::WAIT;
+    while support::http_status(addr, "GET", "/healthz") != Some(200) {
+        if gateway.try_wait().unwrap().is_some() {
+            let output = gateway.wait_with_output().unwrap();
+            panic!(
+                "{origin}: sse-gateway refused its settings ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        assert!(Instant::now() < deadline, "{origin}: sse-gateway not up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = gateway.kill();
+    let _ = gateway.wait();
+}
+
+#[test]
+fn the_settings_deployed_are_settings_the_gateway_accepts() {
+    assert_gateway_starts_with(
+        "k8s/base/gateway.env",
+        &env_file(&repo().join("k8s/base/gateway.env")),
+    );
+    let config = compose_config();
+    for (name, gateway) in gateway_services(&config) {
+        let settings: Vec<(String, String)> = gateway["environment"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+            .collect();
+        assert_gateway_starts_with(&format!("docker-compose.yml {name}"), &settings);
+    }
+}
+
+#[test]
+fn the_dockerfile_and_the_manifests_pass_the_security_checks() {
+    let dir = scratch("checkov");
+    let mut command = Command::new(tool("checkov", FROM_PYPI));
+    command.args([
+        "--quiet",
+        "--compact",
+        // Nothing to fetch: no platform account, and the network is not needed for the checks.
+        "--skip-download",
+        "--framework",
+        "kubernetes",
+        "dockerfile",
+        "--file",
+        "Dockerfile",
+    ]);
+    for (_, file) in render_all(&dir) {
+        command.arg("--file").arg(file);
+    }
+    run(&mut command);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_docker_build_context_holds_every_workspace_crate() {
+    let manifest = std::fs::read_to_string(repo().join("Cargo.toml")).unwrap();
+    let members = manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("members = "))
+        .expect("workspace members");
+    let ignore = std::fs::read_to_string(repo().join(".dockerignore")).unwrap();
+    let allowed: Vec<&str> = ignore.lines().filter_map(|l| l.strip_prefix('!')).collect();
+    for member in members
+        .trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .map(|m| m.trim().trim_matches('"'))
+    {
+        for part in ["Cargo.toml", "src/"] {
+            let path = format!("{member}/{part}");
+            assert!(
+                allowed.contains(&path.as_str()),
+                ".dockerignore leaves {path} out of the image's build"
+            );
+        }
+    }
+}
