@@ -51,6 +51,17 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Each stream is an open file. Containers often start with a soft limit of 1,024 under a
+    // far higher hard one: take all of it.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(files) if (files as usize) < config.stream.max_connections + 64 => tracing::warn!(
+            files,
+            max_connections = config.stream.max_connections,
+            "the open-file limit is below --max-connections; raise the hard limit (ulimit -Hn)"
+        ),
+        Ok(files) => tracing::info!(files, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
+    }
     let listener = match listen(config.listen) {
         Ok(listener) => listener,
         Err(e) => {

@@ -95,3 +95,40 @@ async fn oversized_request_heads_get_431_and_harm_no_one_else() {
     assert_eq!(sse.next().await.id, id);
     sse.assert_quiet(Duration::from_millis(100)).await;
 }
+
+/// `(soft, hard)` "Max open files" of process `pid`.
+fn open_file_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    (fields[3].to_string(), fields[4].to_string())
+}
+
+#[test]
+fn the_gateway_raises_its_open_file_limit_to_the_hard_limit() {
+    let port = support::free_port();
+    // Started with a soft limit of 256, as a container runtime might.
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -Sn 256 && exec {} --listen 127.0.0.1:{port} --drain-window 0s",
+            env!("CARGO_BIN_EXE_sse-gateway")
+        ))
+        .env("SSEGW_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    support::wait_until("the gateway answers", || {
+        support::http_status(addr, "GET", "/healthz") == Some(200)
+    });
+    let (soft, hard) = open_file_limits(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_ne!(hard, "256", "the test needs a hard limit above 256");
+    assert_eq!(soft, hard, "soft limit not raised");
+}
