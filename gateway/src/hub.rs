@@ -156,13 +156,7 @@ impl Channel {
         state.latest = event.id;
         match &self.coalesce {
             None => self.send(&mut state, Delivery::Event(event)),
-            Some((delay, flushes)) => {
-                if state.pending.is_empty() {
-                    // The flusher is gone only when the hub is: nobody would receive anyway.
-                    let _ = flushes.send((Instant::now() + *delay, self.clone()));
-                }
-                state.pending.push(event);
-            }
+            Some(_) => self.hold(&mut state, [event]),
         }
     }
 
@@ -181,18 +175,24 @@ impl Channel {
         if fresh.is_empty() {
             return;
         }
-        match &self.coalesce {
-            None => {
-                state.pending = fresh;
-                self.release(&mut state);
-            }
-            Some((delay, flushes)) => {
-                if state.pending.is_empty() {
-                    let _ = flushes.send((Instant::now() + *delay, self.clone()));
-                }
-                state.pending.extend(fresh);
-            }
+        self.hold(&mut state, fresh);
+        if self.coalesce.is_none() {
+            self.release(&mut state);
         }
+    }
+
+    /// Adds events to those pending; with a coalescing delay, the first of them asks for the
+    /// flush at the end of the delay.
+    fn hold(
+        self: &Arc<Self>,
+        state: &mut ChannelState,
+        events: impl IntoIterator<Item = Arc<Event>>,
+    ) {
+        if let (true, Some((delay, flushes))) = (state.pending.is_empty(), &self.coalesce) {
+            // The flusher is gone only when the hub is: nobody would receive anyway.
+            let _ = flushes.send((Instant::now() + *delay, self.clone()));
+        }
+        state.pending.extend(events);
     }
 
     /// Tells the topic's subscribers that events after the latest position are gone (found by

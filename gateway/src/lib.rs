@@ -16,6 +16,7 @@ use std::time::Duration;
 use actix_web::{web, App, HttpServer};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::bus::Bus;
 use crate::config::Config;
@@ -40,8 +41,9 @@ pub async fn run(
         interest_tx,
         config.stream.write_coalesce,
     ));
-    let timers = tokio::spawn(hub.clone().run_timers(config.stream.keepalive));
-    let _stop_timers_on_return = AbortOnDrop(timers);
+    let _stop_timers_on_return = AbortOnDropHandle::new(tokio::spawn(
+        hub.clone().run_timers(config.stream.keepalive),
+    ));
     let bus = Arc::new(Bus::start(
         &config.bus,
         hub.clone(),
@@ -118,15 +120,6 @@ pub async fn run(
         _ = window_over => tracing::info!(left = stats.open(), "drain window over"),
     }
     Ok(())
-}
-
-/// Aborts a spawned task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// How long before the end of the drain window `run` returns.
