@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use ssegw_protocol::script::ScriptSettings;
+use ssegw_protocol::{Scope, TopicPattern};
+
+use crate::auth::{AuthConfig, VerifyingKey};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -25,7 +28,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the gateway (the default when no subcommand is given).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Publish one event, through Redis when --redis-url is set, else through a gateway's HTTP API.
     Publish(PublishArgs),
     /// Print the Redis Lua code: the function library, or with --eval the plain EVAL script.
@@ -91,6 +94,76 @@ pub struct ServeArgs {
     pub redis_timeout: Duration,
     #[command(flatten)]
     pub retention: RetentionArgs,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+}
+
+/// Who may subscribe and publish, and from which browser origins (README "Authorization").
+#[derive(Args, Debug, Clone)]
+pub struct AuthArgs {
+    /// Topic patterns anyone may subscribe to without a token, comma-separated (`*` for all,
+    /// `public.*` for a prefix). Empty (the default): every subscription needs a token.
+    #[arg(long, env = "SSEGW_ANONYMOUS_SUBSCRIBE", value_delimiter = ',')]
+    pub anonymous_subscribe: Vec<String>,
+    /// Topic patterns anyone may publish to over HTTP without a token. Empty (the default):
+    /// every HTTP publish needs a token. Publishing through Redis is guarded by Redis itself.
+    #[arg(long, env = "SSEGW_ANONYMOUS_PUBLISH", value_delimiter = ',')]
+    pub anonymous_publish: Vec<String>,
+    /// HMAC secret for HS256/384/512 tokens, at least 32 bytes. Prefer the variable or
+    /// --jwt-secret-file to the flag, which other local users can see.
+    #[arg(long, env = "SSEGW_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// File holding the HMAC secret (trailing line breaks are ignored).
+    #[arg(long, env = "SSEGW_JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<std::path::PathBuf>,
+    /// PEM files with RSA (RS*, PS*) or EC (ES256, ES384) public keys, comma-separated; several
+    /// keys allow a rotation.
+    #[arg(long, env = "SSEGW_JWT_PUBLIC_KEY", value_delimiter = ',')]
+    pub jwt_public_key: Vec<std::path::PathBuf>,
+    /// A JWKS file (the JSON of an identity provider's `jwks_uri`); a token's `kid` picks its key.
+    #[arg(long, env = "SSEGW_JWT_JWKS")]
+    pub jwt_jwks: Option<std::path::PathBuf>,
+    /// The algorithms accepted, comma-separated; a token naming any other is refused, whatever
+    /// its signature.
+    #[arg(
+        long,
+        env = "SSEGW_JWT_ALGORITHMS",
+        value_delimiter = ',',
+        default_value = "HS256,RS256,ES256"
+    )]
+    pub jwt_algorithms: Vec<String>,
+    /// Accepted audiences (`aud`), comma-separated; when set, a token must name one of them.
+    #[arg(long, env = "SSEGW_JWT_AUDIENCE", value_delimiter = ',')]
+    pub jwt_audience: Vec<String>,
+    /// Accepted issuers (`iss`), comma-separated; when set, a token must name one of them.
+    #[arg(long, env = "SSEGW_JWT_ISSUER", value_delimiter = ',')]
+    pub jwt_issuer: Vec<String>,
+    /// Clock skew allowed when checking `exp` and `nbf`.
+    #[arg(long, env = "SSEGW_JWT_LEEWAY", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub jwt_leeway: Duration,
+    /// The claim that lists a token's topics: `{"<claim>": {"subscribe": [..], "publish": [..]}}`.
+    #[arg(long, env = "SSEGW_JWT_CLAIM", default_value = "ssegw")]
+    pub jwt_claim: String,
+    /// Cookie a subscriber's token may come in (for `EventSource` with `withCredentials`);
+    /// empty: no cookie source.
+    #[arg(long, env = "SSEGW_AUTH_COOKIE", default_value = "ssegw_token")]
+    pub auth_cookie: String,
+    /// Whether a subscriber's token may come in the `access_token` query parameter. Convenient
+    /// for browsers, but URLs end up in proxy and server logs: turn it off where they are kept.
+    #[arg(long, env = "SSEGW_QUERY_TOKEN", default_value_t = true, action = clap::ArgAction::Set)]
+    pub query_token: bool,
+    /// Whether a stream ends when the token that opened it expires (after a `ssegw-expired`
+    /// control event), so that a revoked user does not listen forever.
+    #[arg(long, env = "SSEGW_CLOSE_ON_EXPIRY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub close_on_expiry: bool,
+    /// Browser origins allowed to call the gateway (CORS), comma-separated, e.g.
+    /// `https://app.example.com`; `*` allows any origin but without credentials. Empty (the
+    /// default): no CORS headers, same-origin pages only.
+    #[arg(long, env = "SSEGW_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+    /// Whether listed origins may send credentials (cookies, Authorization).
+    #[arg(long, env = "SSEGW_CORS_CREDENTIALS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cors_credentials: bool,
 }
 
 /// Settings baked into the Redis functions; every replica of a fleet should use the same.
@@ -123,6 +196,9 @@ pub struct PublishArgs {
     /// Gateway base URL, used when no Redis URL is given.
     #[arg(long, env = "SSEGW_URL", default_value = "http://127.0.0.1:8080")]
     pub url: String,
+    /// Bearer token for the gateway's `POST /publish` (a JWT whose claims grant the topic).
+    #[arg(long, env = "SSEGW_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     #[arg(long, env = "SSEGW_REDIS_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub redis_timeout: Duration,
     #[command(flatten)]
@@ -146,6 +222,23 @@ pub struct Config {
     pub dead_peer_timeout: Duration,
     pub stream: StreamConfig,
     pub bus: BusConfig,
+    pub auth: AuthConfig,
+    pub cors: CorsConfig,
+}
+
+/// Which browser origins may call the gateway.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum CorsConfig {
+    /// No CORS headers: same-origin pages only.
+    #[default]
+    Off,
+    /// Any origin, without credentials.
+    AnyOrigin,
+    /// These origins (`scheme://host[:port]`), with credentials when set.
+    Origins {
+        origins: Vec<String>,
+        credentials: bool,
+    },
 }
 
 /// How SSE streams behave.
@@ -223,6 +316,140 @@ pub fn check_redis_url(url: &str) -> Result<(), ConfigError> {
         .map_err(|e| ConfigError(format!("--redis-url (SSEGW_REDIS_URL) {url:?}: {e}")))
 }
 
+impl AuthArgs {
+    /// Reads the key files and checks every setting.
+    pub fn auth_config(&self) -> Result<AuthConfig, ConfigError> {
+        let scope = |patterns: &[String], flag: &str| -> Result<Scope, ConfigError> {
+            patterns
+                .iter()
+                .map(|p| p.trim())
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    TopicPattern::new(p).map_err(|e| ConfigError(format!("{flag}: {p:?}: {e}")))
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Scope::new)
+        };
+        let read = |path: &std::path::Path, flag: &str| {
+            std::fs::read(path).map_err(|e| ConfigError(format!("{flag} {}: {e}", path.display())))
+        };
+        let mut keys = Vec::new();
+        if let Some(secret) = &self.jwt_secret {
+            keys.push(
+                VerifyingKey::secret(secret.as_bytes(), "--jwt-secret (SSEGW_JWT_SECRET)")
+                    .map_err(ConfigError)?,
+            );
+        }
+        if let Some(path) = &self.jwt_secret_file {
+            let flag = "--jwt-secret-file (SSEGW_JWT_SECRET_FILE)";
+            let mut secret = read(path, flag)?;
+            while secret.last().is_some_and(|b| matches!(b, b'\n' | b'\r')) {
+                secret.pop();
+            }
+            keys.push(VerifyingKey::secret(&secret, flag).map_err(ConfigError)?);
+        }
+        for path in &self.jwt_public_key {
+            let flag = "--jwt-public-key (SSEGW_JWT_PUBLIC_KEY)";
+            let source = format!("{flag} {}", path.display());
+            keys.push(VerifyingKey::public_pem(&read(path, flag)?, &source).map_err(ConfigError)?);
+        }
+        if let Some(path) = &self.jwt_jwks {
+            let flag = "--jwt-jwks (SSEGW_JWT_JWKS)";
+            let source = format!("{flag} {}", path.display());
+            keys.extend(VerifyingKey::jwks(&read(path, flag)?, &source).map_err(ConfigError)?);
+        }
+        let algorithms = self
+            .jwt_algorithms
+            .iter()
+            .map(|name| {
+                name.trim().parse::<jsonwebtoken::Algorithm>().map_err(|_| {
+                    ConfigError(format!(
+                        "--jwt-algorithms (SSEGW_JWT_ALGORITHMS): unknown algorithm {name:?}"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        check(
+            !algorithms.is_empty(),
+            "--jwt-algorithms (SSEGW_JWT_ALGORITHMS) must name at least one algorithm",
+        )?;
+        check(
+            self.jwt_leeway <= Duration::from_secs(300),
+            "--jwt-leeway (SSEGW_JWT_LEEWAY) must be at most 5m",
+        )?;
+        check(
+            !self.jwt_claim.is_empty(),
+            "--jwt-claim (SSEGW_JWT_CLAIM) must not be empty",
+        )?;
+        let config = AuthConfig {
+            keys,
+            algorithms,
+            audience: self.jwt_audience.clone(),
+            issuer: self.jwt_issuer.clone(),
+            leeway: self.jwt_leeway,
+            claim: self.jwt_claim.clone(),
+            anonymous_subscribe: scope(
+                &self.anonymous_subscribe,
+                "--anonymous-subscribe (SSEGW_ANONYMOUS_SUBSCRIBE)",
+            )?,
+            anonymous_publish: scope(
+                &self.anonymous_publish,
+                "--anonymous-publish (SSEGW_ANONYMOUS_PUBLISH)",
+            )?,
+            cookie: (!self.auth_cookie.is_empty()).then(|| self.auth_cookie.clone()),
+            query_token: self.query_token,
+            close_on_expiry: self.close_on_expiry,
+        };
+        config.check().map_err(ConfigError)?;
+        Ok(config)
+    }
+
+    pub fn cors_config(&self) -> Result<CorsConfig, ConfigError> {
+        let origins: Vec<String> = self
+            .cors_origins
+            .iter()
+            .map(|o| o.trim().to_string())
+            .filter(|o| !o.is_empty())
+            .collect();
+        if origins.is_empty() {
+            return Ok(CorsConfig::Off);
+        }
+        if origins.iter().any(|o| o == "*") {
+            check(
+                origins.len() == 1,
+                "--cors-origins (SSEGW_CORS_ORIGINS): '*' cannot be combined with listed origins",
+            )?;
+            return Ok(CorsConfig::AnyOrigin);
+        }
+        for origin in &origins {
+            check(
+                is_origin(origin),
+                &format!(
+                    "--cors-origins (SSEGW_CORS_ORIGINS): {origin:?} is not an origin such as \
+                     https://app.example.com (scheme and host, an optional port, no path)"
+                ),
+            )?;
+        }
+        Ok(CorsConfig::Origins {
+            origins,
+            credentials: self.cors_credentials,
+        })
+    }
+}
+
+/// `scheme://host[:port]` as browsers send it in `Origin`: no path, query, user or spaces.
+fn is_origin(text: &str) -> bool {
+    let Some((scheme, authority)) = text.split_once("://") else {
+        return false;
+    };
+    matches!(scheme, "http" | "https")
+        && !authority.is_empty()
+        && !authority.ends_with(':')
+        && authority
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
+}
+
 impl ServeArgs {
     pub fn into_config(self) -> Result<Config, ConfigError> {
         let script = self.retention.script_settings()?;
@@ -270,6 +497,8 @@ impl ServeArgs {
             self.write_coalesce <= Duration::from_secs(1),
             "--write-coalesce (SSEGW_WRITE_COALESCE) must be at most 1s",
         )?;
+        let auth = self.auth.auth_config()?;
+        let cors = self.auth.cors_config()?;
         Ok(Config {
             listen: self.listen,
             workers,
@@ -292,6 +521,8 @@ impl ServeArgs {
                 client_buffer: self.client_buffer,
                 script,
             },
+            auth,
+            cors,
         })
     }
 }
@@ -318,8 +549,19 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// Anonymous subscribing, so that a gateway without keys may start.
+    const OPEN: &str = "--anonymous-subscribe=*";
+
     fn check_flags(flags: &[&str], expected_error: Option<&str>) {
-        match (Config::from_flags(flags), expected_error) {
+        let with_access: Vec<&str> = if flags
+            .iter()
+            .any(|f| f.starts_with("--anonymous") || f.starts_with("--jwt"))
+        {
+            flags.to_vec()
+        } else {
+            [flags, &[OPEN]].concat()
+        };
+        match (Config::from_flags(&with_access), expected_error) {
             (Ok(_), None) => {}
             (Err(e), Some(part)) => {
                 let text = e.to_string();
@@ -359,7 +601,7 @@ mod tests {
 
     #[test]
     fn defaults_are_the_documented_ones() {
-        let config = Config::from_flags::<_, &str>([]).unwrap();
+        let config = Config::from_flags([OPEN]).unwrap();
         assert_eq!(config.listen, "0.0.0.0:8080".parse().unwrap());
         assert_eq!(config.stream.keepalive, Duration::from_secs(15));
         assert_eq!(config.stream.retry, Duration::from_secs(2));
@@ -372,5 +614,72 @@ mod tests {
         assert_eq!(config.bus.canary_interval, Duration::from_secs(1));
         assert_eq!(config.bus.script, ScriptSettings::default());
         assert_eq!(config.bus.redis_url, None);
+        assert_eq!(config.cors, CorsConfig::Off);
+        let auth = config.auth;
+        assert!(auth.keys.is_empty() && auth.anonymous_publish.is_empty());
+        assert_eq!(auth.leeway, Duration::from_secs(5));
+        assert_eq!(auth.claim, "ssegw");
+        assert_eq!(auth.cookie.as_deref(), Some("ssegw_token"));
+        assert!(auth.query_token && auth.close_on_expiry);
+    }
+
+    #[test]
+    fn validates_auth_and_cors_flags() {
+        let dir = std::env::temp_dir().join(format!("ssegw-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let garbage = dir.join("garbage.pem");
+        std::fs::write(&garbage, "not a key").unwrap();
+        let secret = "0123456789abcdef0123456789abcdef";
+        check_flags(&["--anonymous-subscribe", "orders.*,public"], None);
+        check_flags(&["--jwt-secret", secret], None);
+        check_flags(&[], None);
+        // Nothing at all allowed: refused, with the way out named.
+        check_flags(
+            &["--anonymous-subscribe", ""],
+            Some("--anonymous-subscribe '*'"),
+        );
+        check_flags(
+            &["--anonymous-publish", "orders.*.x"],
+            Some("SSEGW_ANONYMOUS_PUBLISH"),
+        );
+        check_flags(&["--jwt-secret", "short"], Some("at least 32 bytes"));
+        check_flags(
+            &["--jwt-secret", secret, "--jwt-algorithms", "RS256"],
+            Some("uses this key"),
+        );
+        check_flags(
+            &["--jwt-secret", secret, "--jwt-algorithms", "none"],
+            Some("unknown algorithm \"none\""),
+        );
+        check_flags(
+            &["--jwt-public-key", garbage.to_str().unwrap()],
+            Some("not an RSA or EC public key"),
+        );
+        check_flags(
+            &["--jwt-jwks", "/nonexistent/jwks.json"],
+            Some("SSEGW_JWT_JWKS"),
+        );
+        check_flags(
+            &["--jwt-jwks", garbage.to_str().unwrap()],
+            Some("not a JWKS"),
+        );
+        check_flags(
+            &[
+                "--cors-origins",
+                "https://app.example.com,http://localhost:3000",
+            ],
+            None,
+        );
+        check_flags(&["--cors-origins", "*"], None);
+        check_flags(
+            &["--cors-origins", "*,https://a.example"],
+            Some("cannot be combined"),
+        );
+        check_flags(
+            &["--cors-origins", "https://a.example/path"],
+            Some("SSEGW_CORS_ORIGINS"),
+        );
+        check_flags(&["--cors-origins", "a.example"], Some("SSEGW_CORS_ORIGINS"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

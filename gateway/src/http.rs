@@ -10,6 +10,7 @@ use ssegw_protocol::frame::EventType;
 use ssegw_protocol::{cursor, Topic, TopicSet};
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{Action, Auth, AuthError, Grant};
 use crate::bus::{Bus, BusError};
 use crate::config::StreamConfig;
 use crate::hub::Hub;
@@ -22,6 +23,7 @@ pub struct AppState {
     pub bus: Arc<Bus>,
     pub stream: Arc<StreamConfig>,
     pub stats: Arc<Stats>,
+    pub auth: Arc<Auth>,
     /// Cancelled when the replica starts draining.
     pub drain: CancellationToken,
 }
@@ -31,7 +33,8 @@ pub struct AppState {
 pub struct ApiError {
     status: StatusCode,
     message: String,
-    allow: Option<&'static str>,
+    /// A header the status calls for (`Allow` with 405, `WWW-Authenticate` with 401 and 403).
+    header: Option<(header::HeaderName, &'static str)>,
 }
 
 impl ApiError {
@@ -39,7 +42,7 @@ impl ApiError {
         ApiError {
             status,
             message: message.into(),
-            allow: None,
+            header: None,
         }
     }
 
@@ -75,14 +78,42 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let mut response = HttpResponse::build(self.status);
-        if let Some(allow) = self.allow {
-            response.insert_header((header::ALLOW, allow));
+        if let Some(extra) = &self.header {
+            response.insert_header(extra.clone());
         }
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             // Spread the retries of many refused clients over a few seconds.
             response.insert_header((header::RETRY_AFTER, fastrand::u8(1..=5).to_string()));
         }
         response.json(serde_json::json!({ "error": self.message }))
+    }
+}
+
+impl ApiError {
+    /// 401 or 403, with the `WWW-Authenticate` challenge of RFC 6750; counted in `stats`.
+    fn auth(e: AuthError, stats: &Stats) -> ApiError {
+        let (status, challenge, counter) = match &e {
+            AuthError::Missing(_) => (
+                StatusCode::UNAUTHORIZED,
+                r#"Bearer realm="sse-gateway""#,
+                &stats.unauthorized,
+            ),
+            AuthError::Invalid(_) => (
+                StatusCode::UNAUTHORIZED,
+                r#"Bearer realm="sse-gateway", error="invalid_token""#,
+                &stats.unauthorized,
+            ),
+            AuthError::Forbidden(_) => (
+                StatusCode::FORBIDDEN,
+                r#"Bearer realm="sse-gateway", error="insufficient_scope""#,
+                &stats.forbidden,
+            ),
+        };
+        stats.record(counter);
+        ApiError {
+            header: Some((header::WWW_AUTHENTICATE, challenge)),
+            ..ApiError::new(status, e.to_string())
+        }
     }
 }
 
@@ -139,7 +170,7 @@ pub fn routes(cfg: &mut web::ServiceConfig, max_event_bytes: usize) {
 fn only(resource: actix_web::Resource, method: &'static str) -> actix_web::Resource {
     resource.default_service(web::to(move || async move {
         Err::<HttpResponse, _>(ApiError {
-            allow: Some(method),
+            header: Some((header::ALLOW, method)),
             ..ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 format!("method not allowed; use {method}"),
@@ -169,11 +200,22 @@ fn json_error(e: actix_web::error::JsonPayloadError) -> ApiError {
 pub struct SubscribeRequest {
     pub topics: TopicSet,
     pub last_event_id: Option<String>,
+    /// The `access_token` query parameter, if sent.
+    pub access_token: Option<Secret>,
+}
+
+/// A token, kept out of `Debug` output and so out of logs.
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 impl SubscribeRequest {
-    /// `topic=` (repeatable) and `lastEventId=` from the query; a non-empty `Last-Event-ID`
-    /// header (what browsers send on reconnect) wins over the query parameter.
+    /// `topic=` (repeatable), `lastEventId=` and `access_token=` from the query; a non-empty
+    /// `Last-Event-ID` header (what browsers send on reconnect) wins over the query parameter.
     pub fn parse(
         query: &str,
         header_id: Option<&[u8]>,
@@ -182,6 +224,7 @@ impl SubscribeRequest {
         // Distinct topics count against the limit; a repeated one is the same subscription.
         let mut topics = std::collections::BTreeSet::new();
         let mut query_id = None;
+        let mut access_token = None;
         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
             match &*key {
                 "topic" => {
@@ -191,6 +234,9 @@ impl SubscribeRequest {
                     topics.insert(topic);
                 }
                 "lastEventId" if !value.is_empty() => query_id = Some(value.into_owned()),
+                "access_token" if !value.is_empty() => {
+                    access_token = Some(Secret(value.into_owned()))
+                }
                 _ => {}
             }
             if topics.len() > max_topics {
@@ -209,6 +255,7 @@ impl SubscribeRequest {
         Ok(SubscribeRequest {
             topics,
             last_event_id: header_id.or(query_id),
+            access_token,
         })
     }
 }
@@ -219,6 +266,7 @@ async fn events(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResp
         req.headers().get("last-event-id").map(|h| h.as_bytes()),
         state.stream.max_topics,
     )?;
+    let grant = subscriber_grant(&req, &request, &state)?;
     if state.drain.is_cancelled() {
         return Err(ApiError::unavailable(
             "gateway is shutting down, retry later",
@@ -255,6 +303,7 @@ async fn events(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResp
             }
         },
     };
+    let closes_at = state.auth.closes_at(&grant);
     let connection = Connection::new(
         request.topics,
         memberships,
@@ -263,12 +312,28 @@ async fn events(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResp
         state.stream.clone(),
         slot,
         state.drain.clone(),
-    );
+    )
+    .closing_at(closes_at);
     Ok(HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header((header::CACHE_CONTROL, "no-cache"))
         .insert_header(("X-Accel-Buffering", "no"))
         .streaming(connection.into_stream()))
+}
+
+/// Checks the subscriber's token (or anonymous access) against every requested topic.
+fn subscriber_grant(
+    req: &HttpRequest,
+    request: &SubscribeRequest,
+    state: &AppState,
+) -> Result<Grant, ApiError> {
+    let auth = &state.auth;
+    let query_token = request.access_token.as_ref().map(|s| s.0.as_str());
+    auth.subscriber_token(req, query_token)
+        .and_then(|token| {
+            auth.authorize(Action::Subscribe, token.as_deref(), request.topics.iter())
+        })
+        .map_err(|e| ApiError::auth(e, &state.stats))
 }
 
 /// A client's value in an error message: quoted, and cut short when long.
@@ -367,10 +432,19 @@ impl PublishBody {
 }
 
 async fn publish(
+    req: HttpRequest,
     body: web::Json<PublishBody>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let request = body.into_inner().validate(state.stream.max_event_bytes)?;
+    // Only the header: a cookie would let any page the user visits publish in their name.
+    crate::auth::bearer(&req)
+        .and_then(|token| {
+            state
+                .auth
+                .authorize(Action::Publish, token.as_deref(), [&request.topic])
+        })
+        .map_err(|e| ApiError::auth(e, &state.stats))?;
     let id = state
         .bus
         .publish(&request.topic, request.event.as_ref(), &request.data)

@@ -2,6 +2,7 @@
 //! replica on a bound listener until the shutdown token is cancelled; `main.rs` and the tests
 //! both go through it.
 
+pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod http;
@@ -18,8 +19,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
+use crate::auth::Auth;
 use crate::bus::Bus;
-use crate::config::Config;
+use crate::config::{Config, CorsConfig};
 use crate::http::AppState;
 use crate::hub::Hub;
 use crate::stats::Stats;
@@ -66,13 +68,22 @@ pub async fn run(
         bus,
         stream: Arc::new(config.stream.clone()),
         stats: stats.clone(),
+        auth: Arc::new(Auth::new(config.auth.clone())),
         drain: shutdown.clone(),
     });
+    let cors = config.cors.clone();
     let max_event_bytes = config.stream.max_event_bytes;
     let dead_peer_timeout = config.dead_peer_timeout;
     let server = HttpServer::new(move || {
         // No compression middleware: it would hold SSE frames back.
         App::new()
+            .wrap(actix_web::middleware::Condition::new(
+                cors != CorsConfig::Off,
+                cors_middleware(&cors),
+            ))
+            .wrap(actix_web::middleware::from_fn(
+                no_credentials_without_origin,
+            ))
             .app_data(state.clone())
             .configure(|cfg| http::routes(cfg, max_event_bytes))
     })
@@ -124,3 +135,53 @@ pub async fn run(
 
 /// How long before the end of the drain window `run` returns.
 const EXIT_MARGIN: Duration = Duration::from_millis(50);
+
+/// The CORS policy: the configured origins, the methods and headers the routes use, and a
+/// preflight cached for an hour. A request from another origin is served without CORS headers
+/// (the browser then withholds the response from the page); a preflight from one is refused.
+fn cors_middleware(config: &CorsConfig) -> actix_cors::Cors {
+    use actix_web::http::header;
+    let cors = actix_cors::Cors::default()
+        .allowed_methods(["GET", "POST"])
+        .allowed_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::HeaderName::from_static("last-event-id"),
+            header::HeaderName::from_static("traceparent"),
+            header::HeaderName::from_static("tracestate"),
+        ])
+        .max_age(3600);
+    match config {
+        CorsConfig::Off => cors,
+        CorsConfig::AnyOrigin => cors.allow_any_origin().send_wildcard(),
+        CorsConfig::Origins {
+            origins,
+            credentials,
+        } => {
+            let cors = origins
+                .iter()
+                .fold(cors, |cors, origin| cors.allowed_origin(origin));
+            if *credentials {
+                cors.supports_credentials()
+            } else {
+                cors
+            }
+        }
+    }
+}
+
+/// actix-cors marks every response of a credentialed policy with
+/// `Access-Control-Allow-Credentials`, even one to an origin it does not allow; such a response
+/// must carry no CORS headers at all.
+async fn no_credentials_without_origin(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
+) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
+    use actix_web::http::header;
+    let mut response = next.call(req).await?;
+    let headers = response.headers_mut();
+    if !headers.contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN) {
+        headers.remove(header::ACCESS_CONTROL_ALLOW_CREDENTIALS);
+    }
+    Ok(response)
+}

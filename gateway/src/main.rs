@@ -11,8 +11,8 @@ use tokio_util::sync::CancellationToken;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
-    match cli.command.unwrap_or(Command::Serve(cli.serve)) {
-        Command::Serve(args) => serve(args),
+    match cli.command.unwrap_or(Command::Serve(Box::new(cli.serve))) {
+        Command::Serve(args) => serve(*args),
         Command::Publish(args) => {
             // awc needs an actix system (a local task set) to run its connection pool.
             match actix_web::rt::System::new().block_on(sse_gateway::publisher::publish(args)) {

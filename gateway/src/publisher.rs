@@ -26,12 +26,16 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<StreamId> {
             let bus = RedisBus::connect(url, 2, args.redis_timeout, &script)?;
             Ok(bus.publish(&topic, event.as_ref(), &args.data).await?)
         }
-        None => publish_http(&args.url, &topic, event.as_ref(), &args.data).await,
+        None => {
+            let token = args.token.as_deref();
+            publish_http(&args.url, token, &topic, event.as_ref(), &args.data).await
+        }
     }
 }
 
 async fn publish_http(
     base: &str,
+    token: Option<&str>,
     topic: &Topic,
     event: Option<&EventType>,
     data: &str,
@@ -42,8 +46,11 @@ async fn publish_http(
         "data": data,
         "event": event.map(EventType::as_str),
     });
-    let mut response = awc::Client::default()
-        .post(&url)
+    let mut request = awc::Client::default().post(&url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let mut response = request
         .send_json(&body)
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach {url}: {e}"))?;

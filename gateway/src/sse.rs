@@ -1,8 +1,9 @@
 //! One SSE connection: the preamble, then for each topic a replay from history (when resuming),
 //! then live events from the hub, with duplicates dropped by stream id, gap markers turned into
-//! control events, keep-alive comments, and an end when the client lags too far or the replica
-//! drains. Keep-alives and the drain arrive through the topic channels like events (see `hub`),
-//! so a connection waits on its receivers alone and holds no timer until it drains.
+//! control events, keep-alive comments, and an end when the client lags too far, the replica
+//! drains or the subscriber's token expires. Keep-alives and the drain arrive through the topic
+//! channels like events (see `hub`), so a connection waits on its receivers alone and holds no
+//! timer until it drains, unless its token expires.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -65,8 +66,9 @@ pub struct Connection {
     /// Cancelled when the replica starts draining. Only read when the connection may have
     /// missed the hub's drain marker: at the start and after resubscribing.
     drain: CancellationToken,
-    /// Set once draining: the instant this connection closes, picked at random in the window.
-    close_at: Option<Pin<Box<Sleep>>>,
+    /// When this connection closes, and why: the token's expiry, or once draining an instant
+    /// picked at random in the drain window, whichever comes first.
+    close_at: Option<(Pin<Box<Sleep>>, End)>,
     /// Set when the stream ends after the chunk just returned.
     ending: Option<End>,
     preamble: Option<Bytes>,
@@ -85,6 +87,8 @@ enum End {
     Slow,
     /// The topic's channel closed (the hub went away).
     Closed,
+    /// The subscriber's token expired; the client was told so.
+    Expired,
 }
 
 impl Connection {
@@ -144,6 +148,28 @@ impl Connection {
         connection
     }
 
+    /// Ends the stream at `expiry` (the token's), unless it ends before.
+    pub fn closing_at(mut self, expiry: Option<std::time::SystemTime>) -> Connection {
+        if let Some(expiry) = expiry {
+            let left = expiry
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            let deadline = tokio::time::Instant::now() + left;
+            self.close_by(deadline, End::Expired);
+        }
+        self
+    }
+
+    /// Sets the closing instant unless an earlier one is set.
+    fn close_by(&mut self, deadline: tokio::time::Instant, reason: End) {
+        if let Some((timer, _)) = &self.close_at {
+            if timer.deadline() <= deadline {
+                return;
+            }
+        }
+        self.close_at = Some((Box::pin(tokio::time::sleep_until(deadline)), reason));
+    }
+
     /// The response body: chunks until the connection ends.
     pub fn into_stream(self) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> {
         futures_util::stream::unfold(self, |mut conn| async move {
@@ -185,6 +211,7 @@ impl Connection {
         match end {
             End::Drained => stats.record(&stats.drained),
             End::Slow => stats.record(&stats.slow),
+            End::Expired => stats.record(&stats.expired),
             End::Closed => {}
         }
         None
@@ -235,11 +262,17 @@ impl Connection {
     async fn live_step(&mut self) -> Result<Option<Bytes>, End> {
         let (index, received) = tokio::select! {
             biased;
-            _ = until(&mut self.close_at) => {
-                // A short, random reconnection delay, then the end of the stream.
-                let retry = DRAIN_RETRY_MAX.min(self.config.retry).mul_f64(fastrand::f64());
-                self.ending = Some(End::Drained);
-                return Ok(Some(frame::preamble(retry.as_millis() as u64, None)));
+            reason = until(&mut self.close_at) => {
+                self.ending = Some(reason);
+                return Ok(Some(match reason {
+                    // The client's credentials decide whether its reconnect is let in again.
+                    End::Expired => frame::expired_event(),
+                    // A short, random reconnection delay, then the end of the stream.
+                    _ => {
+                        let retry = DRAIN_RETRY_MAX.min(self.config.retry).mul_f64(fastrand::f64());
+                        frame::preamble(retry.as_millis() as u64, None)
+                    }
+                }));
             }
             next = recv_any(&mut self.streams) => next,
         };
@@ -325,9 +358,9 @@ impl Connection {
 
     /// Picks this connection's closing instant in the drain spread, once.
     fn start_drain(&mut self) {
-        if self.close_at.is_none() {
+        if !matches!(self.close_at, Some((_, End::Drained))) {
             let delay = self.config.drain_spread().mul_f64(fastrand::f64());
-            self.close_at = Some(Box::pin(tokio::time::sleep(delay)));
+            self.close_by(tokio::time::Instant::now() + delay, End::Drained);
         }
     }
 
@@ -409,10 +442,13 @@ impl Chunk {
     }
 }
 
-/// Waits for an optional timer; never completes without one.
-async fn until(timer: &mut Option<Pin<Box<Sleep>>>) {
+/// Waits for an optional timer and gives its reason; never completes without one.
+async fn until(timer: &mut Option<(Pin<Box<Sleep>>, End)>) -> End {
     match timer {
-        Some(timer) => timer.await,
+        Some((timer, reason)) => {
+            timer.await;
+            *reason
+        }
         None => std::future::pending().await,
     }
 }
@@ -445,7 +481,7 @@ mod tests {
     /// so that they cost memory only while in use. Measured figures: BENCHMARKS.md.
     #[tokio::test]
     async fn idle_body_state_stays_small() {
-        let config = Config::from_flags::<_, &str>([]).unwrap();
+        let config = Config::from_flags(["--anonymous-subscribe=*"]).unwrap();
         let (interest_tx, interest_rx) = tokio::sync::mpsc::unbounded_channel();
         let hub = Arc::new(Hub::new(16, interest_tx, std::time::Duration::ZERO));
         let bus = Bus::start(&config.bus, hub.clone(), interest_rx, Default::default()).unwrap();

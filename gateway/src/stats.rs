@@ -14,6 +14,12 @@ pub struct Stats {
     pub slow: AtomicU64,
     /// Streams closed by a drain.
     pub drained: AtomicU64,
+    /// Streams closed because the subscriber's token expired.
+    pub expired: AtomicU64,
+    /// Requests refused with 401 (no or an invalid token).
+    pub unauthorized: AtomicU64,
+    /// Requests refused with 403 (a token or anonymous access that does not grant the topic).
+    pub forbidden: AtomicU64,
     /// Subscriptions refused because the replica was at its connection limit.
     pub rejected: AtomicU64,
 }
@@ -46,6 +52,9 @@ impl Stats {
             "connections_opened": get(&self.opened),
             "slow_disconnects": get(&self.slow),
             "drained": get(&self.drained),
+            "expired": get(&self.expired),
+            "unauthorized": get(&self.unauthorized),
+            "forbidden": get(&self.forbidden),
             "rejected_at_limit": get(&self.rejected),
         })
     }

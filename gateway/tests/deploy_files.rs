@@ -345,17 +345,22 @@ fn docker_compose_yml_is_valid_and_runs_the_tested_balancer_config() {
     }
 }
 
-/// The `KEY=VALUE` lines of an env file, comments left out.
-fn env_file(path: &Path) -> Vec<(String, String)> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
-        .map(|l| {
-            let (key, value) = l.split_once('=').expect("KEY=VALUE");
-            (key.to_string(), value.to_string())
-        })
-        .collect()
+/// Where the Deployment mounts the Secret `sse-gateway-jwt`.
+const JWT_MOUNT: &str = "/etc/sse-gateway/jwt";
+
+/// A JWKS file holding the test RSA public key.
+fn test_jwks(dir: &Path) -> PathBuf {
+    let pem = std::fs::read(repo().join("gateway/tests/fixtures/jwt/rsa-public.pem")).unwrap();
+    let key = jsonwebtoken::DecodingKey::from_rsa_pem(&pem).unwrap();
+    let jwk = jsonwebtoken::jwk::Jwk::from_decoding_key(&key, Some(jsonwebtoken::Algorithm::RS256))
+        .unwrap();
+    let file = dir.join("jwks.json");
+    std::fs::write(
+        &file,
+        serde_json::to_vec(&jsonwebtoken::jwk::JwkSet { keys: vec![jwk] }).unwrap(),
+    )
+    .unwrap();
+    file
 }
 
 /// Starts the gateway with these settings (on a free loopback port, with the embedded bus) and
@@ -400,10 +405,56 @@ fn assert_gateway_starts_with(origin: &str, settings: &[(String, String)]) {
 
 #[test]
 fn the_settings_deployed_are_settings_the_gateway_accepts() {
-    assert_gateway_starts_with(
-        "k8s/base/gateway.env",
-        &env_file(&repo().join("k8s/base/gateway.env")),
+    // Each overlay's ConfigMap as rendered: the base's settings with the overlay's merged in.
+    let dir = scratch("settings");
+    let mut overlays = 0;
+    for (name, file) in render_all(&dir) {
+        if !name.starts_with("k8s-overlays-") {
+            continue;
+        }
+        overlays += 1;
+        let docs = yaml_to_json(&std::fs::read_to_string(&file).unwrap());
+        let config_map = docs
+            .iter()
+            .find(|d| {
+                d["kind"] == "ConfigMap"
+                    && d["metadata"]["name"]
+                        .as_str()
+                        .unwrap()
+                        .starts_with("sse-gateway")
+            })
+            .unwrap_or_else(|| panic!("{name}: no sse-gateway ConfigMap"));
+        let mut settings: Vec<(String, String)> = config_map["data"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+            .collect();
+        assert!(
+            settings
+                .iter()
+                .any(|(k, _)| k.starts_with("SSEGW_ANONYMOUS_") || k.starts_with("SSEGW_JWT_")),
+            "{name}: sets no access rule, so the gateway would refuse to start"
+        );
+        // Key files live in the Secret's mount; here a JWKS of a test key stands in.
+        for (key, value) in &mut settings {
+            if key == "SSEGW_JWT_JWKS" {
+                assert!(
+                    value.starts_with(JWT_MOUNT),
+                    "{name}: {key}={value} is outside {JWT_MOUNT}"
+                );
+                *value = test_jwks(&dir).to_string_lossy().into_owned();
+            }
+        }
+        assert_gateway_starts_with(&name, &settings);
+    }
+    assert_eq!(overlays, 2, "the trial and production overlays");
+    let mount = std::fs::read_to_string(repo().join("k8s/base/deployment.yaml")).unwrap();
+    assert!(
+        mount.contains(&format!("mountPath: {JWT_MOUNT}")),
+        "the JWT keys are mounted elsewhere"
     );
+    let _ = std::fs::remove_dir_all(&dir);
     let config = compose_config();
     for (name, gateway) in gateway_services(&config) {
         let settings: Vec<(String, String)> = gateway["environment"]

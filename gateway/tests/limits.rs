@@ -114,7 +114,8 @@ fn the_gateway_raises_its_open_file_limit_to_the_hard_limit() {
     let mut child = std::process::Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "ulimit -Sn 256 && exec {} --listen 127.0.0.1:{port} --drain-window 0s",
+            "ulimit -Sn 256 && exec {} --listen 127.0.0.1:{port} --drain-window 0s \\
+             --anonymous-subscribe '*'",
             env!("CARGO_BIN_EXE_sse-gateway")
         ))
         .env("SSEGW_LOG", "error")

@@ -206,6 +206,10 @@ impl Fleet {
                     .args(["--listen", &listen.to_string()])
                     .args(["--redis-url", &self.redis_url])
                     .args(args)
+                    // The harness's clients carry no tokens. Environment, not flags, so that a
+                    // run measuring authenticated streams can override it in --gateway-args.
+                    .env("SSEGW_ANONYMOUS_SUBSCRIBE", "*")
+                    .env("SSEGW_ANONYMOUS_PUBLISH", "*")
                     .env("SSEGW_LOG", log_level);
                 command
             }

@@ -13,6 +13,12 @@ pub const RESERVED_PREFIX: &str = "ssegw";
 /// The control event sent before a stream continues after a gap in a topic's history.
 pub const GAP_EVENT: &str = "ssegw-gap";
 
+/// The control event sent just before the gateway ends a stream because the subscriber's
+/// token expired: `data: {"reason":"token-expired"}`, no `id:`. The browser reconnects with
+/// its credentials as they are then; a page that keeps its token fresh resumes, one that does
+/// not gets 401 and stops.
+pub const EXPIRED_EVENT: &str = "ssegw-expired";
+
 /// A comment line: keeps idle connections and the proxies on their way open.
 pub const KEEPALIVE: &[u8] = b":\n\n";
 
@@ -124,6 +130,11 @@ impl GapReason {
             GapReason::Lost => "lost",
         }
     }
+}
+
+/// The `ssegw-expired` control event.
+pub fn expired_event() -> Bytes {
+    body(Some(EXPIRED_EVENT), r#"{"reason":"token-expired"}"#)
 }
 
 /// The `ssegw-gap` control event: `data: {"topic":"<t>","reason":"<r>"}`. It carries no `id:`,

@@ -165,6 +165,23 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// A topic's keys and channel are its own: two topics never share one, none is another
+        /// topic's key or channel, and none is one of the gateway's own names (`ssegw:canary:*`).
+        #[test]
+        fn topics_reach_only_their_own_keys(a in "[a-zA-Z0-9._:/@-]{1,40}", b in "[a-zA-Z0-9._:/@-]{1,40}") {
+            let (ta, tb) = (Topic::new(&a).unwrap(), Topic::new(&b).unwrap());
+            let names = |t: &Topic| [stream_key(t), channel(t)];
+            for name in names(&ta) {
+                proptest::prop_assert!(!name.starts_with("ssegw:canary:"));
+                proptest::prop_assert_eq!(name.matches('{').count(), 1);
+                if a != b {
+                    proptest::prop_assert!(!names(&tb).contains(&name), "{} shared by {} and {}", name, a, b);
+                }
+            }
+            proptest::prop_assert_eq!(topic_of_channel(&channel(&ta)), Some(ta.clone()));
+            proptest::prop_assert_ne!(stream_key(&ta), channel(&ta));
+        }
+
         #[test]
         fn parse_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
             let _ = ChannelMessage::parse(&bytes);

@@ -42,7 +42,7 @@ impl Topic {
 }
 
 /// The topic charset; the Lua publish function enforces the same set (`TOPIC_PATTERN`).
-fn is_topic_char(c: char) -> bool {
+pub(crate) fn is_topic_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/' | '@')
 }
 

@@ -171,12 +171,20 @@ impl Replica for SocketAddr {
 }
 
 /// Test flags unless the test sets them: no drain window, so that dropping a replica is quick.
+/// Test replicas drain at once, run two workers, and let anyone subscribe and publish, unless
+/// the test sets these itself (any `--jwt-*` or `--anonymous-*` flag: the test is about auth).
 fn with_test_defaults(flags: &[&str]) -> Vec<String> {
     let mut all: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
     for (flag, value) in [("--drain-window", "0s"), ("--workers", "2")] {
         if !flags.contains(&flag) {
             all.extend([flag.to_string(), value.to_string()]);
         }
+    }
+    let sets_auth = flags
+        .iter()
+        .any(|f| f.starts_with("--jwt-") || f.starts_with("--anonymous-"));
+    if !sets_auth {
+        all.extend(["--anonymous-subscribe=*", "--anonymous-publish=*"].map(String::from));
     }
     all
 }
@@ -221,6 +229,29 @@ impl GatewayProcess {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+}
+
+impl GatewayProcess {
+    /// Like `start`, with the most verbose log (`SSEGW_LOG=trace`) written to `log`.
+    pub fn start_logging(redis_url: &str, flags: &[&str], log: &std::path::Path) -> GatewayProcess {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let child = Command::new(env!("CARGO_BIN_EXE_sse-gateway"))
+            .args(["--listen", &addr.to_string(), "--redis-url", redis_url])
+            .args(with_test_defaults(flags))
+            .env("SSEGW_LOG", "trace")
+            .stdout(std::fs::File::create(log).expect("log file"))
+            .stderr(
+                std::fs::File::options()
+                    .append(true)
+                    .open(log)
+                    .expect("log file"),
+            )
+            .spawn()
+            .expect("start sse-gateway");
+        let process = GatewayProcess { addr, child };
+        process.wait_readyz(200);
+        process
     }
 }
 
