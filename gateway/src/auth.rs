@@ -420,9 +420,9 @@ impl Auth {
         }
         // The leeway that let the token in also lets it stay; closing earlier would let a
         // client reconnect into an immediate close again until the leeway ran out.
-        grant
-            .expires
-            .map(|exp| UNIX_EPOCH + Duration::from_secs(exp) + self.config.leeway)
+        // An `exp` too far out to represent never comes: no close.
+        let exp = grant.expires?;
+        UNIX_EPOCH.checked_add(Duration::from_secs(exp).checked_add(self.config.leeway)?)
     }
 }
 
@@ -566,6 +566,21 @@ mod tests {
         assert!(auth
             .authorize(Action::Subscribe, Some(&fresh), [&topic("t")])
             .is_ok());
+    }
+
+    #[test]
+    fn expiry_sets_the_close_even_far_out() {
+        let auth = auth(&[]);
+        let exp = now() + 60;
+        let closes = auth.closes_at(&Grant { expires: Some(exp) }).unwrap();
+        assert_eq!(closes, UNIX_EPOCH + Duration::from_secs(exp + 5));
+        assert_eq!(auth.closes_at(&Grant { expires: None }), None);
+        // A trusted issuer's absurd `exp` is accepted, and nothing overflows.
+        let t = token(json!({"exp": u64::MAX, "ssegw": {"subscribe": ["t"]}}));
+        let grant = auth
+            .authorize(Action::Subscribe, Some(&t), [&topic("t")])
+            .unwrap();
+        let _ = auth.closes_at(&grant);
     }
 
     #[test]

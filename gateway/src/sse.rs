@@ -154,8 +154,10 @@ impl Connection {
             let left = expiry
                 .duration_since(std::time::SystemTime::now())
                 .unwrap_or_default();
-            let deadline = tokio::time::Instant::now() + left;
-            self.close_by(deadline, End::Expired);
+            // Beyond what an `Instant` holds, the token outlives the process.
+            if let Some(deadline) = tokio::time::Instant::now().checked_add(left) {
+                self.close_by(deadline, End::Expired);
+            }
         }
         self
     }

@@ -739,6 +739,12 @@ async fn a_stream_ends_when_its_token_expires() {
     )
     .await;
 
+    // An expiry thirty thousand years out (a trusted issuer's mistake) is no timer trouble.
+    let mut c = claims(&["far"], &[]);
+    c["exp"] = 1_000_000_000_000u64.into();
+    let far = bearer(&sign(Signer::Hs256, &c));
+    assert_streams(&gw, &redis, "far", "topic=far", &[("Authorization", &far)]).await;
+
     // Switched off, the stream outlives its token.
     let lenient = gateway(&redis, &["--close-on-expiry", "false"]);
     let mut c = claims(&["t"], &[]);
