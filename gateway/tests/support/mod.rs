@@ -3,6 +3,8 @@
 //! with an independent parser (`eventsource-stream`).
 #![allow(dead_code)]
 
+pub mod browser;
+pub mod nginx;
 pub mod proxy;
 
 use std::net::{SocketAddr, TcpListener};
@@ -248,6 +250,14 @@ impl Gateway {
     /// Starts a replica with these flags (plus a free loopback listener) and waits until
     /// `/readyz` answers 200.
     pub fn start(flags: &[&str]) -> Gateway {
+        let gateway = Gateway::start_unchecked(flags);
+        gateway.wait_ready();
+        gateway
+    }
+
+    /// Starts a replica without waiting for it: for listeners the plain-HTTP readiness probe
+    /// cannot reach (TLS). Connections wait in the listen queue until it serves.
+    pub fn start_unchecked(flags: &[&str]) -> Gateway {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let config = Config::from_flags(with_test_defaults(flags)).expect("test config");
@@ -259,13 +269,11 @@ impl Gateway {
                 .block_on(sse_gateway::run(listener, config, token))
                 .expect("gateway failed");
         });
-        let gateway = Gateway {
+        Gateway {
             addr,
             shutdown,
             thread: Some(thread),
-        };
-        gateway.wait_ready();
-        gateway
+        }
     }
 
     pub fn with_redis(redis: &RedisServer, flags: &[&str]) -> Gateway {
