@@ -10,7 +10,7 @@ mod support;
 use serde_json::{json, Value};
 use support::browser::{Browser, NodeEventSource};
 use support::nginx::Fleet;
-use support::{Gateway, RedisServer, Replica};
+use support::{Certificate, Gateway, RedisServer, Replica};
 
 /// Reconnection delay for the failover scenarios: the browser waits this long after a drop.
 const RETRY: &str = "300ms";
@@ -312,20 +312,6 @@ fn the_status_page_follows_the_replica_over_sse() {
     browser.screenshot("status", "status-page.png");
 }
 
-/// A certificate for 127.0.0.1 and localhost, written into a fresh directory.
-fn self_signed(name: &str) -> (String, String) {
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let certified =
-        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert, certified.cert.pem()).unwrap();
-    std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
-    let path = |p: std::path::PathBuf| p.to_str().unwrap().to_string();
-    (path(cert), path(key))
-}
-
 /// Opens `count` EventSources in the page, on topics `<prefix>-0`, `<prefix>-1`, ...; each
 /// records whether it opened and the data of its last event in `window.streams`.
 fn open_streams(browser: &mut Browser, page: &str, prefix: &str, count: usize) {
@@ -350,10 +336,16 @@ fn open_streams(browser: &mut Browser, page: &str, prefix: &str, count: usize) {
 fn chromium_multiplexes_more_than_six_event_streams_over_http2() {
     const STREAMS: usize = 10;
     let redis = RedisServer::start();
-    let (cert, key) = self_signed("browser-tls");
+    let cert = Certificate::self_signed("browser-tls");
     let url = redis.url();
-    let tls =
-        Gateway::start_unchecked(&["--redis-url", &url, "--tls-cert", &cert, "--tls-key", &key]);
+    let tls = Gateway::start_unchecked(&[
+        "--redis-url",
+        &url,
+        "--tls-cert",
+        &cert.cert_path,
+        "--tls-key",
+        &cert.key_path,
+    ]);
     let mut browser = Browser::start();
     browser.goto("h2", &format!("https://127.0.0.1:{}/", tls.addr.port()));
     assert_eq!(

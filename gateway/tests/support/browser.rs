@@ -37,7 +37,8 @@ fn chromium() -> PathBuf {
 }
 
 /// Checks Node and installs the pinned packages, once per test binary: parallel tests wait for
-/// the first. Skipped when `node_modules` already holds this very lock file's packages.
+/// the first. Nothing is installed when `node_modules` already holds what the lock file pins
+/// (`.ci/run` runs `npm ci` before the tests).
 fn node_ready() {
     static READY: OnceLock<()> = OnceLock::new();
     READY.get_or_init(|| {
@@ -58,15 +59,12 @@ fn node_ready() {
             major >= NODE_MAJOR,
             "the browser tests need Node {NODE_MAJOR} or newer, found {version:?}"
         );
-        let dir = Path::new(SCRIPTS);
-        let lock = std::fs::read(dir.join("package-lock.json")).expect("package-lock.json");
-        let stamp = dir.join("node_modules/.ssegw-package-lock.json");
-        if std::fs::read(&stamp).ok().as_ref() == Some(&lock) {
+        if installed() {
             return;
         }
         let output = Command::new("npm")
             .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
-            .current_dir(dir)
+            .current_dir(SCRIPTS)
             .output()
             .unwrap_or_else(|e| {
                 panic!("npm is required for the browser tests ({e}); apt-get install npm")
@@ -76,8 +74,32 @@ fn node_ready() {
             "npm ci in {SCRIPTS} failed: {}",
             String::from_utf8_lossy(&output.stderr)
         );
-        std::fs::write(&stamp, &lock).unwrap();
+        assert!(
+            installed(),
+            "npm ci did not install what package-lock.json pins"
+        );
     });
+}
+
+/// Whether `node_modules` holds the packages of `package-lock.json`, by npm's own record of
+/// what it installed there (`node_modules/.package-lock.json`).
+fn installed() -> bool {
+    let read = |path: &str| -> Option<serde_json::Map<String, Value>> {
+        let text = std::fs::read_to_string(Path::new(SCRIPTS).join(path)).ok()?;
+        let mut lock: Value = serde_json::from_str(&text).ok()?;
+        let mut packages = lock.get_mut("packages")?.as_object_mut()?.clone();
+        // The root entry describes the project, not an installed package.
+        packages.remove("");
+        Some(packages)
+    };
+    let wanted = read("package-lock.json").expect("tests/browser/package-lock.json");
+    let versions = |packages: &serde_json::Map<String, Value>| -> Vec<(String, Value)> {
+        packages
+            .iter()
+            .map(|(name, p)| (name.clone(), p["version"].clone()))
+            .collect()
+    };
+    read("node_modules/.package-lock.json").is_some_and(|has| versions(&has) == versions(&wanted))
 }
 
 /// Where screenshots go: `SSEGW_ARTIFACTS`, else `target/browser-artifacts`. CI keeps them.

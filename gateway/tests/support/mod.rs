@@ -291,6 +291,11 @@ impl Gateway {
         self.wait_readyz(200);
     }
 
+    /// Starts the drain, as SIGTERM does, without waiting for it.
+    pub fn begin_drain(&self) {
+        self.shutdown.cancel();
+    }
+
     /// Stops the replica: it drains as configured and returns once `run` has.
     pub fn stop(mut self) {
         self.shutdown.cancel();
@@ -311,6 +316,35 @@ impl Drop for Gateway {
         self.shutdown.cancel();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+        }
+    }
+}
+
+/// A self-signed certificate for 127.0.0.1 and localhost, as PEM files for `--tls-cert` and
+/// `--tls-key`, and as DER for a client to trust.
+pub struct Certificate {
+    pub cert_path: String,
+    pub key_path: String,
+    pub der: rustls::pki_types::CertificateDer<'static>,
+}
+
+impl Certificate {
+    /// A new one, in a directory of the test's own under the target directory.
+    pub fn self_signed(name: &str) -> Certificate {
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let certified =
+            rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
+                .unwrap();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert, certified.cert.pem()).unwrap();
+        std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+        let path = |p: std::path::PathBuf| p.to_str().unwrap().to_string();
+        Certificate {
+            cert_path: path(cert),
+            key_path: path(key),
+            der: certified.cert.der().clone(),
         }
     }
 }
