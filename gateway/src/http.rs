@@ -24,6 +24,10 @@ pub struct AppState {
     pub stats: Arc<Stats>,
     /// Cancelled when the replica starts draining.
     pub drain: CancellationToken,
+    /// Places for `/status/stream` responses (`pages::MAX_STATUS_STREAMS`). Each response holds
+    /// one until it ends; when none is left, the request gets a 503. They are not event streams
+    /// and do not count under `--max-connections`, but they must not be unbounded either.
+    pub status_streams: Arc<tokio::sync::Semaphore>,
 }
 
 /// A clear status and message for the client; the detail is logged where it arises.
@@ -44,7 +48,7 @@ impl ApiError {
     }
 
     /// 503: the request may succeed later, here or on another replica.
-    fn unavailable(message: impl Into<String>) -> ApiError {
+    pub(crate) fn unavailable(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
     }
 

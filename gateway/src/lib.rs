@@ -80,6 +80,7 @@ pub async fn run(
         stream: Arc::new(config.stream.clone()),
         stats: stats.clone(),
         drain: shutdown.clone(),
+        status_streams: Arc::new(tokio::sync::Semaphore::new(pages::MAX_STATUS_STREAMS)),
     });
     let max_event_bytes = config.stream.max_event_bytes;
     let pages = config.pages;

@@ -13,10 +13,13 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
 use ssegw_protocol::frame;
 
-use crate::http::{only, status_json, AppState};
+use crate::http::{only, status_json, ApiError, AppState};
 
 /// How often `/status/stream` sends the replica's status.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+/// Most `/status/stream` responses open at once on a replica: the status page is for people,
+/// a few at a time.
+pub const MAX_STATUS_STREAMS: usize = 64;
 
 /// Every page and static file, by the path it is served at.
 const ASSETS: &[Asset] = &[
@@ -121,8 +124,18 @@ fn serve(asset: &Asset, etag: &str, req: &HttpRequest) -> HttpResponse {
 /// `delivery_rate`, the events written to clients per second since the previous one (`null`
 /// in the first). It ends when the replica drains, so it never holds up a shutdown; the
 /// browser then reconnects, to another replica behind a balancer. It is not counted among the
-/// replica's `connections`, which are event streams.
-async fn status_stream(state: web::Data<AppState>) -> HttpResponse {
+/// replica's `connections`, which are event streams; at most `MAX_STATUS_STREAMS` are open.
+async fn status_stream(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    // Held by the response body until it ends.
+    let place = state
+        .status_streams
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| {
+            ApiError::unavailable(format!(
+                "{MAX_STATUS_STREAMS} status streams are open on this replica, retry later"
+            ))
+        })?;
     let state = state.into_inner();
     let draining = state.drain.clone().cancelled_owned();
     let mut ticks = tokio::time::interval(STATUS_INTERVAL);
@@ -153,12 +166,15 @@ async fn status_stream(state: web::Data<AppState>) -> HttpResponse {
     let body = futures_util::stream::once(async move { frame::preamble(retry_ms, None) })
         .chain(updates)
         .take_until(draining)
-        .map(Ok::<_, std::convert::Infallible>);
-    HttpResponse::Ok()
+        .map(move |frame| {
+            let _held = &place;
+            Ok::<_, std::convert::Infallible>(frame)
+        });
+    Ok(HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header((header::CACHE_CONTROL, "no-cache"))
         .insert_header(("X-Accel-Buffering", "no"))
-        .streaming(body)
+        .streaming(body))
 }
 
 #[cfg(test)]

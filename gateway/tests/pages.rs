@@ -1,8 +1,8 @@
 //! The built-in pages over plain HTTP: served with their content types, revalidated by ETag,
-//! under a strict Content-Security-Policy; `/status/stream` sends the status every second and
-//! ends when the replica drains; `--pages false` leaves only the API. The new `/status`
-//! counters (resumes, gaps, deliveries) count what they say. What the pages do in a browser is
-//! `browser.rs`.
+//! under a strict Content-Security-Policy; `/status/stream` sends the status every second, ends
+//! when the replica drains, and is open at most `MAX_STATUS_STREAMS` times at once; `--pages
+//! false` leaves only the API. The `/status` counters the pages show (resumes, gaps,
+//! deliveries) count what they say. What the pages do in a browser is `browser.rs`.
 
 mod support;
 
@@ -152,6 +152,33 @@ async fn the_status_stream_ticks_every_second_and_ends_when_the_replica_drains()
         ended.is_ok(),
         "the status stream outlived the drain by {WAIT:?}"
     );
+}
+
+#[actix_web::test]
+async fn status_streams_are_limited_per_replica() {
+    let gateway = Gateway::start(&[]);
+    let client = awc::Client::builder().disable_timeout().finish();
+    let open = || async {
+        client
+            .get(gateway.url("/status/stream"))
+            .send()
+            .await
+            .expect("GET /status/stream")
+    };
+    let mut streams = Vec::new();
+    for _ in 0..sse_gateway::pages::MAX_STATUS_STREAMS {
+        let response = open().await;
+        assert_eq!(response.status(), 200);
+        streams.push(response);
+    }
+    let refused = open().await;
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    // A place frees when a stream ends.
+    drop(streams.pop());
+    support::wait_until("a freed status stream place", || {
+        support::http_status(gateway.addr, "GET", "/status/stream") == Some(200)
+    });
 }
 
 #[actix_web::test]
