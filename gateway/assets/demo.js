@@ -307,6 +307,17 @@ function addRow(row) {
   $("empty").hidden = true;
 }
 
+/// The HTTP version this page came over: over HTTP/1.1 a browser holds at most six
+/// connections to an origin, so more than six event streams (across tabs too) stall.
+function showProtocol() {
+  const [navigation] = performance.getEntriesByType("navigation");
+  const protocol = navigation?.nextHopProtocol || "unknown";
+  $("protocol").textContent = protocol;
+  $("protocol-note").textContent = protocol === "h2" || protocol === "h3"
+    ? "event streams share one connection"
+    : protocol.startsWith("http/1") ? "at most six event streams per origin (see README: HTTP/2 and TLS)" : "";
+}
+
 function updateShell() {
   const origin = location.origin;
   const topics = splitList($("topics").value);
@@ -337,6 +348,7 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("topics").addEventListener("input", updateShell);
   $("publish-topic").addEventListener("input", updateShell);
+  showProtocol();
   // `/?topic=a&topic=b` subscribes at once: a link to a live view.
   const linked = new URLSearchParams(location.search).getAll("topic");
   if (linked.length > 0) {

@@ -355,6 +355,11 @@ fn chromium_multiplexes_more_than_six_event_streams_over_http2() {
         ),
         json!("h2")
     );
+    assert_eq!(
+        browser.eval("h2", "document.querySelector('#protocol').textContent"),
+        json!("h2"),
+        "the page says so"
+    );
     // The demo's own stream, and nine more from the page's script.
     browser.fill("h2", "#topics", "h2-demo");
     browser.click("h2", "#connect");
