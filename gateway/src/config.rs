@@ -3,9 +3,12 @@
 //! error here, before any port is bound.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::builder::BoolishValueParser;
+use clap::{ArgAction, Args, Parser, Subcommand};
 use ssegw_protocol::script::ScriptSettings;
 use ssegw_protocol::{Scope, TopicPattern};
 
@@ -92,6 +95,22 @@ pub struct ServeArgs {
     /// Longest wait for Redis (connect, pool checkout, command) before failing.
     #[arg(long, env = "SSEGW_REDIS_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub redis_timeout: Duration,
+    /// Serve the built-in pages: the demo at `/` and the live status page at `/status/page`
+    /// with its event stream `/status/stream`. Turn them off where only the API should be
+    /// reachable.
+    #[arg(long, env = "SSEGW_PAGES", default_value = "true", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    pub pages: bool,
+    /// PEM file with the server's certificate chain: serve HTTPS instead of plain HTTP, with
+    /// HTTP/2 for the clients that negotiate it (browsers do). Needs --tls-key.
+    #[arg(long, env = "SSEGW_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM file with the private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "SSEGW_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Also accept HTTP/2 without TLS (h2c, with prior knowledge) on the plain listener, for
+    /// services; HTTP/1.1 keeps working on the same port. Browsers speak HTTP/2 only over TLS.
+    #[arg(long, env = "SSEGW_H2C", default_value = "false", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    pub h2c: bool,
     #[command(flatten)]
     pub retention: RetentionArgs,
     #[command(flatten)]
@@ -220,6 +239,9 @@ pub struct Config {
     pub listen: SocketAddr,
     pub workers: usize,
     pub dead_peer_timeout: Duration,
+    /// Whether the demo and status pages are served.
+    pub pages: bool,
+    pub transport: Transport,
     pub stream: StreamConfig,
     pub bus: BusConfig,
     pub auth: AuthConfig,
@@ -239,6 +261,17 @@ pub enum CorsConfig {
         origins: Vec<String>,
         credentials: bool,
     },
+}
+
+/// How the listener speaks HTTP.
+#[derive(Debug, Clone)]
+pub enum Transport {
+    /// Plain HTTP/1.1.
+    Http1,
+    /// Plain HTTP/1.1, and HTTP/2 with prior knowledge (h2c) on the same port (`--h2c`).
+    Http1AndH2c,
+    /// TLS, with HTTP/2 or HTTP/1.1 as the client negotiates by ALPN (`--tls-cert`).
+    Tls(Arc<rustls::ServerConfig>),
 }
 
 /// How SSE streams behave.
@@ -497,12 +530,15 @@ impl ServeArgs {
             self.write_coalesce <= Duration::from_secs(1),
             "--write-coalesce (SSEGW_WRITE_COALESCE) must be at most 1s",
         )?;
+        let transport = self.transport()?;
         let auth = self.auth.auth_config()?;
         let cors = self.auth.cors_config()?;
         Ok(Config {
             listen: self.listen,
             workers,
             dead_peer_timeout: self.dead_peer_timeout,
+            pages: self.pages,
+            transport,
             stream: StreamConfig {
                 keepalive: self.keepalive,
                 retry: self.retry,
@@ -524,6 +560,30 @@ impl ServeArgs {
             auth,
             cors,
         })
+    }
+}
+
+impl ServeArgs {
+    /// The TLS files are read and parsed here, so that a missing file or a bad PEM is a config
+    /// error and not a failure after the port is bound.
+    fn transport(&self) -> Result<Transport, ConfigError> {
+        match (&self.tls_cert, &self.tls_key) {
+            (None, None) if self.h2c => Ok(Transport::Http1AndH2c),
+            (None, None) => Ok(Transport::Http1),
+            (Some(_), None) | (None, Some(_)) => Err(ConfigError(
+                "--tls-cert (SSEGW_TLS_CERT) and --tls-key (SSEGW_TLS_KEY) go together: give both \
+                 or neither"
+                    .into(),
+            )),
+            (Some(_), Some(_)) if self.h2c => Err(ConfigError(
+                "--h2c (SSEGW_H2C) is for plain listeners; with --tls-cert (SSEGW_TLS_CERT), \
+                 HTTP/2 is negotiated over TLS"
+                    .into(),
+            )),
+            (Some(cert), Some(key)) => crate::tls::server_config(cert, key)
+                .map(|tls| Transport::Tls(Arc::new(tls)))
+                .map_err(|e| ConfigError(format!("--tls-cert/--tls-key (SSEGW_TLS_*): {e}"))),
+        }
     }
 }
 
@@ -597,6 +657,93 @@ mod tests {
             Some("SSEGW_DEAD_PEER_TIMEOUT"),
         );
         check_flags(&["--canary-interval", "0s"], Some("SSEGW_CANARY_INTERVAL"));
+        check_flags(&["--pages", "maybe"], Some("--pages"));
+        check_flags(&["--h2c", "yes"], None);
+    }
+
+    #[test]
+    fn pages_are_on_unless_turned_off() {
+        let pages = |flags: &[&str]| Config::from_flags([flags, &[OPEN]].concat()).unwrap().pages;
+        assert!(pages(&[]));
+        assert!(pages(&["--pages", "true"]));
+        assert!(!pages(&["--pages", "false"]));
+        assert!(!pages(&["--pages", "off"]));
+        assert!(!pages(&["--pages=0"]));
+    }
+
+    /// A directory of its own under the system's temporary directory, removed on drop.
+    struct Scratch(std::path::PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Scratch {
+            let dir = std::env::temp_dir().join(format!("ssegw-{name}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+
+        fn file(&self, name: &str, contents: &str) -> String {
+            let path = self.0.join(name);
+            std::fs::write(&path, contents).unwrap();
+            path.to_str().unwrap().to_string()
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn tls_files_are_checked_at_start_up() {
+        let scratch = Scratch::new("tls-config");
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let cert = scratch.file("cert.pem", &certified.cert.pem());
+        let key = scratch.file("key.pem", &certified.key_pair.serialize_pem());
+        let junk = scratch.file("junk.pem", "not a PEM file\n");
+        let missing = scratch.0.join("missing.pem");
+        let missing = missing.to_str().unwrap();
+
+        let transport =
+            |flags: &[&str]| Config::from_flags([flags, &[OPEN]].concat()).map(|c| c.transport);
+        assert!(matches!(transport(&[]), Ok(Transport::Http1)));
+        assert!(matches!(
+            transport(&["--h2c", "true"]),
+            Ok(Transport::Http1AndH2c)
+        ));
+        match transport(&["--tls-cert", &cert, "--tls-key", &key]) {
+            Ok(Transport::Tls(_)) => {}
+            other => panic!("a valid certificate and key: {other:?}"),
+        }
+        check_flags(&["--tls-cert", &cert], Some("SSEGW_TLS_KEY"));
+        check_flags(&["--tls-key", &key], Some("SSEGW_TLS_CERT"));
+        check_flags(
+            &["--tls-cert", &cert, "--tls-key", &key, "--h2c", "true"],
+            Some("SSEGW_H2C"),
+        );
+        check_flags(
+            &["--tls-cert", missing, "--tls-key", &key],
+            Some("cannot read certificates from"),
+        );
+        check_flags(
+            &["--tls-cert", &junk, "--tls-key", &key],
+            Some("no certificate found"),
+        );
+        check_flags(
+            &["--tls-cert", &cert, "--tls-key", &junk],
+            Some("cannot read a private key"),
+        );
+        // The certificate as its own key: a PEM, but not a key.
+        check_flags(
+            &["--tls-cert", &cert, "--tls-key", &cert],
+            Some("cannot read a private key"),
+        );
+        let other = rcgen::KeyPair::generate().unwrap().serialize_pem();
+        let other = scratch.file("other-key.pem", &other);
+        check_flags(
+            &["--tls-cert", &cert, "--tls-key", &other],
+            Some("do not make a usable certificate and key"),
+        );
     }
 
     #[test]
@@ -614,6 +761,8 @@ mod tests {
         assert_eq!(config.bus.canary_interval, Duration::from_secs(1));
         assert_eq!(config.bus.script, ScriptSettings::default());
         assert_eq!(config.bus.redis_url, None);
+        assert!(config.pages);
+        assert!(matches!(config.transport, Transport::Http1));
         assert_eq!(config.cors, CorsConfig::Off);
         let auth = config.auth;
         assert!(auth.keys.is_empty() && auth.anonymous_publish.is_empty());
@@ -625,10 +774,8 @@ mod tests {
 
     #[test]
     fn validates_auth_and_cors_flags() {
-        let dir = std::env::temp_dir().join(format!("ssegw-config-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let garbage = dir.join("garbage.pem");
-        std::fs::write(&garbage, "not a key").unwrap();
+        let scratch = Scratch::new("auth-config");
+        let garbage = scratch.file("garbage.pem", "not a key");
         let secret = "0123456789abcdef0123456789abcdef";
         check_flags(&["--anonymous-subscribe", "orders.*,public"], None);
         check_flags(&["--jwt-secret", secret], None);
@@ -652,17 +799,14 @@ mod tests {
             Some("unknown algorithm \"none\""),
         );
         check_flags(
-            &["--jwt-public-key", garbage.to_str().unwrap()],
+            &["--jwt-public-key", &garbage],
             Some("not an RSA or EC public key"),
         );
         check_flags(
             &["--jwt-jwks", "/nonexistent/jwks.json"],
             Some("SSEGW_JWT_JWKS"),
         );
-        check_flags(
-            &["--jwt-jwks", garbage.to_str().unwrap()],
-            Some("not a JWKS"),
-        );
+        check_flags(&["--jwt-jwks", &garbage], Some("not a JWKS"));
         check_flags(
             &[
                 "--cors-origins",
@@ -680,6 +824,5 @@ mod tests {
             Some("SSEGW_CORS_ORIGINS"),
         );
         check_flags(&["--cors-origins", "a.example"], Some("SSEGW_CORS_ORIGINS"));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -26,6 +26,10 @@ pub struct AppState {
     pub auth: Arc<Auth>,
     /// Cancelled when the replica starts draining.
     pub drain: CancellationToken,
+    /// Places for `/status/stream` responses (`pages::MAX_STATUS_STREAMS`). Each response holds
+    /// one until it ends; when none is left, the request gets a 503. They are not event streams
+    /// and do not count under `--max-connections`, but they must not be unbounded either.
+    pub status_streams: Arc<tokio::sync::Semaphore>,
 }
 
 /// A clear status and message for the client; the detail is logged where it arises.
@@ -47,7 +51,7 @@ impl ApiError {
     }
 
     /// 503: the request may succeed later, here or on another replica.
-    fn unavailable(message: impl Into<String>) -> ApiError {
+    pub(crate) fn unavailable(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
     }
 
@@ -129,7 +133,8 @@ impl From<BusError> for ApiError {
     }
 }
 
-pub fn routes(cfg: &mut web::ServiceConfig, max_event_bytes: usize) {
+/// Every route; with `pages`, also the demo and status pages (`pages::routes`).
+pub fn routes(cfg: &mut web::ServiceConfig, max_event_bytes: usize, pages: bool) {
     // JSON escaping can grow data up to six-fold (`\u0000`); the data limit is checked after.
     let json = web::JsonConfig::default()
         .limit(max_event_bytes * 6 + 4096)
@@ -154,20 +159,28 @@ pub fn routes(cfg: &mut web::ServiceConfig, max_event_bytes: usize) {
         .service(only(
             web::resource("/status").route(web::get().to(status)),
             "GET",
+        ));
+    if pages {
+        crate::pages::routes(cfg);
+    }
+    cfg.default_service(web::to(move |req: HttpRequest| async move {
+        let pages = if pages {
+            " and the pages /, /status/page (with /status/stream)"
+        } else {
+            ""
+        };
+        Err::<HttpResponse, _>(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no route for {}; see /events, /publish, /healthz, /readyz, /status{pages}",
+                req.path()
+            ),
         ))
-        .default_service(web::to(|req: HttpRequest| async move {
-            Err::<HttpResponse, _>(ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!(
-                    "no route for {}; see /events, /publish, /healthz, /readyz, /status",
-                    req.path()
-                ),
-            ))
-        }));
+    }));
 }
 
 /// A resource that answers other methods with 405 and an `Allow` header.
-fn only(resource: actix_web::Resource, method: &'static str) -> actix_web::Resource {
+pub(crate) fn only(resource: actix_web::Resource, method: &'static str) -> actix_web::Resource {
     resource.default_service(web::to(move || async move {
         Err::<HttpResponse, _>(ApiError {
             header: Some((header::ALLOW, method)),
@@ -293,6 +306,9 @@ async fn events(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResp
     let baselines = tokio::time::timeout(state.stream.subscribe_timeout, ready)
         .await
         .map_err(|_| ApiError::unavailable("gateway is not subscribed to Redis, retry later"))?;
+    if request.last_event_id.is_some() {
+        state.stats.record(&state.stats.resumed);
+    }
     let start = match &request.last_event_id {
         None => Start::Fresh(baselines),
         Some(id) => match cursor::decode(&request.topics, id) {
@@ -468,13 +484,18 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::ServiceUnavailable().json(serde_json::json!({ "status": status, "bus": bus }))
 }
 
-/// This replica's counters and state, as JSON.
 async fn status(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().json(status_json(&state))
+}
+
+/// This replica's counters and state, as JSON: the body of `/status`, and of each event of
+/// `/status/stream`.
+pub fn status_json(state: &AppState) -> serde_json::Value {
     let mut body = state.stats.to_json();
     body["topics"] = state.hub.topic_count().into();
     body["ready"] = (state.bus.is_ready() && !state.drain.is_cancelled()).into();
     body["bus"] = state.bus.describe().into();
-    HttpResponse::Ok().json(body)
+    body
 }
 
 #[cfg(test)]

@@ -7,9 +7,11 @@ pub mod bus;
 pub mod config;
 pub mod http;
 pub mod hub;
+pub mod pages;
 pub mod publisher;
 pub mod sse;
 pub mod stats;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +23,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::auth::Auth;
 use crate::bus::Bus;
-use crate::config::{Config, CorsConfig};
+use crate::config::{Config, CorsConfig, Transport};
 use crate::http::AppState;
 use crate::hub::Hub;
 use crate::stats::Stats;
@@ -59,7 +61,18 @@ pub async fn run(
         ),
         Bus::Redis(_) => tracing::info!("using Redis"),
     }
-    tracing::info!(address = %listener.local_addr()?, workers = config.workers, "listening");
+    let protocols = match &config.transport {
+        Transport::Http1 => "http/1.1",
+        Transport::Http1AndH2c => "http/1.1, h2c",
+        Transport::Tls(_) => "https: h2, http/1.1",
+    };
+    tracing::info!(
+        address = %listener.local_addr()?,
+        workers = config.workers,
+        protocols,
+        pages = config.pages,
+        "listening"
+    );
 
     // Built once here: the factory below runs once per worker.
     let stats = Arc::new(Stats::default());
@@ -70,9 +83,11 @@ pub async fn run(
         stats: stats.clone(),
         auth: Arc::new(Auth::new(config.auth.clone())),
         drain: shutdown.clone(),
+        status_streams: Arc::new(tokio::sync::Semaphore::new(pages::MAX_STATUS_STREAMS)),
     });
     let cors = config.cors.clone();
     let max_event_bytes = config.stream.max_event_bytes;
+    let pages = config.pages;
     let dead_peer_timeout = config.dead_peer_timeout;
     let server = HttpServer::new(move || {
         // No compression middleware: it would hold SSE frames back.
@@ -85,10 +100,10 @@ pub async fn run(
                 no_credentials_without_origin,
             ))
             .app_data(state.clone())
-            .configure(|cfg| http::routes(cfg, max_event_bytes))
+            .configure(|cfg| http::routes(cfg, max_event_bytes, pages))
     })
     .on_connect(move |connection, _| {
-        if let Some(tcp) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() {
+        if let Some(tcp) = tls::tcp_socket(connection) {
             let socket = socket2::SockRef::from(tcp);
             // Written data that stays unacknowledged this long (a vanished or stalled client)
             // ends the connection.
@@ -103,8 +118,13 @@ pub async fn run(
     .h1_allow_half_closed(false)
     .disable_signals()
     // Workers still serving connections when the drain window is over are stopped.
-    .shutdown_timeout(config.stream.drain_window.as_secs().max(1))
-    .listen(listener)?
+    .shutdown_timeout(config.stream.drain_window.as_secs().max(1));
+    let server = match config.transport {
+        Transport::Http1 => server.listen(listener)?,
+        Transport::Http1AndH2c => server.listen_auto_h2c(listener)?,
+        // actix offers h2 first, then http/1.1, by ALPN.
+        Transport::Tls(tls) => server.listen_rustls_0_23(listener, (*tls).clone())?,
+    }
     .run();
     let handle = server.handle();
     let drain_window = config.stream.drain_window;

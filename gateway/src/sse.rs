@@ -243,19 +243,24 @@ impl Connection {
             }
         };
         let mut out = BytesMut::new();
+        let stats = self.slot.stats();
         let stream = &mut self.streams[index];
         if let Some(reason) = stream.gap.take().or(page.gap) {
+            stats.record(&stats.gaps);
             out.put_slice(&frame::gap_event(topic.as_str(), reason));
             // Retained history restarts the topic: its ids may even be older than the client's.
             stream.position = StreamId::ZERO;
         }
         stream.replaying = page.entries.len() == REPLAY_PAGE;
+        let mut delivered = 0;
         for event in &page.entries {
             if event.id > self.streams[index].position {
                 self.streams[index].position = event.id;
                 self.put_event(&mut out, event);
+                delivered += 1;
             }
         }
+        self.slot.stats().record_delivered(delivered);
         Ok((!out.is_empty()).then(|| out.freeze()))
     }
 
@@ -305,8 +310,9 @@ impl Connection {
                 break;
             }
         }
-        if chunk.events {
+        if chunk.events > 0 {
             self.live = true;
+            self.slot.stats().record_delivered(chunk.events);
         }
         Ok(chunk.finish())
     }
@@ -321,7 +327,7 @@ impl Connection {
                 if self.streams.len() == 1 && batch.first() > self.streams[index].position {
                     self.streams[index].position = batch.last();
                     chunk.push_shared(batch.frames.clone());
-                    chunk.events = true;
+                    chunk.events += batch.events.len() as u64;
                 } else {
                     for event in &batch.events {
                         self.take_event(index, event, chunk);
@@ -332,6 +338,8 @@ impl Connection {
                 let stream = &mut self.streams[index];
                 // A connection whose replay already read past the gap has announced it itself.
                 if stream.position <= after {
+                    let stats = self.slot.stats();
+                    stats.record(&stats.gaps);
                     let topic = stream.membership.channel.topic.as_str();
                     chunk.buf().put_slice(&frame::gap_event(topic, reason));
                     stream.position = StreamId::ZERO;
@@ -349,7 +357,7 @@ impl Connection {
             return;
         }
         self.streams[index].position = event.id;
-        chunk.events = true;
+        chunk.events += 1;
         if self.streams.len() == 1 {
             chunk.push_shared(event.frame.clone());
         } else {
@@ -407,8 +415,8 @@ impl Connection {
 struct Chunk {
     shared: Option<Bytes>,
     copied: BytesMut,
-    /// An event went into the chunk.
-    events: bool,
+    /// Events that went into the chunk.
+    events: u64,
     /// A keep-alive was asked for: written only if nothing else is.
     keepalive: bool,
 }

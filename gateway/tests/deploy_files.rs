@@ -510,5 +510,43 @@ fn the_docker_build_context_holds_every_workspace_crate() {
                 ".dockerignore leaves {path} out of the image's build"
             );
         }
+        // Files compiled in (`include_bytes!`, `include_str!`, e.g. the pages' assets) too.
+        for included in included_files(&repo().join(member).join("src")) {
+            let root = repo().canonicalize().unwrap();
+            let path = included.strip_prefix(&root).unwrap().to_str().unwrap();
+            assert!(
+                allowed.iter().any(|a| path.starts_with(a)),
+                ".dockerignore leaves {path}, compiled into {member}, out of the image's build"
+            );
+        }
     }
+}
+
+/// The files that the sources under `dir` compile in, by `include_bytes!` or `include_str!`
+/// with a literal path relative to the including file.
+fn included_files(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            found.extend(included_files(&path));
+            continue;
+        }
+        if path.extension().is_none_or(|e| e != "rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        for macro_call in ["include_bytes!(\"", "include_str!(\""] {
+            for (at, _) in text.match_indices(macro_call) {
+                let rest = &text[at + macro_call.len()..];
+                let relative = &rest[..rest.find('"').unwrap()];
+                let file = path.parent().unwrap().join(relative);
+                let file = file
+                    .canonicalize()
+                    .unwrap_or_else(|e| panic!("{} includes {relative}: {e}", path.display()));
+                found.push(file);
+            }
+        }
+    }
+    found
 }

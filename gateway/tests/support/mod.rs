@@ -3,6 +3,8 @@
 //! with an independent parser (`eventsource-stream`).
 #![allow(dead_code)]
 
+pub mod browser;
+pub mod nginx;
 pub mod proxy;
 
 use std::net::{SocketAddr, TcpListener};
@@ -279,6 +281,14 @@ impl Gateway {
     /// Starts a replica with these flags (plus a free loopback listener) and waits until
     /// `/readyz` answers 200.
     pub fn start(flags: &[&str]) -> Gateway {
+        let gateway = Gateway::start_unchecked(flags);
+        gateway.wait_ready();
+        gateway
+    }
+
+    /// Starts a replica without waiting for it: for listeners the plain-HTTP readiness probe
+    /// cannot reach (TLS). Connections wait in the listen queue until it serves.
+    pub fn start_unchecked(flags: &[&str]) -> Gateway {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let config = Config::from_flags(with_test_defaults(flags)).expect("test config");
@@ -290,13 +300,11 @@ impl Gateway {
                 .block_on(sse_gateway::run(listener, config, token))
                 .expect("gateway failed");
         });
-        let gateway = Gateway {
+        Gateway {
             addr,
             shutdown,
             thread: Some(thread),
-        };
-        gateway.wait_ready();
-        gateway
+        }
     }
 
     pub fn with_redis(redis: &RedisServer, flags: &[&str]) -> Gateway {
@@ -312,6 +320,11 @@ impl Gateway {
 
     fn wait_ready(&self) {
         self.wait_readyz(200);
+    }
+
+    /// Starts the drain, as SIGTERM does, without waiting for it.
+    pub fn begin_drain(&self) {
+        self.shutdown.cancel();
     }
 
     /// Stops the replica: it drains as configured and returns once `run` has.
@@ -334,6 +347,35 @@ impl Drop for Gateway {
         self.shutdown.cancel();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+        }
+    }
+}
+
+/// A self-signed certificate for 127.0.0.1 and localhost, as PEM files for `--tls-cert` and
+/// `--tls-key`, and as DER for a client to trust.
+pub struct Certificate {
+    pub cert_path: String,
+    pub key_path: String,
+    pub der: rustls::pki_types::CertificateDer<'static>,
+}
+
+impl Certificate {
+    /// A new one, in a directory of the test's own under the target directory.
+    pub fn self_signed(name: &str) -> Certificate {
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let certified =
+            rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
+                .unwrap();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert, certified.cert.pem()).unwrap();
+        std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+        let path = |p: std::path::PathBuf| p.to_str().unwrap().to_string();
+        Certificate {
+            cert_path: path(cert),
+            key_path: path(key),
+            der: certified.cert.der().clone(),
         }
     }
 }
