@@ -1,22 +1,35 @@
 // The demo page (served at `/`): one EventSource for the topics typed in, a log of what arrives
-// (ids, event types, topics, reconnects, resumes and the `ssegw-gap` control event) and a form
-// that publishes through `POST /publish`. It uses only the gateway's public API. Everything the
-// page saw is also kept in `window.ssegw`, to look at in the console; the browser tests read it.
+// (ids, event types, topics, reconnects, resumes and the `ssegw-gap` and `ssegw-expired` control
+// events) and a form that publishes through `POST /publish`, both with the token of the Token
+// field if there is one. It uses only the gateway's public API. Everything the page saw is also
+// kept in `window.ssegw`, to look at in the console; the browser tests read it. The token itself
+// is never shown, kept in `window.ssegw`, logged or put in the page's own URL.
 "use strict";
 
 const GAP_EVENT = "ssegw-gap";
+/// Sent by the gateway just before it ends a stream whose token expired.
+const EXPIRED_EVENT = "ssegw-expired";
+/// The gateway's control events, with the name of the row that shows each.
+const CONTROL_ROWS = new Map([[GAP_EVENT, "gap"], [EXPIRED_EVENT, "expired"]]);
+/// What the page shows instead of a token.
+const MASKED = "…";
 /// Rows kept in the table; older ones leave it (not `window.ssegw`).
 const MAX_ROWS = 500;
 
 /// What the page saw, in order. `events` holds every event handed to the page, the control
-/// event included: `{n, id, type, topic, data, time, connection}`, where `connection` counts
+/// events included: `{n, id, type, topic, data, time, connection}`, where `connection` counts
 /// the opens of the current EventSource (2 after the first reconnect).
 const seen = {
   state: "idle",
+  /// The stream's URL as shown, its token masked.
   url: null,
   topics: [],
   events: [],
   gaps: [],
+  /// How many streams the gateway ended because their token expired (`ssegw-expired`).
+  expired: 0,
+  /// Why the gateway last refused the stream, as it said: `"401: missing token: ..."`.
+  refusal: null,
   log: [],
   opens: 0,
   reconnects: 0,
@@ -29,7 +42,11 @@ window.ssegw = seen;
 
 /// The EventSource of the current connection, or null.
 let source = null;
-/// Event types the current EventSource has listeners for, besides `message` and the gap.
+/// Whether the current connection carries a token from the field (else it is anonymous or
+/// relies on the gateway's cookie).
+let withToken = false;
+/// Event types the current EventSource has listeners for, besides `message` and the control
+/// events.
 let listening = new Set();
 /// Multi-topic connections: each topic's position, decoded from the last cursor seen, so that
 /// the next cursor tells which topic moved (ids are cursors over all topics; see README).
@@ -43,17 +60,21 @@ function splitList(text) {
 
 // ---- connection ------------------------------------------------------------------------------
 
-function connect(topics, types, resumeId) {
+function connect(topics, types, resumeId, token) {
   disconnect(false);
   // The gateway sorts a connection's topics; cursor positions follow that order.
   topics = [...new Set(topics)].sort();
   const params = new URLSearchParams();
   for (const topic of topics) params.append("topic", topic);
   if (resumeId) params.set("lastEventId", resumeId);
-  const url = "/events?" + params.toString();
+  const path = "/events?" + params.toString();
+  // An EventSource cannot send headers, so the token goes in its URL; only there.
+  const url = token ? `${path}&access_token=${encodeURIComponent(token)}` : path;
+  const shown = token ? `${path}&access_token=${MASKED}` : path;
   Object.assign(seen, {
-    url,
+    url: shown,
     topics,
+    refusal: null,
     opens: 0,
     reconnects: 0,
     resumedFrom: [],
@@ -63,21 +84,24 @@ function connect(topics, types, resumeId) {
 
   const es = new EventSource(url);
   source = es;
+  withToken = Boolean(token);
   listening = new Set();
   es.onopen = () => es === source && opened(resumeId);
   es.onerror = () => es === source && failed(es);
   es.onmessage = (e) => es === source && received(e);
   es.addEventListener(GAP_EVENT, (e) => es === source && gap(e));
+  es.addEventListener(EXPIRED_EVENT, (e) => es === source && expired(e));
   for (const type of types) listen(type);
 
-  $("stream-url").textContent = url;
+  $("stream-url").textContent = shown;
   $("connect").textContent = "Reconnect";
   $("disconnect").disabled = false;
   const publishTopic = $("publish-topic");
   if (!topics.includes(publishTopic.value.trim())) publishTopic.value = topics[0];
   history.replaceState(null, "", "?" + topics.map((t) => "topic=" + encodeURIComponent(t)).join("&"));
   setState("connecting");
-  note("connect", `connecting: ${topics.join(", ")}` + (resumeId ? ` after ${resumeId}` : ""));
+  note("connect", `connecting: ${topics.join(", ")}` + (resumeId ? ` after ${resumeId}` : "") +
+    (token ? " with the token" : ""));
   updateShell();
 }
 
@@ -94,7 +118,7 @@ function disconnect(byUser) {
 /// Listens for a named event type on the current connection (an EventSource hands a page only
 /// the types it listens for).
 function listen(type) {
-  if (!source || listening.has(type) || type === GAP_EVENT || type === "message") return;
+  if (!source || listening.has(type) || CONTROL_ROWS.has(type) || type === "message") return;
   listening.add(type);
   const es = source;
   es.addEventListener(type, (e) => es === source && received(e));
@@ -125,14 +149,20 @@ function failed(es) {
     return;
   }
   // Closed for good: the gateway answered with an error status (the browser does not retry).
-  source = null;
-  $("disconnect").disabled = true;
-  $("connect").textContent = "Connect";
-  setState("closed");
+  closed("closed");
   explain(es.url);
 }
 
-/// Asks the gateway why it refused the stream: EventSource itself does not say.
+/// The current connection is over for good; `state` says why.
+function closed(state, reason) {
+  source = null;
+  $("disconnect").disabled = true;
+  $("connect").textContent = "Connect";
+  setState(state, reason);
+}
+
+/// Asks the gateway why it refused the stream: EventSource itself does not say. The request is
+/// the stream's own, token and all, so the answer is the one the stream got.
 async function explain(url) {
   const abort = new AbortController();
   try {
@@ -142,7 +172,13 @@ async function explain(url) {
       note("closed", "the stream failed and the browser gave up; connect again");
     } else {
       const reply = await response.json().catch(() => ({}));
-      note("closed", `the gateway refused the stream: ${response.status} ${reply.error ?? response.statusText}`);
+      const refusal = `${response.status}: ${reply.error ?? response.statusText}`;
+      // Unless the page connected again meanwhile.
+      if (!source) {
+        seen.refusal = refusal;
+        $("state-reason").textContent = refusal;
+      }
+      note("closed", `the gateway refused the stream: ${refusal}`);
     }
   } catch (e) {
     note("closed", `the gateway cannot be reached (${e.message})`);
@@ -156,7 +192,7 @@ function received(e) {
   seen.lastEventId = e.lastEventId || seen.lastEventId;
   $("last-id").textContent = seen.lastEventId ?? "–";
   record({ id: e.lastEventId, type: e.type, topic, data: e.data });
-  $("count").textContent = String(seen.events.filter((ev) => ev.type !== GAP_EVENT).length);
+  $("count").textContent = String(seen.events.filter((ev) => !CONTROL_ROWS.has(ev.type)).length);
 }
 
 function gap(e) {
@@ -173,20 +209,40 @@ function gap(e) {
   record({ id: null, type: GAP_EVENT, topic: info.topic ?? "?", data: e.data, reason: info.reason });
 }
 
+/// The gateway ends the stream after this event because its token expired. The browser would
+/// reconnect with the same URL, and a token from the field would only be refused as expired:
+/// the page closes the stream itself and puts the last id in "Resume after id", so that a
+/// fresh token and Connect go on with nothing lost. Without one (the gateway's cookie), the
+/// browser reconnects with the cookie as it is by then, as any page would.
+function expired(e) {
+  seen.expired += 1;
+  record({ id: null, type: EXPIRED_EVENT, topic: seen.topics.join(", "), data: e.data });
+  if (!withToken) return;
+  source.close();
+  closed("expired", "a fresh token and Connect resume");
+  if (seen.lastEventId) $("resume-id").value = seen.lastEventId;
+  note("expired", "the token expired and the gateway ended the stream; enter a fresh token and " +
+    "connect again" + (seen.lastEventId ? ` to resume after ${seen.lastEventId}` : ""));
+}
+
 function record(entry) {
   entry.n = seen.events.length + 1;
   entry.time = new Date().toISOString().slice(11, 23);
   entry.connection = seen.opens;
   seen.events.push(entry);
   const row = document.createElement("tr");
-  row.dataset.testid = entry.type === GAP_EVENT ? "gap-row" : "event-row";
+  const control = CONTROL_ROWS.get(entry.type);
+  row.dataset.testid = control ? `${control}-row` : "event-row";
   row.dataset.id = entry.id ?? "";
   row.dataset.type = entry.type;
   row.dataset.topic = entry.topic;
-  if (entry.type === GAP_EVENT) row.className = "gap";
-  const data = entry.type === GAP_EVENT
-    ? `history lost (${entry.reason ?? "?"}): events of ${entry.topic} were missed; the stream goes on from the oldest one kept. ${entry.data}`
-    : entry.data;
+  if (control) row.className = control;
+  let data = entry.data;
+  if (entry.type === GAP_EVENT) {
+    data = `history lost (${entry.reason ?? "?"}): events of ${entry.topic} were missed; the stream goes on from the oldest one kept. ${entry.data}`;
+  } else if (entry.type === EXPIRED_EVENT) {
+    data = `token expired: the gateway ended the stream. ${entry.data}`;
+  }
   cells(row, [String(entry.n), entry.time, entry.id ?? "–", entry.type, entry.topic, data]);
   addRow(row);
 }
@@ -235,44 +291,47 @@ async function publish() {
   const topic = $("publish-topic").value.trim();
   const event = $("publish-event").value.trim();
   const data = $("publish-data").value;
+  const token = $("token").value.trim();
   const body = { topic, data };
   if (event) body.event = event;
+  // `POST /publish` takes a token from this header only.
+  const headers = { "Content-Type": "application/json" };
+  if (token) headers.Authorization = `Bearer ${token}`;
   result("pending", "publishing…");
   try {
-    const response = await fetch("/publish", {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(body),
-    });
+    const response = await fetch("/publish", { method: "POST", headers, body: JSON.stringify(body) });
     const reply = await response.json().catch(() => ({}));
     if (response.ok) {
-      result("ok", `published ${reply.id} on ${topic}`);
+      result("ok", `published ${reply.id} on ${topic}`, response.status);
       // Show events of this type from now on.
       if (event) listen(event);
     } else {
-      const refused = response.status === 401 || response.status === 403
-        ? " (this gateway does not let this page publish)" : "";
-      result("error", `${response.status}: ${reply.error ?? response.statusText}${refused}`);
+      const hint = response.status === 401 && !token ? " (this gateway wants a token: see Token)" : "";
+      result("error", `${response.status}: ${reply.error ?? response.statusText}${hint}`, response.status);
     }
   } catch (e) {
     result("error", `cannot reach the gateway: ${e.message}`);
   }
 }
 
-function result(outcome, text) {
+/// Shows how a publish went; `status` is the HTTP status, if there was an answer.
+function result(outcome, text, status) {
   const out = $("publish-result");
   out.dataset.outcome = outcome;
+  out.dataset.status = status ?? "";
   out.textContent = text;
 }
 
 // ---- presentation ----------------------------------------------------------------------------
 
-function setState(state) {
+/// `reason`, shown beside the state, says why it is what it is (a refusal, an expiry).
+function setState(state, reason) {
   seen.state = state;
   const badge = $("state");
-  badge.textContent = state;
+  badge.textContent = state === "expired" ? "token expired" : state;
   badge.dataset.state = state;
   badge.className = "badge " + state;
+  $("state-reason").textContent = reason ?? "";
 }
 
 /// A row about the connection itself (opened, lost, resumed, closed).
@@ -324,9 +383,11 @@ function updateShell() {
   const query = topics.map((t) => "topic=" + encodeURIComponent(t)).join("&") || "topic=demo";
   const topic = $("publish-topic").value.trim() || "demo";
   const payload = JSON.stringify({ topic, data: { hello: "from curl" } });
+  // The token stays in the field: the commands name a shell variable instead.
+  const auth = $("token").value.trim() ? `-H "Authorization: Bearer $TOKEN" ` : "";
   $("shell-commands").textContent =
-    `curl -N '${origin}/events?${query}'\n` +
-    `curl -X POST ${origin}/publish -H 'Content-Type: application/json' \\\n     -d '${payload}'`;
+    `curl -N ${auth}'${origin}/events?${query}'\n` +
+    `curl -X POST ${origin}/publish ${auth}-H 'Content-Type: application/json' \\\n     -d '${payload}'`;
 }
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -334,7 +395,7 @@ document.addEventListener("DOMContentLoaded", () => {
     e.preventDefault();
     const topics = splitList($("topics").value);
     if (topics.length > 0) {
-      connect(topics, splitList($("types").value), $("resume-id").value.trim());
+      connect(topics, splitList($("types").value), $("resume-id").value.trim(), $("token").value.trim());
     }
   });
   $("disconnect").addEventListener("click", () => disconnect(true));
@@ -348,12 +409,15 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("topics").addEventListener("input", updateShell);
   $("publish-topic").addEventListener("input", updateShell);
+  $("token").addEventListener("input", updateShell);
   showProtocol();
-  // `/?topic=a&topic=b` subscribes at once: a link to a live view.
+  // `/?topic=a&topic=b` subscribes at once: a link to a live view. A token never comes from
+  // the page's URL, which browsers keep in their history and send to the server's logs; only
+  // from the field.
   const linked = new URLSearchParams(location.search).getAll("topic");
   if (linked.length > 0) {
     $("topics").value = linked.join(", ");
-    connect(linked, splitList($("types").value), "");
+    connect(linked, splitList($("types").value), "", $("token").value.trim());
   }
   updateShell();
 });

@@ -1,8 +1,10 @@
 //! The gateway as browsers use it: the demo page in headless Chromium with the browser's own
 //! `EventSource` (published events with their ids, a failover through `deploy/nginx.conf` with
 //! the browser's own `Last-Event-ID`, the `ssegw-gap` control event, several topics on one
-//! connection), the live status page, many streams over one HTTP/2 connection, and the
-//! `eventsource` package under Node as a second, independent client resuming across a kill.
+//! connection, a token on a gateway without anonymous access: refusals, grants and the
+//! `ssegw-expired` control event), the live status page, many streams over one HTTP/2
+//! connection, and the `eventsource` package under Node as a second, independent client
+//! resuming across a kill.
 //! Each scenario saves a screenshot in `target/browser-artifacts/` (or `SSEGW_ARTIFACTS`).
 
 mod support;
@@ -207,6 +209,210 @@ fn the_page_script_sees_the_gap_control_event_when_history_is_trimmed() {
     wait_events(&mut browser, "demo", expected.len());
     assert_eq!(page_events(&mut browser, "demo"), expected);
     browser.screenshot("demo", "demo-gap.png");
+}
+
+/// The HMAC secret of the gateway in the token scenario.
+const JWT_SECRET: &str = "browser-test-secret-0123456789abcdef";
+
+/// A token for `JWT_SECRET`, granting `subscribe` and `publish`, that expires in `seconds`.
+fn token(subscribe: &[&str], publish: &[&str], seconds: u64) -> String {
+    let claims = json!({
+        "sub": "browser",
+        "exp": jsonwebtoken::get_current_timestamp() + seconds,
+        "ssegw": { "subscribe": subscribe, "publish": publish },
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// Publishes from the demo page's form and waits for the answer: `[status, text shown]`.
+fn publish_from_form(browser: &mut Browser, page: &str, topic: &str, data: &str) -> Value {
+    browser.fill(page, "#publish-topic", topic);
+    browser.fill(page, "#publish-data", data);
+    browser.click(page, "#publish");
+    browser.wait(
+        page,
+        "(r => !['none', 'pending'].includes(r.dataset.outcome) \
+         && [Number(r.dataset.status), r.textContent])(document.querySelector('#publish-result'))",
+    )
+}
+
+/// Waits until the demo page's stream was refused; returns the gateway's message as shown.
+fn wait_refusal(browser: &mut Browser, page: &str) -> Value {
+    browser.wait(
+        page,
+        "window.ssegw.state === 'closed' && window.ssegw.refusal \
+         && document.querySelector('#state-reason').textContent === window.ssegw.refusal \
+         && window.ssegw.refusal",
+    )
+}
+
+/// A gateway without anonymous access: the page needs the token of its Token field to
+/// subscribe and publish, never takes one from its URL, never shows or logs it, and shows the
+/// `ssegw-expired` control event when the gateway ends a stream whose token ran out.
+#[test]
+fn the_demo_page_subscribes_and_publishes_with_a_token_and_shows_its_expiry() {
+    let redis = RedisServer::start();
+    let gateway = Gateway::with_redis(&redis, &["--jwt-secret", JWT_SECRET, "--jwt-leeway", "0s"]);
+    let granted = token(&["orders.*"], &["orders.eu"], 600);
+    let mut browser = Browser::start();
+
+    // Without a token: refused, with the gateway's own message. A token in the page's URL is
+    // not one the page takes (and the page's URL loses it).
+    browser.goto(
+        "demo",
+        &gateway.url(&format!(
+            "/?topic=orders.eu&token={granted}&access_token={granted}"
+        )),
+    );
+    let missing = "401: missing token: subscribe on topic \"orders.eu\" needs one (send \
+                   Authorization: Bearer <token> or the ssegw_token cookie or the access_token \
+                   query parameter)";
+    assert_eq!(wait_refusal(&mut browser, "demo"), json!(missing));
+    assert_eq!(
+        browser.eval(
+            "demo",
+            "[...document.querySelectorAll('[data-testid=note-row][data-kind=closed]')]\
+             .map(r => r.textContent.replace(/^\\S+\\s+/, ''))"
+        ),
+        json!([format!("the gateway refused the stream: {missing}")]),
+        "the table says so too (after the time)"
+    );
+    assert_eq!(
+        browser.eval("demo", "location.search"),
+        json!("?topic=orders.eu")
+    );
+    assert_eq!(browser.eval("demo", "window.ssegw.opens"), json!(0));
+    // Published while the page is refused: it must never show up.
+    redis.fcall_publish("orders.eu", "refused", None);
+    assert_eq!(
+        publish_from_form(&mut browser, "demo", "orders.eu", "no token"),
+        json!([
+            401,
+            "401: missing token: publish on topic \"orders.eu\" needs one (send Authorization: \
+             Bearer <token>) (this gateway wants a token: see Token)"
+        ])
+    );
+
+    // With a token granting `orders.*` and publishing on `orders.eu`.
+    browser.fill("demo", "#token", &granted);
+    browser.click("demo", "#connect");
+    browser.wait("demo", "window.ssegw.state === 'open'");
+    assert_eq!(
+        browser.eval("demo", "document.querySelector('#stream-url').textContent"),
+        json!("/events?topic=orders.eu&access_token=…"),
+        "the token is masked"
+    );
+    let shell = browser.eval(
+        "demo",
+        "document.querySelector('#shell-commands').textContent",
+    );
+    assert!(
+        shell
+            .as_str()
+            .unwrap()
+            .starts_with(r#"curl -N -H "Authorization: Bearer $TOKEN" 'http"#),
+        "the shell commands name a variable instead: {shell}"
+    );
+    let mut expected = Vec::new();
+    for n in 1..=2 {
+        let data = format!("order {n}");
+        let id = redis.fcall_publish("orders.eu", &data, None);
+        expected.push(message(&id, "orders.eu", &data));
+    }
+    let published = publish_from_form(&mut browser, "demo", "orders.eu", "from the form");
+    assert_eq!(published[0], json!(200), "{published}");
+    let text = published[1].as_str().unwrap();
+    let id = text
+        .strip_prefix("published ")
+        .and_then(|rest| rest.strip_suffix(" on orders.eu"))
+        .unwrap_or_else(|| panic!("publish result {text:?}"));
+    expected.push(message(id, "orders.eu", "from the form"));
+    wait_events(&mut browser, "demo", expected.len());
+    assert_eq!(page_events(&mut browser, "demo"), expected);
+    assert_eq!(
+        publish_from_form(&mut browser, "demo", "orders.us", "not granted"),
+        json!([
+            403,
+            "403: the token does not grant publish on topic \"orders.us\""
+        ])
+    );
+    // A topic outside the token's grant refuses the stream, with the gateway's reason.
+    browser.fill("demo", "#topics", "invoices");
+    browser.click("demo", "#connect");
+    assert_eq!(
+        wait_refusal(&mut browser, "demo"),
+        json!("403: the token does not grant subscribe on topic \"invoices\"")
+    );
+
+    // A token that expires in about two seconds (its `exp` is a whole second): the gateway
+    // sends `ssegw-expired` and ends the stream; the page shows it and stays closed.
+    let short = token(&["orders.*"], &[], 3);
+    browser.fill("demo", "#token", &short);
+    browser.fill("demo", "#topics", "orders.eu");
+    browser.click("demo", "#connect");
+    browser.wait("demo", "window.ssegw.state === 'open'");
+    let last = redis.fcall_publish("orders.eu", "before expiry", None);
+    expected.push(message(&last, "orders.eu", "before expiry"));
+    browser.wait(
+        "demo",
+        "window.ssegw.expired === 1 && window.ssegw.state === 'expired'",
+    );
+    expected.push(json!([
+        null,
+        "ssegw-expired",
+        "orders.eu",
+        r#"{"reason":"token-expired"}"#
+    ]));
+    assert_eq!(page_events(&mut browser, "demo"), expected);
+    assert_eq!(
+        browser.eval(
+            "demo",
+            "[document.querySelector('#state').textContent, \
+              document.querySelectorAll('[data-testid=expired-row]').length, \
+              window.ssegw.opens, window.ssegw.reconnects]"
+        ),
+        json!(["token expired", 1, 1, 0]),
+        "shown once; the page did not reconnect with the expired token"
+    );
+    support::wait_until("the gateway ends the expired stream", || {
+        support::get_json(gateway.addr, "/status").1["connections"] == json!(0)
+    });
+    // Ready to resume with a fresh token.
+    assert_eq!(
+        browser.eval("demo", "document.querySelector('#resume-id').value"),
+        json!(last)
+    );
+    browser.screenshot("demo", "demo-auth.png");
+
+    // Which it does, with what was published meanwhile.
+    let id = redis.fcall_publish("orders.eu", "while expired", None);
+    expected.push(message(&id, "orders.eu", "while expired"));
+    browser.fill("demo", "#token", &granted);
+    browser.click("demo", "#connect");
+    wait_events(&mut browser, "demo", expected.len());
+    assert_eq!(page_events(&mut browser, "demo"), expected);
+    assert_eq!(browser.eval("demo", "window.ssegw.state"), json!("open"));
+
+    // The tokens were nowhere but in the field and the requests: not in the page (the table,
+    // the stream URL shown, the shell commands), `window.ssegw`, the page's URL or the console
+    // (where only Chromium's own lines about the refused requests are, without their URLs).
+    let console = browser.console("demo");
+    for secret in [&granted, &short] {
+        let check = format!(
+            "[document.documentElement.outerHTML, JSON.stringify(window.ssegw), location.href]\
+             .filter(text => text.includes({secret:?})).length"
+        );
+        assert_eq!(browser.eval("demo", &check), json!(0), "the token leaked");
+        assert!(
+            console.iter().all(|line| !line.contains(secret.as_str())),
+            "the token in the console: {console:?}"
+        );
+    }
 }
 
 #[test]

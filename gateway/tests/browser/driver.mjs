@@ -8,6 +8,7 @@
 //   {"op": "eval", "page": "a", "expr": "window.ssegw.events"}   -> the JSON value
 //   {"op": "wait", "page": "a", "expr": "...", "timeout": 20000} -> the first truthy value
 //   {"op": "screenshot", "page": "a", "path": "/x.png"}
+//   {"op": "console", "page": "a"}                              -> the page's console lines
 //
 // Replies: {"ok": true, "value": ...} or {"ok": false, "error": "..."}. The first line out is
 // {"ok": true, "value": "<browser version>"} once Chromium runs (SSEGW_CHROMIUM, default

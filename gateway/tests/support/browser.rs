@@ -247,6 +247,12 @@ impl Browser {
         self.call(json!({ "op": "wait", "page": page, "expr": expr, "timeout": timeout }))
     }
 
+    /// What the page's console said, and its uncaught errors, one line each, in order.
+    pub fn console(&mut self, page: &str) -> Vec<String> {
+        let lines = self.call(json!({ "op": "console", "page": page }));
+        serde_json::from_value(lines).expect("console lines")
+    }
+
     /// A full-page PNG in `artifacts()`; returns its path.
     pub fn screenshot(&mut self, page: &str, name: &str) -> PathBuf {
         let path = artifacts().join(name);
