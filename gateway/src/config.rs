@@ -13,6 +13,7 @@ use ssegw_protocol::script::ScriptSettings;
 use ssegw_protocol::{Scope, TopicPattern};
 
 use crate::auth::{AuthConfig, VerifyingKey};
+use crate::telemetry::TelemetryConfig;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -246,6 +247,8 @@ pub struct Config {
     pub bus: BusConfig,
     pub auth: AuthConfig,
     pub cors: CorsConfig,
+    /// Logs, and what goes to OTLP (from the standard `OTEL_*` variables).
+    pub telemetry: TelemetryConfig,
 }
 
 /// Which browser origins may call the gateway.
@@ -533,6 +536,8 @@ impl ServeArgs {
         let transport = self.transport()?;
         let auth = self.auth.auth_config()?;
         let cors = self.auth.cors_config()?;
+        let telemetry =
+            TelemetryConfig::from_lookup(|name| std::env::var(name).ok()).map_err(ConfigError)?;
         Ok(Config {
             listen: self.listen,
             workers,
@@ -559,6 +564,7 @@ impl ServeArgs {
             },
             auth,
             cors,
+            telemetry,
         })
     }
 }

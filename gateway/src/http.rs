@@ -7,8 +7,9 @@ use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use serde::Deserialize;
 use ssegw_protocol::frame::EventType;
-use ssegw_protocol::{cursor, Topic, TopicSet};
+use ssegw_protocol::{cursor, StreamId, Topic, TopicSet, Traceparent};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::auth::{Action, Auth, AuthError, Grant};
 use crate::bus::{Bus, BusError};
@@ -16,6 +17,7 @@ use crate::config::StreamConfig;
 use crate::hub::Hub;
 use crate::sse::{Connection, Start};
 use crate::stats::Stats;
+use crate::telemetry;
 
 /// Shared by every worker; built once, outside the `HttpServer` factory.
 pub struct AppState {
@@ -30,6 +32,8 @@ pub struct AppState {
     /// one until it ends; when none is left, the request gets a 503. They are not event streams
     /// and do not count under `--max-connections`, but they must not be unbounded either.
     pub status_streams: Arc<tokio::sync::Semaphore>,
+    /// Behind `/metrics`, and the OTLP push when configured.
+    pub metrics: Arc<crate::telemetry::Metrics>,
 }
 
 /// A clear status and message for the client; the detail is logged where it arises.
@@ -159,6 +163,10 @@ pub fn routes(cfg: &mut web::ServiceConfig, max_event_bytes: usize, pages: bool)
         .service(only(
             web::resource("/status").route(web::get().to(status)),
             "GET",
+        ))
+        .service(only(
+            web::resource("/metrics").route(web::get().to(metrics)),
+            "GET",
         ));
     if pages {
         crate::pages::routes(cfg);
@@ -172,7 +180,7 @@ pub fn routes(cfg: &mut web::ServiceConfig, max_event_bytes: usize, pages: bool)
         Err::<HttpResponse, _>(ApiError::new(
             StatusCode::NOT_FOUND,
             format!(
-                "no route for {}; see /events, /publish, /healthz, /readyz, /status{pages}",
+                "no route for {}; see /events, /publish, /healthz, /readyz, /status, /metrics{pages}",
                 req.path()
             ),
         ))
@@ -281,11 +289,12 @@ async fn events(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResp
     )?;
     let grant = subscriber_grant(&req, &request, &state)?;
     if state.drain.is_cancelled() {
+        state.stats.record(&state.stats.refused_draining);
         return Err(ApiError::unavailable(
             "gateway is shutting down, retry later",
         ));
     }
-    let slot = state
+    let mut slot = state
         .stats
         .try_open(state.stream.max_connections)
         .ok_or_else(|| {
@@ -303,9 +312,13 @@ async fn events(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResp
         }
         baselines
     };
-    let baselines = tokio::time::timeout(state.stream.subscribe_timeout, ready)
-        .await
-        .map_err(|_| ApiError::unavailable("gateway is not subscribed to Redis, retry later"))?;
+    let Ok(baselines) = tokio::time::timeout(state.stream.subscribe_timeout, ready).await else {
+        slot.ended();
+        state.stats.record(&state.stats.refused_unavailable);
+        return Err(ApiError::unavailable(
+            "gateway is not subscribed to Redis, retry later",
+        ));
+    };
     if request.last_event_id.is_some() {
         state.stats.record(&state.stats.resumed);
     }
@@ -447,25 +460,97 @@ impl PublishBody {
     }
 }
 
+/// `POST /publish`, in a span of its own: a child of the caller's `traceparent` when it sent
+/// one, whose trace context is stored with the event so that every replica's delivery links
+/// back to it. Its log lines carry the request id and the trace id.
 async fn publish(
     req: HttpRequest,
     body: web::Json<PublishBody>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let request = body.into_inner().validate(state.stream.max_event_bytes)?;
-    // Only the header: a cookie would let any page the user visits publish in their name.
-    crate::auth::bearer(&req)
-        .and_then(|token| {
-            state
-                .auth
-                .authorize(Action::Publish, token.as_deref(), [&request.topic])
+    let request_id = request_id(&req);
+    let sent = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|t| Traceparent::new(t.trim()).ok());
+    let span = tracing::info_span!(
+        "publish",
+        otel.kind = "server",
+        request_id = %request_id,
+        trace_id = tracing::field::Empty,
+        messaging.destination.name = tracing::field::Empty,
+    );
+    telemetry::continue_trace(&span, sent.as_ref());
+    let traceparent = telemetry::publish_context(&span, sent.as_ref());
+    if let Some(traceparent) = &traceparent {
+        span.record("trace_id", traceparent.trace_id());
+    }
+    let publish = async {
+        let request = body.into_inner().validate(state.stream.max_event_bytes)?;
+        tracing::Span::current().record("messaging.destination.name", request.topic.as_str());
+        // Only the header: a cookie would let any page the user visits publish in their name.
+        crate::auth::bearer(&req)
+            .and_then(|token| {
+                state
+                    .auth
+                    .authorize(Action::Publish, token.as_deref(), [&request.topic])
+            })
+            .map_err(|e| ApiError::auth(e, &state.stats))?;
+        let id = state
+            .bus
+            .publish(
+                &request.topic,
+                request.event.as_ref(),
+                &request.data,
+                traceparent.as_ref(),
+            )
+            .await?;
+        tracing::debug!(%id, "published");
+        Ok(id)
+    };
+    let result: Result<StreamId, ApiError> = publish.instrument(span).await;
+    let mut response = match result {
+        Ok(id) => HttpResponse::Ok().json(serde_json::json!({ "id": id.to_string() })),
+        Err(e) => e.error_response(),
+    };
+    if let Ok(value) = header::HeaderValue::from_str(&request_id) {
+        response
+            .headers_mut()
+            .insert(header::HeaderName::from_static("x-request-id"), value);
+    }
+    Ok(response)
+}
+
+/// The caller's `X-Request-Id` when it is a short token, else a new one.
+fn request_id(req: &HttpRequest) -> String {
+    req.headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            (1..=64).contains(&v.len())
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         })
-        .map_err(|e| ApiError::auth(e, &state.stats))?;
-    let id = state
-        .bus
-        .publish(&request.topic, request.event.as_ref(), &request.data)
-        .await?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "id": id.to_string() })))
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+/// This replica's metrics in the Prometheus text format.
+async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    match state.metrics.render() {
+        Ok(text) => HttpResponse::Ok()
+            .content_type("text/plain; version=0.0.4; charset=utf-8")
+            .body(text),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot render the metrics");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot render the metrics",
+            )
+            .error_response()
+        }
+    }
 }
 
 async fn healthz() -> HttpResponse {

@@ -12,9 +12,12 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use ssegw_protocol::frame::{EventType, GapReason};
-use ssegw_protocol::{frame, StreamId, Topic};
+use ssegw_protocol::{frame, StreamId, Topic, Traceparent};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
+
+use crate::stats::Stats;
+use crate::telemetry;
 
 /// One event, framed once per replica and shared by every local subscriber of its topic.
 #[derive(Debug)]
@@ -24,6 +27,8 @@ pub struct Event {
     pub body: Bytes,
     /// `id: <stream id>` followed by `body`: the complete frame for single-topic connections.
     pub frame: Bytes,
+    /// The publisher's trace context, when it gave one.
+    pub traceparent: Option<Traceparent>,
 }
 
 impl Event {
@@ -32,7 +37,18 @@ impl Event {
     pub fn new(id: StreamId, event: Option<&EventType>, data: &[u8]) -> Event {
         let body = frame::event_body(event, &String::from_utf8_lossy(data));
         let frame = frame::with_id(&id.to_string(), &body);
-        Event { id, body, frame }
+        Event {
+            id,
+            body,
+            frame,
+            traceparent: None,
+        }
+    }
+
+    /// The same event, carrying the publisher's trace context.
+    pub fn traced(mut self, traceparent: Option<Traceparent>) -> Event {
+        self.traceparent = traceparent;
+        self
     }
 }
 
@@ -143,6 +159,11 @@ impl Channel {
 
     pub fn latest(&self) -> StreamId {
         self.lock().latest
+    }
+
+    /// This replica's connections on the topic.
+    pub fn members(&self) -> usize {
+        self.lock().members
     }
 
     /// Delivers an event to the topic's local subscribers (at the end of the coalescing delay,
@@ -259,6 +280,16 @@ pub struct Hub {
     coalesce: Option<(Duration, mpsc::UnboundedSender<Flush>)>,
     /// The other end of that queue, taken by `run_timers`.
     flushes: Mutex<Option<mpsc::UnboundedReceiver<Flush>>>,
+    observer: Observer,
+}
+
+/// What the hub reports about each event that reaches the replica: counts and lag into
+/// `stats`, and with `trace_deliveries` a delivery span for events that carry their
+/// publisher's trace context. Recording a span is no I/O: an exporter thread sends it.
+#[derive(Default)]
+pub struct Observer {
+    pub stats: Arc<Stats>,
+    pub trace_deliveries: bool,
 }
 
 impl Hub {
@@ -281,6 +312,32 @@ impl Hub {
             capacity,
             coalesce,
             flushes: Mutex::new(flushes),
+            observer: Observer::default(),
+        }
+    }
+
+    /// The hub, reporting to `observer`.
+    pub fn observed_by(mut self, observer: Observer) -> Hub {
+        self.observer = observer;
+        self
+    }
+
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.observer.stats
+    }
+
+    /// Reports events of `channel` that reached the replica (before duplicates are dropped: a
+    /// backfill and pub/sub may both bring one).
+    pub fn received(&self, channel: &Channel, events: &[Arc<Event>]) {
+        let stats = &self.observer.stats;
+        stats.add(&stats.events_received, events.len() as u64);
+        for event in events {
+            let lag = telemetry::since_publish(event.id.ms).as_secs_f64();
+            stats.lag.record(lag, &[]);
+            if let (true, Some(traceparent)) = (self.observer.trace_deliveries, &event.traceparent)
+            {
+                telemetry::delivery_span(traceparent, &channel.topic, event.id, channel.members());
+            }
         }
     }
 
@@ -360,6 +417,7 @@ impl Hub {
     /// dropped. Callers dispatch each topic's events in stream order.
     pub fn dispatch(&self, topic: &Topic, event: Arc<Event>) {
         if let Some(channel) = self.channel(topic) {
+            self.received(&channel, std::slice::from_ref(&event));
             channel.dispatch(event);
         }
     }

@@ -11,6 +11,7 @@ pub mod pages;
 pub mod publisher;
 pub mod sse;
 pub mod stats;
+pub mod telemetry;
 pub mod tls;
 
 use std::sync::Arc;
@@ -25,8 +26,9 @@ use crate::auth::Auth;
 use crate::bus::Bus;
 use crate::config::{Config, CorsConfig, Transport};
 use crate::http::AppState;
-use crate::hub::Hub;
+use crate::hub::{Hub, Observer};
 use crate::stats::Stats;
+use crate::telemetry::Metrics;
 
 /// Serves one gateway replica on `listener` until `shutdown` is cancelled, then drains: the
 /// replica turns not-ready, stops accepting, closes its streams spread over the drain window,
@@ -39,12 +41,22 @@ pub async fn run(
     // The bus outlives the drain: draining streams keep delivering until their close.
     let stop = CancellationToken::new();
     let _stop_bus_on_return = stop.clone().drop_guard();
+    // Counters first: the hub, the bus and the streams all report into them.
+    let metrics = Arc::new(Metrics::new(&config.telemetry).map_err(anyhow::Error::msg)?);
+    let stats = Arc::new(Stats::new(&metrics.meter()));
+    metrics.observe(&stats);
     let (interest_tx, interest_rx) = mpsc::unbounded_channel();
-    let hub = Arc::new(Hub::new(
-        config.bus.client_buffer,
-        interest_tx,
-        config.stream.write_coalesce,
-    ));
+    let hub = Arc::new(
+        Hub::new(
+            config.bus.client_buffer,
+            interest_tx,
+            config.stream.write_coalesce,
+        )
+        .observed_by(Observer {
+            stats: stats.clone(),
+            trace_deliveries: config.telemetry.traces,
+        }),
+    );
     let _stop_timers_on_return = AbortOnDropHandle::new(tokio::spawn(
         hub.clone().run_timers(config.stream.keepalive),
     ));
@@ -75,7 +87,6 @@ pub async fn run(
     );
 
     // Built once here: the factory below runs once per worker.
-    let stats = Arc::new(Stats::default());
     let state = web::Data::new(AppState {
         hub: hub.clone(),
         bus,
@@ -84,6 +95,7 @@ pub async fn run(
         auth: Arc::new(Auth::new(config.auth.clone())),
         drain: shutdown.clone(),
         status_streams: Arc::new(tokio::sync::Semaphore::new(pages::MAX_STATUS_STREAMS)),
+        metrics,
     });
     let cors = config.cors.clone();
     let max_event_bytes = config.stream.max_event_bytes;

@@ -1,16 +1,27 @@
-//! The `sse-gateway` binary: parses the command line, sets up logging and hands over to the
-//! library (`run` for `serve`, `publisher::publish` for `publish`).
+//! The `sse-gateway` binary: parses the command line, sets up logging and trace export
+//! (`telemetry::init_process`) and hands over to the library (`run` for `serve`,
+//! `publisher::publish` for `publish`).
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use sse_gateway::config::{Cli, Command, ServeArgs};
+use sse_gateway::telemetry::{self, TelemetryConfig};
 use ssegw_protocol::script;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    let telemetry = TelemetryConfig::from_lookup(|name| std::env::var(name).ok())
+        .and_then(|config| telemetry::init_process(&config));
+    // Flushes pending spans when main returns.
+    let _telemetry = match telemetry {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("sse-gateway: {e}");
+            return ExitCode::from(2);
+        }
+    };
     match cli.command.unwrap_or(Command::Serve(Box::new(cli.serve))) {
         Command::Serve(args) => serve(*args),
         Command::Publish(args) => {
@@ -117,22 +128,4 @@ async fn stop_on_signal(shutdown: CancellationToken) {
     }
     tracing::info!("shutting down");
     shutdown.cancel();
-}
-
-/// Levels from `SSEGW_LOG`, else `RUST_LOG`, else `info`; JSON lines with `SSEGW_LOG_FORMAT=json`.
-fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = std::env::var("SSEGW_LOG")
-        .ok()
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .or_else(|| EnvFilter::try_from_default_env().ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("SSEGW_LOG_FORMAT").as_deref() == Ok("json") {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }

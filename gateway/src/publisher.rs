@@ -3,13 +3,25 @@
 
 use anyhow::{bail, Context};
 use ssegw_protocol::frame::EventType;
-use ssegw_protocol::{StreamId, Topic};
+use ssegw_protocol::{StreamId, Topic, Traceparent};
+use tracing::Instrument;
 
 use crate::bus::RedisBus;
 use crate::config::{check_redis_url, PublishArgs};
+use crate::telemetry;
 
-/// Publishes the event; returns its id.
+/// Publishes the event in a `publish` span (exported when OTLP is configured), whose trace
+/// context travels with the event; returns its id.
 pub async fn publish(args: PublishArgs) -> anyhow::Result<StreamId> {
+    let span = tracing::info_span!("publish", otel.kind = "producer", messaging.destination.name = %args.topic);
+    let traceparent = telemetry::publish_context(&span, None);
+    publish_in_span(args, traceparent).instrument(span).await
+}
+
+async fn publish_in_span(
+    args: PublishArgs,
+    traceparent: Option<Traceparent>,
+) -> anyhow::Result<StreamId> {
     let topic =
         Topic::new(&args.topic).with_context(|| format!("invalid topic {:?}", args.topic))?;
     let event = args
@@ -24,11 +36,22 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<StreamId> {
             check_redis_url(url)?;
             let script = args.retention.script_settings()?;
             let bus = RedisBus::connect(url, 2, args.redis_timeout, &script)?;
-            Ok(bus.publish(&topic, event.as_ref(), &args.data).await?)
+            Ok(bus
+                .publish(&topic, event.as_ref(), &args.data, traceparent.as_ref())
+                .await?)
         }
         None => {
             let token = args.token.as_deref();
-            publish_http(&args.url, token, &topic, event.as_ref(), &args.data).await
+            let event = event.as_ref();
+            publish_http(
+                &args.url,
+                token,
+                traceparent.as_ref(),
+                &topic,
+                event,
+                &args.data,
+            )
+            .await
         }
     }
 }
@@ -36,6 +59,7 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<StreamId> {
 async fn publish_http(
     base: &str,
     token: Option<&str>,
+    traceparent: Option<&Traceparent>,
     topic: &Topic,
     event: Option<&EventType>,
     data: &str,
@@ -49,6 +73,9 @@ async fn publish_http(
     let mut request = awc::Client::default().post(&url);
     if let Some(token) = token {
         request = request.bearer_auth(token);
+    }
+    if let Some(traceparent) = traceparent {
+        request = request.insert_header(("traceparent", traceparent.as_str()));
     }
     let mut response = request
         .send_json(&body)

@@ -57,6 +57,8 @@ struct TopicStream {
 }
 
 pub struct Connection {
+    /// Names the connection in log lines (never in metrics).
+    id: uuid::Uuid,
     topics: TopicSet,
     streams: Vec<TopicStream>,
     bus: Arc<Bus>,
@@ -131,6 +133,7 @@ impl Connection {
             })
             .collect();
         let mut connection = Connection {
+            id: uuid::Uuid::new_v4(),
             topics,
             streams,
             bus,
@@ -176,8 +179,14 @@ impl Connection {
     pub fn into_stream(self) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> {
         futures_util::stream::unfold(self, |mut conn| async move {
             let chunk = conn.next_chunk().await?;
+            conn.slot.stats().record_written(chunk.len());
             Some((Ok(chunk), conn))
         })
+    }
+
+    /// This connection's id, in its log lines.
+    pub fn id(&self) -> uuid::Uuid {
+        self.id
     }
 
     async fn next_chunk(&mut self) -> Option<Bytes> {
@@ -207,14 +216,15 @@ impl Connection {
         }
     }
 
-    fn end(&self, end: End) -> Option<Bytes> {
-        tracing::debug!(reason = ?end, topics = self.topics.len(), "stream ended");
+    fn end(&mut self, end: End) -> Option<Bytes> {
+        tracing::debug!(connection = %self.id, reason = ?end, topics = self.topics.len(), "stream ended");
+        self.slot.ended();
         let stats = self.slot.stats();
         match end {
             End::Drained => stats.record(&stats.drained),
             End::Slow => stats.record(&stats.slow),
             End::Expired => stats.record(&stats.expired),
-            End::Closed => {}
+            End::Closed => stats.record(&stats.stopped),
         }
         None
     }
@@ -260,7 +270,9 @@ impl Connection {
                 delivered += 1;
             }
         }
-        self.slot.stats().record_delivered(delivered);
+        let stats = self.slot.stats();
+        stats.record_delivered(delivered);
+        stats.add(&stats.replayed, delivered);
         Ok((!out.is_empty()).then(|| out.freeze()))
     }
 
@@ -384,7 +396,7 @@ impl Connection {
     /// that is its replay's doing: catch up from history. After, the client is too slow.
     fn lagged(&mut self, index: usize) -> Result<Option<Bytes>, End> {
         if self.live || self.catch_ups >= MAX_CATCH_UPS {
-            tracing::info!(topics = self.topics.len(), "closing slow client");
+            tracing::info!(connection = %self.id, topics = self.topics.len(), "closing slow client");
             return Err(End::Slow);
         }
         self.catch_ups += 1;

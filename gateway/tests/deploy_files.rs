@@ -3,7 +3,8 @@
 //! Prometheus Operator's), `docker-compose.yml` against Compose's, the Dockerfile and rendered
 //! manifests under static security checks (accepted findings are annotated where they occur),
 //! and the settings they pass to the gateway are ones the binary accepts, with grace periods
-//! longer than the drain.
+//! longer than the drain. The Grafana dashboard's queries parse as PromQL and use only metrics
+//! a running gateway serves.
 //!
 //! The Python tools, pinned in `.ci/deploy-tools.txt`, come from the virtualenv `.ci/run`
 //! installs them into (`$SSEGW_DEPLOY_TOOLS`, by default `~/.cache/ssegw-deploy-tools`), else
@@ -22,8 +23,14 @@ use serde_json::Value;
 const KUBERNETES_VERSIONS: [&str; 2] = ["1.29.0", "1.37.0"];
 /// Custom resources, checked against their own schema instead of Kubernetes'.
 const SERVICE_MONITOR: &str = "kind: ServiceMonitor";
-/// Settings the gateway reads from the environment that are no flags (README "Configuration").
-const ENV_ONLY: [&str; 2] = ["SSEGW_LOG", "SSEGW_LOG_FORMAT"];
+/// Settings the gateway reads from the environment that are no flags (README "Configuration"
+/// and "Observability").
+const ENV_ONLY: [&str; 4] = [
+    "SSEGW_LOG",
+    "SSEGW_LOG_FORMAT",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_SERVICE_NAME",
+];
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -301,11 +308,20 @@ fn docker_compose_yml_is_valid_and_runs_the_tested_balancer_config() {
             "gateway-1",
             "gateway-2",
             "gateway-3",
+            "grafana",
             "lb",
             "otel-collector",
             "prometheus",
             "redis"
         ]
+    );
+
+    // Grafana shows the dashboard the_grafana_dashboard_queries_metrics_the_gateway_serves checks.
+    let dashboard = repo().join("deploy/grafana/sse-gateway.json");
+    let grafana_volumes = services["grafana"]["volumes"].to_string();
+    assert!(
+        grafana_volumes.contains(dashboard.to_str().unwrap()),
+        "grafana mounts no deploy/grafana/sse-gateway.json: {grafana_volumes}"
     );
 
     // The balancer runs deploy/nginx.conf, the file gateway/tests/balancer.rs runs.
@@ -549,4 +565,68 @@ fn included_files(dir: &Path) -> Vec<PathBuf> {
         }
     }
     found
+}
+
+/// Every query of the Grafana dashboard parses as PromQL (with a real parser), and every metric
+/// it reads is one a replica serves on `/metrics` once it has delivered an event.
+#[actix_web::test]
+async fn the_grafana_dashboard_queries_metrics_the_gateway_serves() {
+    let dashboard = repo().join("deploy/grafana/sse-gateway.json");
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(&dashboard).unwrap()).unwrap();
+    assert_eq!(json["uid"], "sse-gateway");
+    let panels = json["panels"].as_array().unwrap();
+    let mut ids: Vec<u64> = panels.iter().map(|p| p["id"].as_u64().unwrap()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), panels.len(), "panel ids repeat");
+    for panel in panels {
+        let grid = &panel["gridPos"];
+        assert!(
+            grid["x"].as_u64().unwrap() + grid["w"].as_u64().unwrap() <= 24,
+            "{panel}"
+        );
+        assert!(
+            !panel["targets"].as_array().unwrap().is_empty(),
+            "{}",
+            panel["title"]
+        );
+    }
+    let names: Vec<String> = serde_json::from_str(&run(Command::new(tool("python", FROM_PYPI))
+        .arg(repo().join("gateway/tests/deploy_files/promql.py"))
+        .arg(&dashboard)))
+    .unwrap();
+    assert!(names.len() >= 10, "{names:?}");
+
+    let redis = support::RedisServer::start();
+    let gw = support::Gateway::with_redis(&redis, &[]);
+    let mut sse = support::Sse::open(&gw, "topic=dash", None).await;
+    sse.baseline().await;
+    redis.fcall_publish("dash", "x", None);
+    sse.next().await;
+    support::wait_until("a canary round trip", || {
+        metrics_text(gw.addr).contains("ssegw_redis_canary_rtt_seconds_count")
+    });
+    let served = metrics_text(gw.addr);
+    for name in &names {
+        assert!(
+            served
+                .lines()
+                .any(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{"))),
+            "the dashboard reads {name}, which /metrics does not serve:\n{served}"
+        );
+    }
+}
+
+fn metrics_text(addr: std::net::SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(support::WAIT)).unwrap();
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    reply
 }

@@ -34,11 +34,12 @@ local function cmp_id(a, b)
   return 0
 end
 
--- publish(topic; data, event?) -> id
+-- publish(topic; data, event?, traceparent?) -> id
 -- Appends the event to the topic's stream (trimmed to MAXLEN, expiring after TTL_SECONDS without
--- publishes) and publishes it on the topic's channel, atomically.
+-- publishes) and publishes it on the topic's channel, atomically. A W3C traceparent, when given,
+-- travels with the event so that deliveries can be traced back to the publish.
 local function publish(keys, args)
-  local topic, data, event = keys[1], args[1], args[2]
+  local topic, data, event, traceparent = keys[1], args[1], args[2], args[3]
   local bad = check_topic(topic)
   if bad then return bad end
   if data == nil or #data == 0 then
@@ -50,6 +51,14 @@ local function publish(keys, args)
   if event == '' then event = nil end
   if event ~= nil and (#event > 64 or string.find(event, '[^%w%-_%.:]') or string.sub(event, 1, 5) == 'ssegw') then
     return err('invalid event type (1 to 64 bytes of ASCII letters, digits and - _ . :, not starting with ssegw)')
+  end
+  if traceparent == '' then traceparent = nil end
+  if traceparent ~= nil and (#traceparent ~= 55
+      or not string.find(traceparent, '^00%-[0-9a-f]+%-[0-9a-f]+%-[0-9a-f][0-9a-f]$')
+      or string.sub(traceparent, 36, 36) ~= '-'
+      or string.sub(traceparent, 4, 35) == string.rep('0', 32)
+      or string.sub(traceparent, 37, 52) == string.rep('0', 16)) then
+    return err('invalid traceparent (00-<32 hex trace id>-<16 hex span id>-<2 hex flags>, lower-case)')
   end
   local key = stream_key(topic)
   -- XADD's own trimming leaves max-deleted-entry-id alone, and resume reads need it to tell a
@@ -68,18 +77,23 @@ local function publish(keys, args)
     local now = redis.call('TIME')
     next_id = (tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + 1) .. '-0'
   end
-  local id
+  local fields = {'d', data}
   if event then
-    id = redis.call('XADD', key, 'MAXLEN', MAXLEN, next_id, 'd', data, 'e', event)
-  else
-    id = redis.call('XADD', key, 'MAXLEN', MAXLEN, next_id, 'd', data)
+    table.insert(fields, 'e')
+    table.insert(fields, event)
   end
+  if traceparent then
+    table.insert(fields, 't')
+    table.insert(fields, traceparent)
+  end
+  local id = redis.call('XADD', key, 'MAXLEN', MAXLEN, next_id, unpack(fields))
   if newest_trimmed then
     redis.call('XSETID', key, id, 'MAXDELETEDID', newest_trimmed)
   end
   redis.call('EXPIRE', key, TTL_SECONDS)
   local header = 'i' .. id .. '\n'
   if event then header = header .. 'e' .. event .. '\n' end
+  if traceparent then header = header .. 't' .. traceparent .. '\n' end
   redis.call('PUBLISH', 'ssegw:c:{' .. topic .. '}', header .. '\n' .. data)
   return id
 end

@@ -9,7 +9,9 @@ pub mod frame;
 pub mod pattern;
 pub mod script;
 pub mod topic;
+pub mod trace;
 
 pub use event_id::StreamId;
 pub use pattern::{Scope, TopicPattern};
 pub use topic::{Topic, TopicSet};
+pub use trace::Traceparent;

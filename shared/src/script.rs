@@ -5,6 +5,7 @@
 use crate::event_id::StreamId;
 use crate::frame::EventType;
 use crate::topic::Topic;
+use crate::trace::Traceparent;
 
 /// The name of the function library in `FUNCTION LIST`.
 pub const LIBRARY_NAME: &str = "ssegw";
@@ -77,12 +78,14 @@ pub fn topic_of_channel(channel: &str) -> Option<Topic> {
 }
 
 /// An event as the publish logic sends it on a topic channel: header lines (`i<id>`,
-/// `e<event>`; unknown tags are ignored so that later versions can add fields), a blank line,
-/// then the data verbatim.
+/// `e<event>`, `t<traceparent>`; unknown tags are ignored so that later versions can add
+/// fields), a blank line, then the data verbatim.
 #[derive(Debug, PartialEq, Eq)]
 pub struct ChannelMessage<'a> {
     pub id: StreamId,
     pub event: Option<&'a str>,
+    /// The publisher's trace context; an invalid one is dropped, the event still delivered.
+    pub traceparent: Option<Traceparent>,
     pub data: &'a [u8],
 }
 
@@ -95,6 +98,7 @@ impl<'a> ChannelMessage<'a> {
         let mut rest = payload;
         let mut id = None;
         let mut event = None;
+        let mut traceparent = None;
         loop {
             let end = rest.iter().position(|&b| b == b'\n').ok_or(MessageError)?;
             let (line, tail) = (&rest[..end], &rest[end + 1..]);
@@ -112,12 +116,18 @@ impl<'a> ChannelMessage<'a> {
                     EventType::new(text).map_err(|_| MessageError)?;
                     event = Some(text);
                 }
+                Some((b't', value)) => {
+                    traceparent = std::str::from_utf8(value)
+                        .ok()
+                        .and_then(|t| Traceparent::new(t).ok());
+                }
                 Some(_) => {}
             }
         }
         Ok(ChannelMessage {
             id: id.ok_or(MessageError)?,
             event,
+            traceparent,
             data: rest,
         })
     }
@@ -143,8 +153,15 @@ mod tests {
         assert_eq!(m.id, StreamId::new(5, 1));
         assert_eq!(m.event, Some("order"));
         assert_eq!(m.data, b"line1\nline2");
-        let m = ChannelMessage::parse(b"i5-1\ntfuture-field\n\n").unwrap();
+        let m = ChannelMessage::parse(b"i5-1\nxfuture-field\n\n").unwrap();
         assert_eq!((m.event, m.data), (None, &b""[..]));
+        let m = ChannelMessage::parse(
+            b"i5-1\nt00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\n\nx",
+        )
+        .unwrap();
+        assert_eq!(m.traceparent.unwrap().span_id(), "00f067aa0ba902b7");
+        let m = ChannelMessage::parse(b"i5-1\ntnot-a-traceparent\n\nx").unwrap();
+        assert_eq!((m.traceparent, m.data), (None, &b"x"[..]));
         assert_eq!(ChannelMessage::parse(b"eorder\n\nx"), Err(MessageError));
         assert_eq!(ChannelMessage::parse(b"i5-1\n"), Err(MessageError));
         assert_eq!(ChannelMessage::parse(b"ix\n\n"), Err(MessageError));

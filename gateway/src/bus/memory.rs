@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ssegw_protocol::frame::{EventType, GapReason};
 use ssegw_protocol::script::ScriptSettings;
-use ssegw_protocol::{StreamId, Topic};
+use ssegw_protocol::{StreamId, Topic, Traceparent};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -70,6 +70,7 @@ impl MemoryBus {
         topic: &Topic,
         event: Option<&EventType>,
         data: &str,
+        traceparent: Option<&Traceparent>,
     ) -> Result<StreamId, BusError> {
         if data.is_empty() {
             return Err(BusError::Rejected("data must not be empty".into()));
@@ -95,7 +96,7 @@ impl MemoryBus {
         }
         let log = logs.get_mut(topic).expect("inserted above");
         let id = next_id(log.head, log.head == StreamId::ZERO);
-        let event = Arc::new(Event::new(id, event, data.as_bytes()));
+        let event = Arc::new(Event::new(id, event, data.as_bytes()).traced(traceparent.cloned()));
         log.entries.push_back(event.clone());
         log.head = id;
         log.touched = Instant::now();

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ssegw_protocol::frame::{EventType, GapReason};
-use ssegw_protocol::{StreamId, Topic};
+use ssegw_protocol::{StreamId, Topic, Traceparent};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -67,10 +67,11 @@ impl Bus {
         topic: &Topic,
         event: Option<&EventType>,
         data: &str,
+        traceparent: Option<&Traceparent>,
     ) -> Result<StreamId, BusError> {
         match self {
-            Bus::Redis(bus) => bus.publish(topic, event, data).await,
-            Bus::Memory(bus) => bus.publish(topic, event, data),
+            Bus::Redis(bus) => bus.publish(topic, event, data, traceparent).await,
+            Bus::Memory(bus) => bus.publish(topic, event, data, traceparent),
         }
     }
 

@@ -18,7 +18,7 @@ use futures_util::StreamExt;
 use redis::Value;
 use ssegw_protocol::frame::{EventType, GapReason};
 use ssegw_protocol::script::{self, ChannelMessage, ScriptSettings};
-use ssegw_protocol::{StreamId, Topic};
+use ssegw_protocol::{StreamId, Topic, Traceparent};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
@@ -108,14 +108,16 @@ impl RedisBus {
         topic: &Topic,
         event: Option<&EventType>,
         data: &str,
+        traceparent: Option<&Traceparent>,
     ) -> Result<StreamId, BusError> {
         let mut cmd = redis::cmd("FCALL");
         cmd.arg(script::PUBLISH_FUNCTION)
             .arg(1)
             .arg(topic.as_str())
-            .arg(data);
-        if let Some(event) = event {
-            cmd.arg(event.as_str());
+            .arg(data)
+            .arg(event.map_or("", EventType::as_str));
+        if let Some(traceparent) = traceparent {
+            cmd.arg(traceparent.as_str());
         }
         let id: String = self.commands.fcall(&cmd).await?;
         StreamId::parse(&id).map_err(|_| BusError::Unavailable(format!("unexpected id {id:?}")))
@@ -259,6 +261,7 @@ struct Subscriber {
 impl Subscriber {
     async fn run(mut self) {
         let mut backoff = Backoff::default();
+        let mut connected_before = false;
         loop {
             let attempt = async {
                 let mut conn = self.commands.connection().await?;
@@ -274,10 +277,17 @@ impl Subscriber {
                 result = attempt => result,
             };
             let reason = match pubsub {
-                Ok(pubsub) => match self.serve(pubsub, &mut backoff).await {
-                    None => return,
-                    Some(reason) => reason,
-                },
+                Ok(pubsub) => {
+                    if connected_before {
+                        let stats = self.hub.stats();
+                        stats.record(&stats.redis_reconnects);
+                    }
+                    connected_before = true;
+                    match self.serve(pubsub, &mut backoff).await {
+                        None => return,
+                        Some(reason) => reason,
+                    }
+                }
                 Err(e) => e.to_string(),
             };
             if self.ready.swap(false, Ordering::AcqRel) {
@@ -314,11 +324,12 @@ impl Subscriber {
                 _ = self.shutdown.cancelled() => return None,
                 message = messages.next() => match message {
                     Some(message) if message.get_channel_name() == self.canary_channel => {
-                        if canary.arrived(message.get_payload_bytes())
-                            && !self.ready.swap(true, Ordering::AcqRel)
-                        {
-                            tracing::info!(topics = subscribed.len(), "Redis link verified; ready");
-                            backoff.reset();
+                        if let Some(rtt) = canary.arrived(message.get_payload_bytes()) {
+                            self.hub.stats().canary_rtt.record(rtt.as_secs_f64(), &[]);
+                            if !self.ready.swap(true, Ordering::AcqRel) {
+                                tracing::info!(topics = subscribed.len(), "Redis link verified; ready");
+                                backoff.reset();
+                            }
                         }
                     }
                     Some(message) => self.dispatch(&message),
@@ -360,11 +371,12 @@ impl Subscriber {
         // channel was sent around it.
         let message = ChannelMessage::parse(message.get_payload_bytes())
             .ok()
-            .and_then(|m| Some((m.id, m.event.map(EventType::new).transpose().ok()?, m.data)));
+            .and_then(|m| {
+                let event = m.event.map(EventType::new).transpose().ok()?;
+                Some(Event::new(m.id, event.as_ref(), m.data).traced(m.traceparent))
+            });
         match message {
-            Some((id, event, data)) => self
-                .hub
-                .dispatch(&topic, Arc::new(Event::new(id, event.as_ref(), data))),
+            Some(event) => self.hub.dispatch(&topic, Arc::new(event)),
             None => tracing::warn!(%topic, "ignoring malformed channel message"),
         }
     }
@@ -444,6 +456,8 @@ impl Subscriber {
     /// Dispatches what each channel missed: the events after its latest position, or a gap
     /// marker and the retained history when those events are gone.
     async fn backfill(&self, mut pending: Vec<Arc<Channel>>) -> Result<(), BusError> {
+        let stats = self.hub.stats();
+        stats.add(&stats.backfills, pending.len() as u64);
         while !pending.is_empty() {
             let mut unfinished = Vec::new();
             for batch in pending.chunks(READ_BATCH) {
@@ -457,6 +471,7 @@ impl Subscriber {
                     if page.entries.len() == BACKFILL_PAGE {
                         unfinished.push(channel.clone());
                     }
+                    self.hub.received(channel, &page.entries);
                     channel.dispatch_all(page.entries);
                 }
             }
@@ -472,6 +487,8 @@ struct Canary {
     /// Until the next send, or while one is in flight, until it is overdue.
     timer: Pin<Box<Sleep>>,
     in_flight: bool,
+    /// When the one in flight left.
+    sent: Instant,
     seq: u64,
     interval: Duration,
     timeout: Duration,
@@ -483,6 +500,7 @@ impl Canary {
         Canary {
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             in_flight: false,
+            sent: Instant::now(),
             seq: 0,
             interval,
             timeout,
@@ -493,18 +511,19 @@ impl Canary {
     fn send(&mut self) -> u64 {
         self.seq += 1;
         self.in_flight = true;
+        self.sent = Instant::now();
         self.timer.as_mut().reset(Instant::now() + self.timeout);
         self.seq
     }
 
-    /// True when `payload` is the canary in flight.
-    fn arrived(&mut self, payload: &[u8]) -> bool {
+    /// The round trip, when `payload` is the canary in flight.
+    fn arrived(&mut self, payload: &[u8]) -> Option<Duration> {
         if !self.in_flight || payload != self.seq.to_string().as_bytes() {
-            return false;
+            return None;
         }
         self.in_flight = false;
         self.timer.as_mut().reset(Instant::now() + self.interval);
-        true
+        Some(self.sent.elapsed())
     }
 }
 
@@ -577,7 +596,8 @@ fn parse_page(reply: Value) -> Option<Page> {
     Some(Page { gap, head, entries })
 }
 
-/// `[id, [field, value, ...]]` with fields `d` (data) and optionally `e` (event type).
+/// `[id, [field, value, ...]]` with fields `d` (data) and optionally `e` (event type) and `t`
+/// (traceparent).
 fn parse_entry(entry: &Value) -> Option<Arc<Event>> {
     let Value::Array(parts) = entry else {
         return None;
@@ -586,7 +606,7 @@ fn parse_entry(entry: &Value) -> Option<Arc<Event>> {
     let Value::Array(fields) = parts.get(1)? else {
         return None;
     };
-    let (mut data, mut event) = (None, None);
+    let (mut data, mut event, mut traceparent) = (None, None, None);
     for pair in fields.chunks(2) {
         match (pair.first(), pair.get(1)) {
             (Some(key), Some(Value::BulkString(value))) => match as_text(key)? {
@@ -601,10 +621,17 @@ fn parse_entry(entry: &Value) -> Option<Arc<Event>> {
                         tracing::warn!(%id, "ignoring an invalid event type in a stream entry");
                     }
                 }
+                "t" => {
+                    traceparent = std::str::from_utf8(value)
+                        .ok()
+                        .and_then(|t| Traceparent::new(t).ok());
+                }
                 _ => {}
             },
             _ => return None,
         }
     }
-    Some(Arc::new(Event::new(id, event.as_ref(), data?)))
+    Some(Arc::new(
+        Event::new(id, event.as_ref(), data?).traced(traceparent),
+    ))
 }

@@ -5,6 +5,7 @@
 
 pub mod browser;
 pub mod nginx;
+pub mod otlp;
 pub mod proxy;
 
 use std::net::{SocketAddr, TcpListener};
@@ -201,14 +202,35 @@ pub struct GatewayProcess {
 impl GatewayProcess {
     /// Starts the binary with these flags on a free port and waits until it is ready.
     pub fn start(redis_url: &str, flags: &[&str]) -> GatewayProcess {
+        GatewayProcess::spawn(redis_url, flags, &[("SSEGW_LOG", "warn")], None)
+    }
+
+    /// Like `start`, with these environment variables, and its log (stdout and stderr) written
+    /// to `log` when given.
+    pub fn spawn(
+        redis_url: &str,
+        flags: &[&str],
+        env: &[(&str, &str)],
+        log: Option<&std::path::Path>,
+    ) -> GatewayProcess {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let child = Command::new(env!("CARGO_BIN_EXE_sse-gateway"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sse-gateway"));
+        command
             .args(["--listen", &addr.to_string(), "--redis-url", redis_url])
             .args(with_test_defaults(flags))
-            .env("SSEGW_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start sse-gateway");
+            .envs(env.iter().copied())
+            .stdout(Stdio::null());
+        if let Some(log) = log {
+            command
+                .stdout(std::fs::File::create(log).expect("log file"))
+                .stderr(
+                    std::fs::File::options()
+                        .append(true)
+                        .open(log)
+                        .expect("log file"),
+                );
+        }
+        let child = command.spawn().expect("start sse-gateway");
         let process = GatewayProcess { addr, child };
         process.wait_readyz(200);
         process
@@ -237,23 +259,7 @@ impl GatewayProcess {
 impl GatewayProcess {
     /// Like `start`, with the most verbose log (`SSEGW_LOG=trace`) written to `log`.
     pub fn start_logging(redis_url: &str, flags: &[&str], log: &std::path::Path) -> GatewayProcess {
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let child = Command::new(env!("CARGO_BIN_EXE_sse-gateway"))
-            .args(["--listen", &addr.to_string(), "--redis-url", redis_url])
-            .args(with_test_defaults(flags))
-            .env("SSEGW_LOG", "trace")
-            .stdout(std::fs::File::create(log).expect("log file"))
-            .stderr(
-                std::fs::File::options()
-                    .append(true)
-                    .open(log)
-                    .expect("log file"),
-            )
-            .spawn()
-            .expect("start sse-gateway");
-        let process = GatewayProcess { addr, child };
-        process.wait_readyz(200);
-        process
+        GatewayProcess::spawn(redis_url, flags, &[("SSEGW_LOG", "trace")], Some(log))
     }
 }
 

@@ -1,0 +1,431 @@
+//! Telemetry: logs through `tracing` (text or JSON lines, levels from `SSEGW_LOG`/`RUST_LOG`),
+//! traces exported over OTLP when an endpoint is configured, and metrics, always in the
+//! Prometheus registry behind `/metrics` and also pushed over OTLP when configured. With no
+//! endpoint nothing is exported and no span is built for export. Metric attributes are
+//! low-cardinality: never a topic, a client or a connection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use opentelemetry::metrics::{Meter, MeterProvider as _};
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{SpanContext, TraceContextExt, TracerProvider as _};
+use opentelemetry::KeyValue;
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::Resource;
+use ssegw_protocol::Traceparent;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use crate::stats::Stats;
+
+/// What to export, read once from the standard `OTEL_*` variables and `SSEGW_LOG*`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TelemetryConfig {
+    /// Spans go to an OTLP endpoint.
+    pub traces: bool,
+    /// Metrics are pushed to an OTLP endpoint (they are on `/metrics` regardless).
+    pub metrics: bool,
+    /// `OTEL_SERVICE_NAME`, else `sse-gateway`.
+    pub service_name: String,
+    /// Log lines as JSON (`SSEGW_LOG_FORMAT=json`).
+    pub json_logs: bool,
+    /// The log filter (`SSEGW_LOG`, else `RUST_LOG`, else `info`).
+    pub log_filter: String,
+}
+
+impl TelemetryConfig {
+    /// Reads the settings through `lookup` (the process environment in the binary). OTLP goes
+    /// over HTTP with protobuf; asking for another protocol is an error, not a silent no-op.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<TelemetryConfig, String> {
+        let set = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        let disabled = set("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        let signal = |signal: &str, exporter_var: &str| -> Result<bool, String> {
+            let exporter = set(exporter_var).unwrap_or_else(|| "otlp".into());
+            if exporter == "none" || disabled {
+                return Ok(false);
+            }
+            if exporter != "otlp" {
+                return Err(format!(
+                    "{exporter_var}={exporter:?}: only otlp or none is supported"
+                ));
+            }
+            for var in [
+                format!("OTEL_EXPORTER_OTLP_{signal}_PROTOCOL"),
+                "OTEL_EXPORTER_OTLP_PROTOCOL".to_string(),
+            ] {
+                if let Some(protocol) = set(&var) {
+                    if protocol != "http/protobuf" {
+                        return Err(format!(
+                            "{var}={protocol:?}: the gateway exports OTLP over http/protobuf \
+                             only (collectors listen for it on port 4318)"
+                        ));
+                    }
+                    break;
+                }
+            }
+            Ok(
+                set(&format!("OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")).is_some()
+                    || set("OTEL_EXPORTER_OTLP_ENDPOINT").is_some(),
+            )
+        };
+        Ok(TelemetryConfig {
+            traces: signal("TRACES", "OTEL_TRACES_EXPORTER")?,
+            metrics: signal("METRICS", "OTEL_METRICS_EXPORTER")?,
+            service_name: set("OTEL_SERVICE_NAME").unwrap_or_else(|| "sse-gateway".into()),
+            json_logs: set("SSEGW_LOG_FORMAT").as_deref() == Some("json"),
+            log_filter: set("SSEGW_LOG")
+                .or_else(|| set("RUST_LOG"))
+                .unwrap_or_else(|| "info".into()),
+        })
+    }
+
+    fn resource(&self) -> Resource {
+        // The builder reads OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME itself.
+        Resource::builder()
+            .with_service_name(self.service_name.clone())
+            .build()
+    }
+}
+
+/// The process's logging and trace export; flushes pending spans when dropped.
+pub struct ProcessTelemetry {
+    tracer: Option<SdkTracerProvider>,
+}
+
+impl Drop for ProcessTelemetry {
+    fn drop(&mut self) {
+        if let Some(tracer) = self.tracer.take() {
+            let _ = tracer.shutdown();
+        }
+    }
+}
+
+/// Installs the global `tracing` subscriber: the log formatter, and the OpenTelemetry layer
+/// when traces are exported. Once per process (the binary's `main`).
+pub fn init_process(config: &TelemetryConfig) -> Result<ProcessTelemetry, String> {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_new(&config.log_filter)
+        .map_err(|e| format!("log filter {:?}: {e}", config.log_filter))?;
+    let (tracer, otel) = if config.traces {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .build()
+            .map_err(|e| format!("OTLP trace exporter: {e}"))?;
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(config.resource())
+            .build();
+        let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("sse-gateway"));
+        (Some(provider), Some(layer))
+    } else {
+        (None, None)
+    };
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    // The current span's fields (request and connection ids, the trace id) go into each line.
+    let (json, text) = if config.json_logs {
+        let json = tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_writer(std::io::stderr);
+        (Some(json), None)
+    } else {
+        let text = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+        (None, Some(text))
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(otel)
+        .with(json)
+        .with(text)
+        .try_init()
+        .map_err(|e| format!("logging: {e}"))?;
+    Ok(ProcessTelemetry { tracer })
+}
+
+/// The trace context to store with an event published in `span`: the span's own when it is
+/// exported, else the one the publisher sent (so that replicas that export can still link to
+/// it), else none.
+pub fn publish_context(span: &tracing::Span, sent: Option<&Traceparent>) -> Option<Traceparent> {
+    let context = span.context();
+    let span_context = context.span().span_context().clone();
+    if span_context.is_valid() {
+        return Traceparent::new(&format!(
+            "00-{}-{}-{:02x}",
+            span_context.trace_id(),
+            span_context.span_id(),
+            span_context.trace_flags().to_u8()
+        ))
+        .ok();
+    }
+    sent.cloned()
+}
+
+/// Makes the span a child of the caller's trace, when the request carried a valid
+/// `traceparent`.
+pub fn continue_trace(span: &tracing::Span, sent: Option<&Traceparent>) {
+    if let Some(sent) = sent {
+        let mut carrier = std::collections::HashMap::new();
+        carrier.insert("traceparent".to_string(), sent.to_string());
+        let parent = TraceContextPropagator::new().extract(&carrier);
+        let _ = span.set_parent(parent);
+    }
+}
+
+/// Records this replica's delivery of one event as a span linked to the publish, with the
+/// number of local recipients: one span per event and replica, never one per recipient.
+pub fn delivery_span(
+    traceparent: &Traceparent,
+    topic: &ssegw_protocol::Topic,
+    id: ssegw_protocol::StreamId,
+    recipients: usize,
+) {
+    let Some(publish) = linked_context(traceparent) else {
+        return;
+    };
+    let span = tracing::info_span!(
+        "deliver",
+        otel.kind = "consumer",
+        messaging.destination.name = %topic,
+        messaging.message.id = %id,
+        recipients = recipients as u64,
+    );
+    span.add_link(publish);
+}
+
+/// The remote span a delivery links to.
+pub fn linked_context(traceparent: &Traceparent) -> Option<SpanContext> {
+    let mut carrier = std::collections::HashMap::new();
+    carrier.insert("traceparent".to_string(), traceparent.to_string());
+    let context = TraceContextPropagator::new().extract(&carrier);
+    let span_context = context.span().span_context().clone();
+    span_context.is_valid().then_some(span_context)
+}
+
+/// One replica's metrics: the Prometheus registry behind `/metrics` and, when configured, an
+/// OTLP push. Counters are read from `Stats` when collected, so the hot paths only bump
+/// atomics. Shut down (a last push) when dropped.
+pub struct Metrics {
+    registry: prometheus::Registry,
+    provider: SdkMeterProvider,
+}
+
+impl Drop for Metrics {
+    fn drop(&mut self) {
+        let _ = self.provider.shutdown();
+    }
+}
+
+impl Metrics {
+    /// Builds the meter provider; `Stats::new` takes its meter for the histograms, then
+    /// `observe` registers the counters.
+    pub fn new(config: &TelemetryConfig) -> Result<Metrics, String> {
+        let registry = prometheus::Registry::new();
+        let prometheus = opentelemetry_prometheus::exporter()
+            .with_registry(registry.clone())
+            .scope_info_enabled(false)
+            .without_target_info()
+            .build()
+            .map_err(|e| format!("Prometheus exporter: {e}"))?;
+        let mut builder = SdkMeterProvider::builder()
+            .with_reader(prometheus)
+            .with_resource(config.resource());
+        if config.metrics {
+            let exporter = opentelemetry_otlp::MetricExporter::builder()
+                .with_http()
+                .build()
+                .map_err(|e| format!("OTLP metric exporter: {e}"))?;
+            // The interval comes from OTEL_METRIC_EXPORT_INTERVAL (default 60 s).
+            builder = builder.with_reader(PeriodicReader::builder(exporter).build());
+        }
+        Ok(Metrics {
+            registry,
+            provider: builder.build(),
+        })
+    }
+
+    pub fn meter(&self) -> Meter {
+        self.provider.meter("sse-gateway")
+    }
+
+    /// Registers the instruments that read `stats` when collected.
+    pub fn observe(&self, stats: &Arc<Stats>) {
+        let meter = self.meter();
+        let counter = |name: &'static str, description: &'static str, read: fn(&Stats) -> u64| {
+            let stats = stats.clone();
+            meter
+                .u64_observable_counter(name)
+                .with_description(description)
+                .with_callback(move |observer| observer.observe(read(&stats), &[]))
+                .build();
+        };
+        counter("ssegw.connections.opened", "SSE streams opened", |s| {
+            s.get(&s.opened)
+        });
+        counter(
+            "ssegw.events.received",
+            "Events this replica received from Redis (pub/sub and backfills)",
+            |s| s.get(&s.events_received),
+        );
+        counter(
+            "ssegw.frames.delivered",
+            "Events written to clients, live or replayed",
+            Stats::delivered,
+        );
+        counter(
+            "ssegw.bytes.written",
+            "Bytes of SSE frames written to clients",
+            Stats::bytes_written,
+        );
+        counter(
+            "ssegw.resume.requests",
+            "Streams opened with a Last-Event-ID",
+            |s| s.get(&s.resumed),
+        );
+        counter(
+            "ssegw.replayed.events",
+            "Events replayed from history to resuming clients",
+            |s| s.get(&s.replayed),
+        );
+        counter(
+            "ssegw.redis.reconnects",
+            "Times the pub/sub link to Redis was re-established",
+            |s| s.get(&s.redis_reconnects),
+        );
+        counter(
+            "ssegw.redis.backfills",
+            "Topics caught up from their streams after a pub/sub gap",
+            |s| s.get(&s.backfills),
+        );
+        let closed = stats.clone();
+        meter
+            .u64_observable_counter("ssegw.connections.closed")
+            .with_description("SSE streams closed, by reason")
+            .with_callback(move |observer| {
+                for (reason, value) in closed.closed_by_reason() {
+                    observer.observe(value, &[KeyValue::new("reason", reason)]);
+                }
+            })
+            .build();
+        let refused = stats.clone();
+        meter
+            .u64_observable_counter("ssegw.connections.refused")
+            .with_description("Subscriptions refused, by reason")
+            .with_callback(move |observer| {
+                for (reason, value) in refused.refused_by_reason() {
+                    observer.observe(value, &[KeyValue::new("reason", reason)]);
+                }
+            })
+            .build();
+        let control = stats.clone();
+        meter
+            .u64_observable_counter("ssegw.control.events")
+            .with_description("Control events sent to clients, by kind")
+            .with_callback(move |observer| {
+                for (kind, value) in control.control_events() {
+                    observer.observe(value, &[KeyValue::new("kind", kind)]);
+                }
+            })
+            .build();
+        let open = stats.clone();
+        meter
+            .i64_observable_up_down_counter("ssegw.connections.open")
+            .with_description("SSE streams open now")
+            .with_callback(move |observer| observer.observe(open.open() as i64, &[]))
+            .build();
+    }
+
+    /// The registry in the Prometheus text format.
+    pub fn render(&self) -> Result<String, String> {
+        use prometheus::Encoder;
+        let mut out = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .map_err(|e| e.to_string())?;
+        String::from_utf8(out).map_err(|e| e.to_string())
+    }
+}
+
+/// Histogram buckets for latencies in seconds: 1 ms to 30 s.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// How long ago, by this machine's clock, Redis assigned `ms` (an id's milliseconds).
+pub fn since_publish(ms: u64) -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    now.saturating_sub(Duration::from_millis(ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(vars: &[(&str, &str)]) -> Result<TelemetryConfig, String> {
+        let vars: std::collections::HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        TelemetryConfig::from_lookup(|k| vars.get(k).cloned())
+    }
+
+    #[test]
+    fn reads_the_standard_variables() {
+        let none = config(&[]).unwrap();
+        assert!(!none.traces && !none.metrics);
+        assert_eq!(none.service_name, "sse-gateway");
+        assert_eq!(none.log_filter, "info");
+        let all = config(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318")]).unwrap();
+        assert!(all.traces && all.metrics);
+        let traces = config(&[(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "http://c:4318/v1/traces",
+        )])
+        .unwrap();
+        assert!(traces.traces && !traces.metrics);
+        let no_metrics = config(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+            ("OTEL_METRICS_EXPORTER", "none"),
+            ("OTEL_SERVICE_NAME", "edge-gw"),
+        ])
+        .unwrap();
+        assert!(no_metrics.traces && !no_metrics.metrics);
+        assert_eq!(no_metrics.service_name, "edge-gw");
+        let disabled = config(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+            ("OTEL_SDK_DISABLED", "true"),
+        ])
+        .unwrap();
+        assert!(!disabled.traces && !disabled.metrics);
+        let grpc = config(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ]);
+        assert!(grpc.unwrap_err().contains("http/protobuf only"));
+        let zipkin = config(&[("OTEL_TRACES_EXPORTER", "zipkin")]);
+        assert!(zipkin.unwrap_err().contains("only otlp or none"));
+        let logs = config(&[("RUST_LOG", "debug"), ("SSEGW_LOG_FORMAT", "json")]).unwrap();
+        assert_eq!((logs.log_filter.as_str(), logs.json_logs), ("debug", true));
+        let ours = config(&[("RUST_LOG", "debug"), ("SSEGW_LOG", "warn")]).unwrap();
+        assert_eq!(ours.log_filter, "warn");
+    }
+
+    #[test]
+    fn the_publish_context_falls_back_to_the_senders() {
+        let sent =
+            Traceparent::new("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        // No OpenTelemetry layer here: the span has no context of its own.
+        let span = tracing::info_span!("publish");
+        assert_eq!(publish_context(&span, Some(&sent)), Some(sent.clone()));
+        assert_eq!(publish_context(&span, None), None);
+        let linked = linked_context(&sent).unwrap();
+        assert_eq!(linked.trace_id().to_string(), sent.trace_id());
+        assert_eq!(linked.span_id().to_string(), sent.span_id());
+    }
+}
