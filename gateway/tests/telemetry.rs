@@ -288,6 +288,49 @@ async fn a_publish_and_its_deliveries_are_traced_over_otlp() {
         .collect();
     assert_eq!(deliveries.len(), 1, "{deliveries:?}");
 
+    // The CLI starts a trace of its own, carried the same way.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_sse-gateway"))
+        .args([
+            "publish",
+            "--redis-url",
+            &redis.url(),
+            "--topic",
+            "traced",
+            "--data",
+            "from the shell",
+        ])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+        .env("OTEL_SERVICE_NAME", "cli")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(a.next().await.data, "from the shell");
+    let mut linked = None;
+    wait_until("the CLI's publish span and its delivery", || {
+        let spans = receiver.spans();
+        let Some(cli) = spans
+            .iter()
+            .find(|s| s.service == "cli" && s.span.name == "publish")
+        else {
+            return false;
+        };
+        linked = spans
+            .iter()
+            .find(|s| {
+                s.span.name == "deliver" && s.links() == vec![(cli.trace_id(), cli.span_id())]
+            })
+            .cloned();
+        linked.is_some()
+    });
+    assert_eq!(
+        linked.unwrap().attribute("recipients").as_deref(),
+        Some("2")
+    );
+
     wait_until("metrics over OTLP", || {
         receiver
             .metric_names("gw-deliverer")
