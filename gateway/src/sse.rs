@@ -18,13 +18,17 @@ use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::Bus;
+use crate::bus::{Bus, Page};
 use crate::config::StreamConfig;
 use crate::hub::{Delivery, Event, Membership};
 use crate::stats::Slot;
 
 /// Events read from history per request while replaying.
 const REPLAY_PAGE: usize = 500;
+/// Replayed events written in one chunk, at most (plus the event that crosses it): a resuming
+/// client that reads slowly holds no more than this in actix's write buffer, whatever the size
+/// of the events; the rest of the page waits in `TopicStream::unread`.
+const REPLAY_CHUNK_BYTES: usize = 256 * 1024;
 /// Live events gathered into one chunk, at most, when several are ready at once.
 const MAX_CHUNK_BYTES: usize = 64 * 1024;
 /// How often a connection may fall behind while its replay runs and catch up again from
@@ -54,6 +58,8 @@ struct TopicStream {
     replaying: bool,
     /// A gap to announce before the next event of this topic.
     gap: Option<GapReason>,
+    /// While replaying: the rest of the history page last read, and the next entry to write.
+    unread: Option<(Arc<Page>, usize)>,
 }
 
 pub struct Connection {
@@ -130,6 +136,7 @@ impl Connection {
                 position,
                 replaying: replay,
                 gap,
+                unread: None,
             })
             .collect();
         let mut connection = Connection {
@@ -236,39 +243,56 @@ impl Connection {
             .iter()
             .position(|s| s.replaying)
             .expect("one is replaying");
-        let stream = &self.streams[index];
-        let topic = stream.membership.channel.topic.clone();
-        // Boxed: the read's state is large and only needed while replaying; inline, it would
-        // sit in every idle connection's body future.
-        let since = stream.membership.joined;
-        let read = self.bus.read(&topic, stream.position, REPLAY_PAGE, since);
-        let page = match Box::pin(read).await {
-            Ok(page) => page,
-            Err(e) => {
-                // The client stays connected and the replay resumes when the store is back; the
-                // keep-alive written meanwhile notices a client that left.
-                tracing::warn!(%topic, error = %e, "history read failed; retrying");
-                tokio::time::sleep(REPLAY_RETRY.mul_f64(0.5 + fastrand::f64())).await;
-                return Ok(Some(Bytes::from_static(frame::KEEPALIVE)));
+        let topic = self.streams[index].membership.channel.topic.clone();
+        let mut out = BytesMut::new();
+        let (page, start) = match self.streams[index].unread.take() {
+            Some(unread) => unread,
+            None => {
+                let stream = &self.streams[index];
+                // Boxed: the read's state is large and only needed while replaying; inline, it
+                // would sit in every idle connection's body future.
+                let since = stream.membership.joined;
+                let read = self.bus.read(&topic, stream.position, REPLAY_PAGE, since);
+                let page = match Box::pin(read).await {
+                    Ok(page) => page,
+                    Err(e) => {
+                        // The client stays connected and the replay resumes when the store is
+                        // back; the keep-alive written meanwhile notices a client that left.
+                        tracing::warn!(%topic, error = %e, "history read failed; retrying");
+                        tokio::time::sleep(REPLAY_RETRY.mul_f64(0.5 + fastrand::f64())).await;
+                        return Ok(Some(Bytes::from_static(frame::KEEPALIVE)));
+                    }
+                };
+                let stats = self.slot.stats();
+                let stream = &mut self.streams[index];
+                if let Some(reason) = stream.gap.take().or(page.gap) {
+                    stats.record(&stats.gaps);
+                    out.put_slice(&frame::gap_event(topic.as_str(), reason));
+                    // Retained history restarts the topic: its ids may even be older than the
+                    // client's.
+                    stream.position = StreamId::ZERO;
+                }
+                (page, 0)
             }
         };
-        let mut out = BytesMut::new();
-        let stats = self.slot.stats();
-        let stream = &mut self.streams[index];
-        if let Some(reason) = stream.gap.take().or(page.gap) {
-            stats.record(&stats.gaps);
-            out.put_slice(&frame::gap_event(topic.as_str(), reason));
-            // Retained history restarts the topic: its ids may even be older than the client's.
-            stream.position = StreamId::ZERO;
-        }
-        stream.replaying = page.entries.len() == REPLAY_PAGE;
         let mut delivered = 0;
-        for event in &page.entries {
+        let mut next = start;
+        while next < page.entries.len() && out.len() < REPLAY_CHUNK_BYTES {
+            let event = &page.entries[next];
+            next += 1;
             if event.id > self.streams[index].position {
                 self.streams[index].position = event.id;
                 self.put_event(&mut out, event);
                 delivered += 1;
             }
+        }
+        let stream = &mut self.streams[index];
+        if next < page.entries.len() {
+            stream.replaying = true;
+            stream.unread = Some((page, next));
+        } else {
+            // A full page: there may be more after it.
+            stream.replaying = page.entries.len() == REPLAY_PAGE;
         }
         let stats = self.slot.stats();
         stats.record_delivered(delivered);
