@@ -61,6 +61,8 @@ claims="\"sub\":\"$sub\",\"iat\":$now,\"exp\":$(( now + $(seconds "$ttl") ))"
 [ -n "$iss" ] && claims="$claims,\"iss\":\"$iss\""
 claims="$claims,\"ssegw\":{\"subscribe\":$(json_list "$subscribe"),\"publish\":$(json_list "$publish")}"
 
+# The secret is on openssl's command line for the moment it runs, where other local users can
+# see it: fine for trying things out on your machine, not for a shared host.
 header=$(printf '%s' '{"alg":"HS256","typ":"JWT"}' | b64url)
 payload=$(printf '{%s}' "$claims" | b64url)
 signature=$(printf '%s.%s' "$header" "$payload" \

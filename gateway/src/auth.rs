@@ -104,6 +104,11 @@ impl VerifyingKey {
                 None => None,
             };
             let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("{name}: {e}"))?;
+            if key.family() == jsonwebtoken::AlgorithmFamily::Hmac
+                && key.try_get_as_bytes().map_or(0, <[u8]>::len) < 32
+            {
+                return Err(format!("{name}: an HMAC key must be at least 32 bytes"));
+            }
             keys.push(VerifyingKey {
                 key,
                 algorithm,
@@ -154,8 +159,9 @@ pub struct AuthConfig {
 }
 
 impl AuthConfig {
-    /// Refuses settings under which no keys check what they should: algorithms without a key,
-    /// keys no accepted algorithm uses, or nothing at all that could ever be allowed.
+    /// Refuses settings under which keys cannot do their job: keys no accepted algorithm uses,
+    /// or nothing at all that could ever be allowed. (An accepted algorithm without a key only
+    /// refuses its tokens, with a message saying so.)
     pub fn check(&self) -> Result<(), String> {
         if self.keys.is_empty()
             && self.anonymous_subscribe.is_empty()
@@ -324,8 +330,15 @@ impl Auth {
                     let scope = self.scope(&data.claims, action)?;
                     return Ok((scope, data.claims.exp));
                 }
-                // Another key of the same algorithm (a rotation) may still verify it.
-                Err(e) if *e.kind() == ErrorKind::InvalidSignature => last = Some(e),
+                // Another key of the same algorithm (a rotation, or an EC key of the other
+                // curve) may still verify it; only a verified token's claims are final.
+                Err(e) if key_error(e.kind()) => {
+                    if last.as_ref().is_none_or(|l: &jsonwebtoken::errors::Error| {
+                        *l.kind() != ErrorKind::InvalidSignature
+                    }) {
+                        last = Some(e);
+                    }
+                }
                 Err(e) => return Err(invalid(&describe(e.kind()))),
             }
         }
@@ -444,6 +457,19 @@ pub fn bearer(req: &HttpRequest) -> Result<Option<String>, AuthError> {
             "the Authorization header must be \"Bearer <token>\"".into(),
         )),
     }
+}
+
+/// An error that says this key does not verify the token, not that the token is bad.
+fn key_error(kind: &ErrorKind) -> bool {
+    matches!(
+        kind,
+        ErrorKind::InvalidSignature
+            | ErrorKind::InvalidEcdsaKey
+            | ErrorKind::InvalidEddsaKey
+            | ErrorKind::InvalidRsaKey(_)
+            | ErrorKind::InvalidKeyFormat
+            | ErrorKind::InvalidAlgorithm
+    )
 }
 
 /// The client's reason, short and without the token.

@@ -132,7 +132,7 @@ pub struct AuthArgs {
     /// HMAC secret for HS256/384/512 tokens, at least 32 bytes. Prefer the variable or
     /// --jwt-secret-file to the flag, which other local users can see.
     #[arg(long, env = "SSEGW_JWT_SECRET", hide_env_values = true)]
-    pub jwt_secret: Option<String>,
+    pub jwt_secret: Option<Redacted>,
     /// File holding the HMAC secret (trailing line breaks are ignored).
     #[arg(long, env = "SSEGW_JWT_SECRET_FILE")]
     pub jwt_secret_file: Option<std::path::PathBuf>,
@@ -186,6 +186,23 @@ pub struct AuthArgs {
     pub cors_credentials: bool,
 }
 
+/// A secret setting (a key, a token): its `Debug` output hides it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Redacted(pub String);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Redacted(..)")
+    }
+}
+
+impl std::str::FromStr for Redacted {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Redacted, Self::Err> {
+        Ok(Redacted(s.to_string()))
+    }
+}
+
 /// Settings baked into the Redis functions; every replica of a fleet should use the same.
 #[derive(Args, Debug, Clone)]
 pub struct RetentionArgs {
@@ -218,7 +235,7 @@ pub struct PublishArgs {
     pub url: String,
     /// Bearer token for the gateway's `POST /publish` (a JWT whose claims grant the topic).
     #[arg(long, env = "SSEGW_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    pub token: Option<Redacted>,
     #[arg(long, env = "SSEGW_REDIS_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub redis_timeout: Duration,
     #[command(flatten)]
@@ -370,7 +387,7 @@ impl AuthArgs {
             std::fs::read(path).map_err(|e| ConfigError(format!("{flag} {}: {e}", path.display())))
         };
         let mut keys = Vec::new();
-        if let Some(secret) = &self.jwt_secret {
+        if let Some(Redacted(secret)) = &self.jwt_secret {
             keys.push(
                 VerifyingKey::secret(secret.as_bytes(), "--jwt-secret (SSEGW_JWT_SECRET)")
                     .map_err(ConfigError)?,
@@ -776,6 +793,15 @@ mod tests {
         assert_eq!(auth.claim, "ssegw");
         assert_eq!(auth.cookie.as_deref(), Some("ssegw_token"));
         assert!(auth.query_token && auth.close_on_expiry);
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug_output() {
+        let secret = "0123456789abcdef0123456789abcdef-do-not-print";
+        let args = Cli::try_parse_from(["sse-gateway", "--jwt-secret", secret]).unwrap();
+        assert!(!format!("{args:?}").contains(secret));
+        let config = Config::from_flags(["--jwt-secret", secret]).unwrap();
+        assert!(!format!("{config:?}").contains(secret));
     }
 
     #[test]

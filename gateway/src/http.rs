@@ -294,7 +294,7 @@ async fn events(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResp
             "gateway is shutting down, retry later",
         ));
     }
-    let mut slot = state
+    let slot = state
         .stats
         .try_open(state.stream.max_connections)
         .ok_or_else(|| {
@@ -313,7 +313,6 @@ async fn events(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResp
         baselines
     };
     let Ok(baselines) = tokio::time::timeout(state.stream.subscribe_timeout, ready).await else {
-        slot.ended();
         state.stats.record(&state.stats.refused_unavailable);
         return Err(ApiError::unavailable(
             "gateway is not subscribed to Redis, retry later",
@@ -374,13 +373,32 @@ fn quote(value: &str) -> String {
     }
 }
 
-/// The JSON body of `POST /publish`, as sent: an object with these members only.
-#[derive(Debug)]
+/// The JSON body of `POST /publish`, as sent: an object with these members only. Its `Debug`
+/// leaves the data out: payloads stay out of logs.
 pub struct PublishBody {
     pub topic: String,
     /// A string is sent as is; any other JSON value is sent as its compact JSON text.
     pub data: serde_json::Value,
     pub event: Option<String>,
+}
+
+impl std::fmt::Debug for PublishBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublishBody")
+            .field("topic", &self.topic)
+            .field("event", &self.event)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for PublishRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublishRequest")
+            .field("topic", &self.topic)
+            .field("event", &self.event)
+            .field("data_bytes", &self.data.len())
+            .finish()
+    }
 }
 
 impl<'de> Deserialize<'de> for PublishBody {
@@ -419,8 +437,7 @@ impl<'de> Deserialize<'de> for PublishBody {
     }
 }
 
-/// A checked publish request.
-#[derive(Debug)]
+/// A checked publish request; its `Debug` leaves the data out.
 pub struct PublishRequest {
     pub topic: Topic,
     pub event: Option<EventType>,

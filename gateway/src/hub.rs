@@ -169,22 +169,25 @@ impl Channel {
     /// Delivers an event to the topic's local subscribers (at the end of the coalescing delay,
     /// if one is set), unless it is not newer than the latest one: the same event can come both
     /// from a backfill and from pub/sub. Callers dispatch each topic's events in stream order.
-    pub fn dispatch(self: &Arc<Self>, event: Arc<Event>) {
+    /// Returns whether the event was new.
+    pub fn dispatch(self: &Arc<Self>, event: Arc<Event>) -> bool {
         let mut state = self.lock();
         if event.id <= state.latest {
-            return;
+            return false;
         }
         state.latest = event.id;
         match &self.coalesce {
             None => self.send(&mut state, Delivery::Event(event)),
             Some(_) => self.hold(&mut state, [event]),
         }
+        true
     }
 
     /// Delivers a run of events in stream order (a backfill page after a reconnect) as one
     /// batch, leaving out those not newer than the latest: a long outage's backlog then takes a
     /// few places in each subscriber's buffer instead of overflowing it.
-    pub fn dispatch_all(self: &Arc<Self>, events: Vec<Arc<Event>>) {
+    /// Returns the events that were new.
+    pub fn dispatch_all(self: &Arc<Self>, events: Vec<Arc<Event>>) -> Vec<Arc<Event>> {
         let mut state = self.lock();
         let mut fresh = Vec::with_capacity(events.len());
         for event in events {
@@ -194,12 +197,13 @@ impl Channel {
             }
         }
         if fresh.is_empty() {
-            return;
+            return fresh;
         }
-        self.hold(&mut state, fresh);
+        self.hold(&mut state, fresh.iter().cloned());
         if self.coalesce.is_none() {
             self.release(&mut state);
         }
+        fresh
     }
 
     /// Adds events to those pending; with a coalescing delay, the first of them asks for the
@@ -326,8 +330,8 @@ impl Hub {
         &self.observer.stats
     }
 
-    /// Reports events of `channel` that reached the replica (before duplicates are dropped: a
-    /// backfill and pub/sub may both bring one).
+    /// Reports new events of `channel`, once each: the caller leaves out duplicates (a backfill
+    /// and pub/sub may both bring one).
     pub fn received(&self, channel: &Channel, events: &[Arc<Event>]) {
         let stats = &self.observer.stats;
         stats.add(&stats.events_received, events.len() as u64);
@@ -417,8 +421,9 @@ impl Hub {
     /// dropped. Callers dispatch each topic's events in stream order.
     pub fn dispatch(&self, topic: &Topic, event: Arc<Event>) {
         if let Some(channel) = self.channel(topic) {
-            self.received(&channel, std::slice::from_ref(&event));
-            channel.dispatch(event);
+            if channel.dispatch(event.clone()) {
+                self.received(&channel, std::slice::from_ref(&event));
+            }
         }
     }
 

@@ -41,7 +41,7 @@ async fn publish_in_span(
                 .await?)
         }
         None => {
-            let token = args.token.as_deref();
+            let token = args.token.as_ref().map(|t| t.0.as_str());
             let event = event.as_ref();
             publish_http(
                 &args.url,

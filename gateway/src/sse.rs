@@ -18,7 +18,7 @@ use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{Bus, Page};
+use crate::bus::Bus;
 use crate::config::StreamConfig;
 use crate::hub::{Delivery, Event, Membership};
 use crate::stats::Slot;
@@ -27,7 +27,8 @@ use crate::stats::Slot;
 const REPLAY_PAGE: usize = 500;
 /// Replayed events written in one chunk, at most (plus the event that crosses it): a resuming
 /// client that reads slowly holds no more than this in actix's write buffer, whatever the size
-/// of the events; the rest of the page waits in `TopicStream::unread`.
+/// of the events. Events of a page beyond it are dropped and read again, and the connection
+/// asks for smaller pages from then on, so large events are not held in memory either.
 const REPLAY_CHUNK_BYTES: usize = 256 * 1024;
 /// Live events gathered into one chunk, at most, when several are ready at once.
 const MAX_CHUNK_BYTES: usize = 64 * 1024;
@@ -58,8 +59,9 @@ struct TopicStream {
     replaying: bool,
     /// A gap to announce before the next event of this topic.
     gap: Option<GapReason>,
-    /// While replaying: the rest of the history page last read, and the next entry to write.
-    unread: Option<(Arc<Page>, usize)>,
+    /// Events asked for per history read: `REPLAY_PAGE`, less once a page did not fit in
+    /// `REPLAY_CHUNK_BYTES`.
+    page_size: u16,
 }
 
 pub struct Connection {
@@ -111,6 +113,8 @@ impl Connection {
         slot: Slot,
         drain: CancellationToken,
     ) -> Connection {
+        let mut slot = slot;
+        slot.start();
         let retry_ms = config.retry.as_millis() as u64;
         let (positions, replay, gap, preamble) = match start {
             Start::Fresh(baselines) => {
@@ -136,7 +140,7 @@ impl Connection {
                 position,
                 replaying: replay,
                 gap,
-                unread: None,
+                page_size: REPLAY_PAGE as u16,
             })
             .collect();
         let mut connection = Connection {
@@ -172,6 +176,32 @@ impl Connection {
         self
     }
 
+    /// The reason to close now, if the closing instant has come.
+    fn closing_due(&self) -> Option<End> {
+        match &self.close_at {
+            Some((timer, reason)) if timer.deadline() <= tokio::time::Instant::now() => {
+                Some(*reason)
+            }
+            _ => None,
+        }
+    }
+
+    /// The last chunk of a stream the replica closes for `reason`; the stream ends after it.
+    fn closing(&mut self, reason: End) -> Bytes {
+        self.ending = Some(reason);
+        match reason {
+            // The client's credentials decide whether its reconnect is let in again.
+            End::Expired => frame::expired_event(),
+            // A short, random reconnection delay, then the end of the stream.
+            _ => {
+                let retry = DRAIN_RETRY_MAX
+                    .min(self.config.retry)
+                    .mul_f64(fastrand::f64());
+                frame::preamble(retry.as_millis() as u64, None)
+            }
+        }
+    }
+
     /// Sets the closing instant unless an earlier one is set.
     fn close_by(&mut self, deadline: tokio::time::Instant, reason: End) {
         if let Some((timer, _)) = &self.close_at {
@@ -205,6 +235,11 @@ impl Connection {
         }
         let result = loop {
             if self.streams.iter().any(|s| s.replaying) {
+                // A replay step does not wait on the closing timer: look at it before each, so
+                // that an expired token or a drain ends a long replay too.
+                if let Some(reason) = self.closing_due() {
+                    break Ok(self.closing(reason));
+                }
                 match self.replay_step().await {
                     Ok(Some(chunk)) => break Ok(chunk),
                     Ok(None) => continue,
@@ -243,43 +278,38 @@ impl Connection {
             .iter()
             .position(|s| s.replaying)
             .expect("one is replaying");
-        let topic = self.streams[index].membership.channel.topic.clone();
-        let mut out = BytesMut::new();
-        let (page, start) = match self.streams[index].unread.take() {
-            Some(unread) => unread,
-            None => {
-                let stream = &self.streams[index];
-                // Boxed: the read's state is large and only needed while replaying; inline, it
-                // would sit in every idle connection's body future.
-                let since = stream.membership.joined;
-                let read = self.bus.read(&topic, stream.position, REPLAY_PAGE, since);
-                let page = match Box::pin(read).await {
-                    Ok(page) => page,
-                    Err(e) => {
-                        // The client stays connected and the replay resumes when the store is
-                        // back; the keep-alive written meanwhile notices a client that left.
-                        tracing::warn!(%topic, error = %e, "history read failed; retrying");
-                        tokio::time::sleep(REPLAY_RETRY.mul_f64(0.5 + fastrand::f64())).await;
-                        return Ok(Some(Bytes::from_static(frame::KEEPALIVE)));
-                    }
-                };
-                let stats = self.slot.stats();
-                let stream = &mut self.streams[index];
-                if let Some(reason) = stream.gap.take().or(page.gap) {
-                    stats.record(&stats.gaps);
-                    out.put_slice(&frame::gap_event(topic.as_str(), reason));
-                    // Retained history restarts the topic: its ids may even be older than the
-                    // client's.
-                    stream.position = StreamId::ZERO;
-                }
-                (page, 0)
+        let stream = &self.streams[index];
+        let topic = stream.membership.channel.topic.clone();
+        let page_size = usize::from(stream.page_size);
+        // Boxed: the read's state is large and only needed while replaying; inline, it would
+        // sit in every idle connection's body future.
+        let since = stream.membership.joined;
+        let read = self.bus.read(&topic, stream.position, page_size, since);
+        let page = match Box::pin(read).await {
+            Ok(page) => page,
+            Err(e) => {
+                // The client stays connected and the replay resumes when the store is back; the
+                // keep-alive written meanwhile notices a client that left.
+                tracing::warn!(connection = %self.id, %topic, error = %e, "history read failed; retrying");
+                tokio::time::sleep(REPLAY_RETRY.mul_f64(0.5 + fastrand::f64())).await;
+                return Ok(Some(Bytes::from_static(frame::KEEPALIVE)));
             }
         };
-        let mut delivered = 0;
-        let mut next = start;
-        while next < page.entries.len() && out.len() < REPLAY_CHUNK_BYTES {
-            let event = &page.entries[next];
-            next += 1;
+        let mut out = BytesMut::new();
+        let stats = self.slot.stats();
+        let stream = &mut self.streams[index];
+        if let Some(reason) = stream.gap.take().or(page.gap) {
+            stats.record(&stats.gaps);
+            out.put_slice(&frame::gap_event(topic.as_str(), reason));
+            // Retained history restarts the topic: its ids may even be older than the client's.
+            stream.position = StreamId::ZERO;
+        }
+        let (mut delivered, mut taken) = (0, 0);
+        for event in &page.entries {
+            if out.len() >= REPLAY_CHUNK_BYTES {
+                break;
+            }
+            taken += 1;
             if event.id > self.streams[index].position {
                 self.streams[index].position = event.id;
                 self.put_event(&mut out, event);
@@ -287,13 +317,15 @@ impl Connection {
             }
         }
         let stream = &mut self.streams[index];
-        if next < page.entries.len() {
+        if taken < page.entries.len() {
+            // The rest is read again, in pages of what fitted this time.
             stream.replaying = true;
-            stream.unread = Some((page, next));
+            stream.page_size = taken.max(1) as u16;
         } else {
             // A full page: there may be more after it.
-            stream.replaying = page.entries.len() == REPLAY_PAGE;
+            stream.replaying = page.entries.len() == page_size;
         }
+        drop(page);
         let stats = self.slot.stats();
         stats.record_delivered(delivered);
         stats.add(&stats.replayed, delivered);
@@ -305,18 +337,7 @@ impl Connection {
     async fn live_step(&mut self) -> Result<Option<Bytes>, End> {
         let (index, received) = tokio::select! {
             biased;
-            reason = until(&mut self.close_at) => {
-                self.ending = Some(reason);
-                return Ok(Some(match reason {
-                    // The client's credentials decide whether its reconnect is let in again.
-                    End::Expired => frame::expired_event(),
-                    // A short, random reconnection delay, then the end of the stream.
-                    _ => {
-                        let retry = DRAIN_RETRY_MAX.min(self.config.retry).mul_f64(fastrand::f64());
-                        frame::preamble(retry.as_millis() as u64, None)
-                    }
-                }));
-            }
+            reason = until(&mut self.close_at) => return Ok(Some(self.closing(reason))),
             next = recv_any(&mut self.streams) => next,
         };
         let mut chunk = Chunk::default();

@@ -123,17 +123,17 @@ impl Stats {
         self.open.load(Ordering::Relaxed)
     }
 
-    /// Counts a new stream unless `max` are open already; the stream is counted until the slot
-    /// is dropped.
+    /// Takes a place under the connection limit unless `max` are taken already; it is held
+    /// until the slot is dropped. The stream counts as opened once it starts (`Slot::start`).
     pub fn try_open(self: &Arc<Self>, max: usize) -> Option<Slot> {
         self.open
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                 (n < max).then_some(n + 1)
             })
             .ok()?;
-        self.record(&self.opened);
         Some(Slot {
             stats: self.clone(),
+            started: false,
             ended: false,
         })
     }
@@ -224,17 +224,27 @@ impl Stats {
     }
 }
 
-/// One open stream's place in the count. A stream the replica did not end itself (`ended`)
-/// is counted as closed by its client when the slot is dropped.
+/// One stream's place under the connection limit. Every stream that started is counted as
+/// opened and, when its slot is dropped, as closed: for the reason the replica recorded when
+/// it ended the stream (`ended`), else as closed by its client. So opened = closed + open.
 #[derive(Debug)]
 pub struct Slot {
     stats: Arc<Stats>,
+    started: bool,
     ended: bool,
 }
 
 impl Slot {
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// The stream starts: counted as opened.
+    pub fn start(&mut self) {
+        if !self.started {
+            self.started = true;
+            self.stats.record(&self.stats.opened);
+        }
     }
 
     /// The replica ends the stream; the caller counts the reason.
@@ -246,7 +256,7 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.stats.open.fetch_sub(1, Ordering::Relaxed);
-        if !self.ended {
+        if self.started && !self.ended {
             self.stats.record(&self.stats.client_left);
         }
     }
@@ -259,21 +269,24 @@ mod tests {
     #[test]
     fn slots_stop_at_the_limit_and_free_on_drop() {
         let stats = Arc::new(Stats::default());
-        let a = stats.try_open(2).unwrap();
-        let _b = stats.try_open(2).unwrap();
+        let mut a = stats.try_open(2).unwrap();
+        a.start();
+        let mut b = stats.try_open(2).unwrap();
+        b.start();
         assert!(stats.try_open(2).is_none());
         drop(a);
+        // Taken and given back before its stream started: neither opened nor closed.
         assert!(stats.try_open(2).is_some());
-        assert_eq!(stats.opened.load(Ordering::Relaxed), 3);
+        assert_eq!(stats.get(&stats.opened), 2);
         assert_eq!(stats.open(), 1, "the temporary slot was dropped");
         assert_eq!(
             stats.get(&stats.client_left),
-            2,
-            "two slots dropped unended"
+            1,
+            "one started slot dropped unended"
         );
-        let mut ended = stats.try_open(2).unwrap();
-        ended.ended();
-        drop(ended);
-        assert_eq!(stats.get(&stats.client_left), 2, "ended by the replica");
+        b.ended();
+        drop(b);
+        assert_eq!(stats.get(&stats.client_left), 1, "ended by the replica");
+        assert_eq!(stats.open(), 0);
     }
 }

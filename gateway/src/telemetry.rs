@@ -104,13 +104,16 @@ impl Drop for ProcessTelemetry {
     }
 }
 
-/// Installs the global `tracing` subscriber: the log formatter, and the OpenTelemetry layer
-/// when traces are exported. Once per process (the binary's `main`).
+/// Installs the global `tracing` subscriber: the log formatter, filtered by the log level, and
+/// when traces are exported the OpenTelemetry layer, filtered on its own so that a quiet log
+/// (`SSEGW_LOG=warn`) does not switch the gateway's spans off. Once per process (`main`).
 pub fn init_process(config: &TelemetryConfig) -> Result<ProcessTelemetry, String> {
-    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::filter::{EnvFilter, Targets};
+    use tracing_subscriber::{Layer, Registry};
     let filter = EnvFilter::try_new(&config.log_filter)
         .map_err(|e| format!("log filter {:?}: {e}", config.log_filter))?;
-    let (tracer, otel) = if config.traces {
+    let mut layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> = Vec::new();
+    let tracer = if config.traces {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .build()
@@ -119,29 +122,37 @@ pub fn init_process(config: &TelemetryConfig) -> Result<ProcessTelemetry, String
             .with_batch_exporter(exporter)
             .with_resource(config.resource())
             .build();
-        let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("sse-gateway"));
-        (Some(provider), Some(layer))
+        // The gateway's own spans (`publish`, `deliver`), whatever the log level.
+        let spans = Targets::new().with_target("sse_gateway", tracing::Level::INFO);
+        layers.push(
+            tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer("sse-gateway"))
+                .with_filter(spans)
+                .boxed(),
+        );
+        Some(provider)
     } else {
-        (None, None)
+        None
     };
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     // The current span's fields (request and connection ids, the trace id) go into each line.
-    let (json, text) = if config.json_logs {
-        let json = tracing_subscriber::fmt::layer()
+    let logs = if config.json_logs {
+        tracing_subscriber::fmt::layer()
             .json()
             .with_current_span(true)
             .with_span_list(false)
-            .with_writer(std::io::stderr);
-        (Some(json), None)
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed()
     } else {
-        let text = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-        (None, Some(text))
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed()
     };
+    layers.push(logs);
     tracing_subscriber::registry()
-        .with(filter)
-        .with(otel)
-        .with(json)
-        .with(text)
+        .with(layers)
         .try_init()
         .map_err(|e| format!("logging: {e}"))?;
     Ok(ProcessTelemetry { tracer })

@@ -265,6 +265,37 @@ async fn a_jwks_key_is_picked_by_kid() {
     .await;
 }
 
+/// A key that cannot verify a token (an EC key of the other curve, listed first) does not hide
+/// the key that can.
+#[actix_web::test]
+async fn every_configured_key_of_the_algorithm_is_tried() {
+    let redis = RedisServer::start();
+    let keys = format!(
+        "{},{}",
+        fixture("ec384-public.pem").display(),
+        fixture("ec-public.pem").display()
+    );
+    let gw = Gateway::with_redis(&redis, &["--jwt-public-key", &keys]);
+    let t = sign(Signer::Es256, &claims(&["t"], &[]));
+    assert_streams(
+        &gw,
+        &redis,
+        "t",
+        "topic=t",
+        &[("Authorization", &bearer(&t))],
+    )
+    .await;
+    let other = sign(Signer::OtherRs256, &claims(&["t"], &[]));
+    assert_refused(
+        &gw,
+        "topic=t",
+        &[("Authorization", &bearer(&other))],
+        401,
+        "no RS256 key",
+    )
+    .await;
+}
+
 #[actix_web::test]
 async fn invalid_tokens_are_refused_with_401() {
     let redis = RedisServer::start();
@@ -668,8 +699,34 @@ async fn cors_allows_the_configured_origin_only() {
     )
     .await;
     assert!(no_cors_headers(&other.headers), "{:?}", other.headers);
-    let mut sse = Sse::open_with(&gw, "topic=public.x", &[("Origin", ORIGIN)]).await;
-    sse.baseline().await;
+    // An EventSource with withCredentials from the allowed origin: its stream names the origin.
+    let stream = awc::Client::default()
+        .get(gw.url("/events?topic=public.x"))
+        .insert_header(("Origin", ORIGIN))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    assert_eq!(
+        stream.headers().get("access-control-allow-origin").unwrap(),
+        ORIGIN
+    );
+    assert_eq!(
+        stream
+            .headers()
+            .get("access-control-allow-credentials")
+            .unwrap(),
+        "true"
+    );
+    drop(stream);
+    let stream = awc::Client::default()
+        .get(gw.url("/events?topic=public.x"))
+        .insert_header(("Origin", "https://evil.test"))
+        .send()
+        .await
+        .unwrap();
+    assert!(no_cors_headers(stream.headers()), "{:?}", stream.headers());
+    drop(stream);
 
     // Without --cors-origins, no CORS headers at all and no preflight.
     let same_origin = Gateway::with_redis(&redis, &["--anonymous-publish", "*"]);
@@ -916,4 +973,64 @@ async fn the_mint_script_makes_tokens_the_gateway_accepts() {
     .unwrap();
     let ttl = claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap();
     assert_eq!(ttl, 300);
+}
+
+/// A stream that is still replaying history when its token expires ends then too: a slow
+/// resuming client cannot stretch a replay past its token's lifetime.
+#[actix_web::test]
+async fn a_replay_ends_when_its_token_expires() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const EVENTS: usize = 300;
+    let redis = RedisServer::start();
+    let gw = gateway(&redis, &[]);
+    let padding = "p".repeat(60_000);
+    let first = redis.fcall_publish("t", "first", None);
+    for i in 0..EVENTS {
+        redis.fcall_publish("t", &format!("{i}:{padding}"), None);
+    }
+    let mut c = claims(&["t"], &[]);
+    let exp = now() + 2;
+    c["exp"] = exp.into();
+    let t = sign(Signer::Hs256, &c);
+    // A reader with a tiny receive window that reads nothing until the token has expired.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(gw.addr).await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "GET /events?topic=t HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\n\
+                 Last-Event-ID: {first}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    while std::time::SystemTime::now() < std::time::UNIX_EPOCH + Duration::from_secs(exp) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut raw = Vec::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    while !raw.ends_with(b"\r\n0\r\n\r\n") {
+        match tokio::time::timeout(support::WAIT, stream.read(&mut buf)).await {
+            Ok(Ok(0)) => break,
+            Ok(Ok(n)) => raw.extend_from_slice(&buf[..n]),
+            Ok(Err(e)) => panic!("read: {e}"),
+            Err(_) => panic!("the stream did not end after its token expired"),
+        }
+    }
+    let text = String::from_utf8_lossy(&raw);
+    let expired_at = text
+        .find("event: ssegw-expired")
+        .expect("an ssegw-expired event");
+    let replayed = text[..expired_at].matches("\ndata: ").count();
+    assert!(
+        replayed < EVENTS,
+        "the whole replay ({replayed} events) went out after the token expired"
+    );
+    assert_eq!(
+        text[expired_at..].matches("\ndata: ").count(),
+        1,
+        "events after the expiry"
+    );
 }

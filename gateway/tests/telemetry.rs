@@ -216,18 +216,21 @@ async fn a_publish_and_its_deliveries_are_traced_over_otlp() {
     ));
     std::fs::create_dir_all(&dir).unwrap();
     let log = dir.join("publisher.log");
-    let env = |service: &'static str| {
+    let env = |service: &'static str, log: &'static str| {
         vec![
             ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
             ("OTEL_SERVICE_NAME", service),
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
             ("OTEL_METRIC_EXPORT_INTERVAL", "300"),
             ("SSEGW_LOG_FORMAT", "json"),
-            ("SSEGW_LOG", "info,sse_gateway=debug"),
+            ("SSEGW_LOG", log),
         ]
     };
-    let publisher = GatewayProcess::spawn(&redis.url(), &[], &env("gw-publisher"), Some(&log));
-    let deliverer = GatewayProcess::spawn(&redis.url(), &[], &env("gw-deliverer"), None);
+    let publisher_env = env("gw-publisher", "info,sse_gateway=debug");
+    let publisher = GatewayProcess::spawn(&redis.url(), &[], &publisher_env, Some(&log));
+    // A quiet log does not silence the traces.
+    let deliverer_env = env("gw-deliverer", "error");
+    let deliverer = GatewayProcess::spawn(&redis.url(), &[], &deliverer_env, None);
     let mut a = Sse::open(&deliverer, "topic=traced", None).await;
     let mut b = Sse::open(&deliverer, "topic=traced", None).await;
     a.baseline().await;

@@ -471,8 +471,8 @@ impl Subscriber {
                     if page.entries.len() == BACKFILL_PAGE {
                         unfinished.push(channel.clone());
                     }
-                    self.hub.received(channel, &page.entries);
-                    channel.dispatch_all(page.entries);
+                    let fresh = channel.dispatch_all(page.entries);
+                    self.hub.received(channel, &fresh);
                 }
             }
             pending = unfinished;
