@@ -200,6 +200,28 @@ async fn metrics_count_exactly_what_happened() {
     );
 }
 
+/// A subscription refused because Redis does not answer counts as refused, not as a stream
+/// opened: opened = closed + open stays true.
+#[actix_web::test]
+async fn a_subscription_refused_while_redis_is_away_is_counted_as_refused() {
+    let redis = RedisServer::start();
+    let gw = Gateway::with_redis(&redis, &["--redis-timeout", "500ms"]);
+    let before = scrape(&gw);
+    redis.pause();
+    let status = support::http_status(gw.addr, "GET", "/events?topic=never-subscribed");
+    redis.resume();
+    assert_eq!(status, Some(503));
+    let after = scrape(&gw);
+    for (key, expected) in [
+        ("ssegw_connections_refused_total{reason=unavailable}", 1.0),
+        ("ssegw_connections_opened_total", 0.0),
+        ("ssegw_connections_closed_total{reason=client_left}", 0.0),
+        ("ssegw_connections_open", 0.0),
+    ] {
+        assert_eq!(delta(&before, &after, key), expected, "{key}");
+    }
+}
+
 /// A publish over HTTP with the caller's `traceparent` is a child span of it; the replica that
 /// delivers it to its client records a `deliver` span linked to the publish, with the number
 /// of local recipients; metrics arrive over OTLP too; and the publish's log line carries the
