@@ -228,11 +228,21 @@ struct Claims {
 /// The verifier, built once and shared by every worker.
 pub struct Auth {
     config: AuthConfig,
+    /// What each accepted algorithm's tokens are checked for, built once.
+    validations: Vec<(Algorithm, Validation)>,
 }
 
 impl Auth {
     pub fn new(config: AuthConfig) -> Auth {
-        Auth { config }
+        let validations = config
+            .algorithms
+            .iter()
+            .map(|&algorithm| (algorithm, validation(&config, algorithm)))
+            .collect();
+        Auth {
+            config,
+            validations,
+        }
     }
 
     pub fn config(&self) -> &AuthConfig {
@@ -303,12 +313,17 @@ impl Auth {
             _ => invalid("malformed token"),
         })?;
         let algorithm = header.alg;
-        if !self.config.algorithms.contains(&algorithm) {
+        // Only the configured algorithms have a validation.
+        let Some(validation) = self
+            .validations
+            .iter()
+            .find_map(|(a, v)| (*a == algorithm).then_some(v))
+        else {
             return Err(AuthError::Invalid(format!(
                 "algorithm {algorithm:?} is not accepted (accepted: {})",
                 names(&self.config.algorithms)
             )));
-        }
+        };
         let kid = header.kid.as_deref();
         let mut candidates = self
             .config
@@ -322,10 +337,9 @@ impl Auth {
                 None => format!("no {algorithm:?} key is configured"),
             }));
         }
-        let validation = self.validation(algorithm);
         let mut last = None;
         for key in candidates {
-            match jsonwebtoken::decode::<Claims>(token, &key.key, &validation) {
+            match jsonwebtoken::decode::<Claims>(token, &key.key, validation) {
                 Ok(data) => {
                     let scope = self.scope(&data.claims, action)?;
                     return Ok((scope, data.claims.exp));
@@ -343,28 +357,6 @@ impl Auth {
             }
         }
         Err(invalid(&describe(last.expect("one key was tried").kind())))
-    }
-
-    fn validation(&self, algorithm: Algorithm) -> Validation {
-        let mut validation = Validation::new(algorithm);
-        validation.leeway = self.config.leeway.as_secs();
-        // RFC 7519: a token is expired from its `exp` second on (the library would still take
-        // it during that second). `closes_at` ends streams at the same instant.
-        validation.reject_tokens_expiring_in_less_than = 1;
-        validation.validate_nbf = true;
-        let mut required = vec!["exp"];
-        // Without a configured audience a token's `aud` is someone else's business.
-        validation.validate_aud = !self.config.audience.is_empty();
-        if !self.config.audience.is_empty() {
-            validation.set_audience(&self.config.audience);
-            required.push("aud");
-        }
-        if !self.config.issuer.is_empty() {
-            validation.set_issuer(&self.config.issuer);
-            required.push("iss");
-        }
-        validation.set_required_spec_claims(&required);
-        validation
     }
 
     /// The topics the token's claim grants for `action`. Entries that are not valid patterns
@@ -457,6 +449,29 @@ pub fn bearer(req: &HttpRequest) -> Result<Option<String>, AuthError> {
             "the Authorization header must be \"Bearer <token>\"".into(),
         )),
     }
+}
+
+/// What tokens of `algorithm` are checked for under `config`.
+fn validation(config: &AuthConfig, algorithm: Algorithm) -> Validation {
+    let mut validation = Validation::new(algorithm);
+    validation.leeway = config.leeway.as_secs();
+    // RFC 7519: a token is expired from its `exp` second on (the library would still take
+    // it during that second). `closes_at` ends streams at the same instant.
+    validation.reject_tokens_expiring_in_less_than = 1;
+    validation.validate_nbf = true;
+    let mut required = vec!["exp"];
+    // Without a configured audience a token's `aud` is someone else's business.
+    validation.validate_aud = !config.audience.is_empty();
+    if !config.audience.is_empty() {
+        validation.set_audience(&config.audience);
+        required.push("aud");
+    }
+    if !config.issuer.is_empty() {
+        validation.set_issuer(&config.issuer);
+        required.push("iss");
+    }
+    validation.set_required_spec_claims(&required);
+    validation
 }
 
 /// An error that says this key does not verify the token, not that the token is bad.

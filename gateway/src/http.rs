@@ -13,7 +13,7 @@ use tracing::Instrument;
 
 use crate::auth::{Action, Auth, AuthError, Grant};
 use crate::bus::{Bus, BusError};
-use crate::config::StreamConfig;
+use crate::config::{Redacted, StreamConfig};
 use crate::hub::Hub;
 use crate::sse::{Connection, Start};
 use crate::stats::Stats;
@@ -222,16 +222,7 @@ pub struct SubscribeRequest {
     pub topics: TopicSet,
     pub last_event_id: Option<String>,
     /// The `access_token` query parameter, if sent.
-    pub access_token: Option<Secret>,
-}
-
-/// A token, kept out of `Debug` output and so out of logs.
-pub struct Secret(pub String);
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(..)")
-    }
+    pub access_token: Option<Redacted>,
 }
 
 impl SubscribeRequest {
@@ -256,7 +247,7 @@ impl SubscribeRequest {
                 }
                 "lastEventId" if !value.is_empty() => query_id = Some(value.into_owned()),
                 "access_token" if !value.is_empty() => {
-                    access_token = Some(Secret(value.into_owned()))
+                    access_token = Some(Redacted(value.into_owned()))
                 }
                 _ => {}
             }

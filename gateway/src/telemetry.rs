@@ -180,10 +180,7 @@ pub fn publish_context(span: &tracing::Span, sent: Option<&Traceparent>) -> Opti
 /// `traceparent`.
 pub fn continue_trace(span: &tracing::Span, sent: Option<&Traceparent>) {
     if let Some(sent) = sent {
-        let mut carrier = std::collections::HashMap::new();
-        carrier.insert("traceparent".to_string(), sent.to_string());
-        let parent = TraceContextPropagator::new().extract(&carrier);
-        let _ = span.set_parent(parent);
+        let _ = span.set_parent(remote_context(sent));
     }
 }
 
@@ -210,11 +207,15 @@ pub fn delivery_span(
 
 /// The remote span a delivery links to.
 pub fn linked_context(traceparent: &Traceparent) -> Option<SpanContext> {
-    let mut carrier = std::collections::HashMap::new();
-    carrier.insert("traceparent".to_string(), traceparent.to_string());
-    let context = TraceContextPropagator::new().extract(&carrier);
-    let span_context = context.span().span_context().clone();
+    let span_context = remote_context(traceparent).span().span_context().clone();
     span_context.is_valid().then_some(span_context)
+}
+
+/// The OpenTelemetry context a `traceparent` stands for.
+fn remote_context(traceparent: &Traceparent) -> opentelemetry::Context {
+    let carrier =
+        std::collections::HashMap::from([("traceparent".to_string(), traceparent.to_string())]);
+    TraceContextPropagator::new().extract(&carrier)
 }
 
 /// One replica's metrics: the Prometheus registry behind `/metrics` and, when configured, an

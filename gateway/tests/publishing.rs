@@ -455,29 +455,14 @@ fn event_chunks(
     want: usize,
     ready: impl FnOnce(),
 ) -> Vec<String> {
-    use std::io::{BufRead, BufReader, Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(support::WAIT)).unwrap();
-    write!(stream, "GET /events?{query} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        reader.read_line(&mut line).unwrap();
-        if line == "\r\n" {
-            break;
-        }
-    }
+    let mut raw = support::RawChunks::open(
+        addr,
+        &format!("GET /events?{query} HTTP/1.1\r\nHost: x\r\n"),
+    );
     let mut ready = Some(ready);
     let mut chunks = Vec::new();
     while chunks.len() < want {
-        line.clear();
-        reader.read_line(&mut line).unwrap();
-        let size = usize::from_str_radix(line.trim_end(), 16).expect("chunk size");
-        let mut chunk = vec![0; size + 2];
-        reader.read_exact(&mut chunk).unwrap();
-        chunk.truncate(size);
-        let chunk = String::from_utf8(chunk).unwrap();
+        let chunk = String::from_utf8(raw.next()).unwrap();
         if chunk.contains("data:") {
             chunks.push(chunk);
         } else if let Some(ready) = ready.take() {

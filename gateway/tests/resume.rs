@@ -389,7 +389,6 @@ async fn a_storm_of_resumes_from_one_position_reads_history_once() {
 /// page (500 events of up to 64 KiB).
 #[actix_web::test]
 async fn a_replay_of_large_events_goes_out_in_bounded_chunks() {
-    use std::io::{BufRead, BufReader, Read, Write};
     const EVENTS: usize = 40;
     let cluster = Cluster::redis(&[]);
     let redis = cluster.redis.as_ref().unwrap();
@@ -398,37 +397,20 @@ async fn a_replay_of_large_events_goes_out_in_bounded_chunks() {
     for i in 0..EVENTS {
         redis.fcall_publish("big", &format!("{i}:{padding}"), None);
     }
-    let mut stream = std::net::TcpStream::connect(cluster.replica(0).addr).unwrap();
-    stream.set_read_timeout(Some(support::WAIT)).unwrap();
-    write!(
-        stream,
-        "GET /events?topic=big HTTP/1.1\r\nHost: x\r\nLast-Event-ID: {first}\r\n\r\n"
-    )
-    .unwrap();
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        reader.read_line(&mut line).unwrap();
-        if line == "\r\n" {
-            break;
-        }
-    }
-    // The body, chunk by chunk (HTTP/1.1 chunked encoding: a hex size line, the data, CRLF).
-    let (mut body, mut largest) = (Vec::new(), 0);
+    let mut raw = support::RawChunks::open(
+        cluster.replica(0).addr,
+        &format!("GET /events?topic=big HTTP/1.1\r\nHost: x\r\nLast-Event-ID: {first}\r\n"),
+    );
     let events = |body: &[u8]| {
         body.split(|&b| b == b'\n')
             .filter(|l| l.starts_with(b"data: "))
             .count()
     };
+    let (mut body, mut largest) = (Vec::new(), 0);
     while events(&body) < EVENTS {
-        line.clear();
-        reader.read_line(&mut line).unwrap();
-        let size = usize::from_str_radix(line.trim(), 16).expect("a chunk size line");
-        let mut chunk = vec![0; size + 2];
-        reader.read_exact(&mut chunk).unwrap();
-        body.extend_from_slice(&chunk[..size]);
-        largest = largest.max(size);
+        let chunk = raw.next();
+        largest = largest.max(chunk.len());
+        body.extend_from_slice(&chunk);
     }
     let text = String::from_utf8(body).unwrap();
     let data: Vec<&str> = text

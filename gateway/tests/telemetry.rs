@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// `/metrics`, parsed as Prometheus text: every sample by name and labels.
 fn scrape(gw: &impl Replica) -> HashMap<String, f64> {
-    let text = reqwest_like_get(gw, "/metrics");
+    let text = metrics_body(gw);
     let lines = text.lines().map(|l| Ok(l.to_string()));
     let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text");
     let mut samples = HashMap::new();
@@ -43,26 +43,16 @@ fn scrape(gw: &impl Replica) -> HashMap<String, f64> {
     samples
 }
 
-/// A blocking GET returning the body as text.
-fn reqwest_like_get(gw: &impl Replica, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(gw.addr()).unwrap();
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply).unwrap();
-    assert!(reply.starts_with("HTTP/1.1 200"), "{path}: {reply}");
+/// `/metrics` as text, checked to be served as the Prometheus text format.
+fn metrics_body(gw: &impl Replica) -> String {
+    let (status, head, body) = support::get_text(gw.addr(), "/metrics");
+    assert_eq!(status, 200, "{head}");
     assert!(
-        reply
-            .to_lowercase()
+        head.to_lowercase()
             .contains("content-type: text/plain; version=0.0.4"),
-        "{reply}"
+        "{head}"
     );
-    reply[reply.find("\r\n\r\n").unwrap() + 4..].to_string()
+    body
 }
 
 /// The change of each named sample between two scrapes.

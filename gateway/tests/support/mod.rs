@@ -584,8 +584,8 @@ impl Sse {
     }
 }
 
-/// `GET <path>` over a blocking socket: the status and the JSON body.
-pub fn get_json(addr: SocketAddr, path: &str) -> (u16, serde_json::Value) {
+/// `GET <path>` over a blocking socket: the status, the response head and the body.
+pub fn get_text(addr: SocketAddr, path: &str) -> (u16, String, String) {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).expect("connect");
     stream.set_read_timeout(Some(WAIT)).unwrap();
@@ -597,8 +597,50 @@ pub fn get_json(addr: SocketAddr, path: &str) -> (u16, serde_json::Value) {
     let mut reply = String::new();
     stream.read_to_string(&mut reply).unwrap();
     let status = reply[9..12].parse().expect("status line");
-    let body = &reply[reply.find("\r\n\r\n").expect("no body") + 4..];
-    (status, serde_json::from_str(body).expect("JSON body"))
+    let (head, body) = reply.split_once("\r\n\r\n").expect("no body");
+    (status, head.to_string(), body.to_string())
+}
+
+/// `GET <path>` over a blocking socket: the status and the JSON body.
+pub fn get_json(addr: SocketAddr, path: &str) -> (u16, serde_json::Value) {
+    let (status, _, body) = get_text(addr, path);
+    (status, serde_json::from_str(&body).expect("JSON body"))
+}
+
+/// A response read raw, HTTP chunk by HTTP chunk: each chunk is one write of the gateway's
+/// body, so tests can see how the gateway groups what it writes.
+pub struct RawChunks {
+    reader: std::io::BufReader<std::net::TcpStream>,
+}
+
+impl RawChunks {
+    /// Sends `head` (the request line and headers, each ending in CRLF) and reads past the
+    /// response head.
+    pub fn open(addr: SocketAddr, head: &str) -> RawChunks {
+        use std::io::{BufRead, Write};
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        write!(stream, "{head}\r\n").unwrap();
+        let mut reader = std::io::BufReader::new(stream);
+        let mut line = String::new();
+        while line != "\r\n" {
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+        }
+        RawChunks { reader }
+    }
+
+    /// The next chunk's data (a hex size line, the data, CRLF on the wire).
+    pub fn next(&mut self) -> Vec<u8> {
+        use std::io::{BufRead, Read};
+        let mut line = String::new();
+        self.reader.read_line(&mut line).unwrap();
+        let size = usize::from_str_radix(line.trim_end(), 16).expect("a chunk size line");
+        let mut chunk = vec![0; size + 2];
+        self.reader.read_exact(&mut chunk).unwrap();
+        chunk.truncate(size);
+        chunk
+    }
 }
 
 /// `POST /publish` over a blocking socket, for publisher threads outside the test runtime.
