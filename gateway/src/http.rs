@@ -1,10 +1,12 @@
 //! The HTTP surface: routes, request parsing, and the one error type that maps to responses.
 //! Handlers validate everything before touching the hub or the bus.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use bytes::Bytes;
 use serde::Deserialize;
 use ssegw_protocol::frame::EventType;
 use ssegw_protocol::{cursor, StreamId, Topic, TopicSet, Traceparent};
@@ -14,6 +16,7 @@ use tracing::Instrument;
 use crate::auth::{Action, Auth, AuthError, Grant};
 use crate::bus::{Bus, BusError};
 use crate::config::{Redacted, StreamConfig};
+use crate::handoff::Handoff;
 use crate::hub::Hub;
 use crate::sse::{Connection, Start};
 use crate::stats::Stats;
@@ -333,11 +336,29 @@ async fn events(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResp
         state.drain.clone(),
     )
     .closing_at(closes_at);
-    Ok(HttpResponse::Ok()
+    let mut response = HttpResponse::Ok();
+    response
         .content_type("text/event-stream")
         .insert_header((header::CACHE_CONTROL, "no-cache"))
-        .insert_header(("X-Accel-Buffering", "no"))
-        .streaming(connection.into_stream()))
+        .insert_header(("X-Accel-Buffering", "no"));
+    match req.conn_data::<Handoff>() {
+        Some(handoff) => {
+            // HTTP/1.0 has no chunks: its stream ends with the connection.
+            let chunked = req.version() >= actix_web::http::Version::HTTP_11;
+            handoff.park(connection, chunked);
+            if chunked {
+                response.insert_header((header::TRANSFER_ENCODING, "chunked"));
+            }
+            // actix-http, told to send no body of its own (no chunking, an empty stream) and to
+            // close, writes the head and hands the socket over.
+            let mut response = response
+                .force_close()
+                .streaming(futures_util::stream::empty::<Result<Bytes, Infallible>>());
+            response.head_mut().no_chunking(true);
+            Ok(response)
+        }
+        _ => Ok(response.streaming(connection.into_stream())),
+    }
 }
 
 /// Checks the subscriber's token (or anonymous access) against every requested topic.

@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod bus;
 pub mod config;
+pub mod handoff;
 pub mod http;
 pub mod hub;
 pub mod pages;
@@ -101,7 +102,7 @@ pub async fn run(
     let max_event_bytes = config.stream.max_event_bytes;
     let pages = config.pages;
     let dead_peer_timeout = config.dead_peer_timeout;
-    let server = HttpServer::new(move || {
+    let app = move || {
         // No compression middleware: it would hold SSE frames back.
         App::new()
             .wrap(actix_web::middleware::Condition::new(
@@ -113,31 +114,44 @@ pub async fn run(
             ))
             .app_data(state.clone())
             .configure(|cfg| http::routes(cfg, max_event_bytes, pages))
-    })
-    .on_connect(move |connection, _| {
-        if let Some(tcp) = tls::tcp_socket(connection) {
-            let socket = socket2::SockRef::from(tcp);
-            // Written data that stays unacknowledged this long (a vanished or stalled client)
-            // ends the connection.
-            let _ = socket.set_tcp_user_timeout(Some(dead_peer_timeout));
-            // Each event leaves at once: Nagle would hold a frame back until the client
-            // acknowledged the previous one (up to its delayed-ACK timeout, 40 ms on Linux).
-            let _ = socket.set_tcp_nodelay(true);
-        }
-    })
-    .workers(config.workers)
-    // A client's FIN ends its stream instead of leaving a half-open connection behind.
-    .h1_allow_half_closed(false)
-    .disable_signals()
+    };
+    let tune = move |tcp: &actix_web::rt::net::TcpStream| tune_socket(tcp, dead_peer_timeout);
     // Workers still serving connections when the drain window is over are stopped.
-    .shutdown_timeout(config.stream.drain_window.as_secs().max(1));
+    let shutdown_timeout = config.stream.drain_window.as_secs().max(1);
     let server = match config.transport {
-        Transport::Http1 => server.listen(listener)?,
-        Transport::Http1AndH2c => server.listen_auto_h2c(listener)?,
-        // actix offers h2 first, then http/1.1, by ALPN.
-        Transport::Tls(tls) => server.listen_rustls_0_23(listener, (*tls).clone())?,
-    }
-    .run();
+        // Event streams leave actix-http once their head is out (see `handoff`).
+        Transport::Http1 => handoff::listen(
+            actix_web::dev::Server::build()
+                .workers(config.workers)
+                .disable_signals()
+                .shutdown_timeout(shutdown_timeout),
+            listener,
+            tune,
+            app,
+        )?
+        .run(),
+        transport => {
+            let server = HttpServer::new(app)
+                .on_connect(move |connection, _| {
+                    if let Some(tcp) = tls::tcp_socket(connection) {
+                        tune(tcp);
+                    }
+                })
+                .workers(config.workers)
+                // A client's FIN ends its stream instead of leaving a half-open connection
+                // behind.
+                .h1_allow_half_closed(false)
+                .disable_signals()
+                .shutdown_timeout(shutdown_timeout);
+            match transport {
+                Transport::Http1AndH2c => server.listen_auto_h2c(listener)?,
+                // actix offers h2 first, then http/1.1, by ALPN.
+                Transport::Tls(tls) => server.listen_rustls_0_23(listener, (*tls).clone())?,
+                Transport::Http1 => unreachable!("served above"),
+            }
+            .run()
+        }
+    };
     let handle = server.handle();
     let drain_window = config.stream.drain_window;
     let draining = shutdown.clone();
@@ -163,6 +177,17 @@ pub async fn run(
         _ = window_over => tracing::info!(left = stats.open(), "drain window over"),
     }
     Ok(())
+}
+
+/// Options of every accepted TCP socket.
+fn tune_socket(tcp: &actix_web::rt::net::TcpStream, dead_peer_timeout: Duration) {
+    let socket = socket2::SockRef::from(tcp);
+    // Written data that stays unacknowledged this long (a vanished or stalled client) ends the
+    // connection.
+    let _ = socket.set_tcp_user_timeout(Some(dead_peer_timeout));
+    // Each event leaves at once: Nagle would hold a frame back until the client acknowledged
+    // the previous one (up to its delayed-ACK timeout, 40 ms on Linux).
+    let _ = socket.set_tcp_nodelay(true);
 }
 
 /// How long before the end of the drain window `run` returns.

@@ -611,6 +611,8 @@ pub fn get_json(addr: SocketAddr, path: &str) -> (u16, serde_json::Value) {
 /// body, so tests can see how the gateway groups what it writes.
 pub struct RawChunks {
     reader: std::io::BufReader<std::net::TcpStream>,
+    /// The response head, lines ending in CRLF, without the blank line.
+    pub head: String,
 }
 
 impl RawChunks {
@@ -622,12 +624,39 @@ impl RawChunks {
         stream.set_read_timeout(Some(WAIT)).unwrap();
         write!(stream, "{head}\r\n").unwrap();
         let mut reader = std::io::BufReader::new(stream);
-        let mut line = String::new();
-        while line != "\r\n" {
-            line.clear();
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
             reader.read_line(&mut line).unwrap();
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+            head.push_str(&line);
         }
-        RawChunks { reader }
+        RawChunks { reader, head }
+    }
+
+    /// The response head's value of `name` (lowercase), if it has the header.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.eq_ignore_ascii_case(name).then(|| value.trim())
+        })
+    }
+
+    /// Closes the sending side, as a client that leaves does (its FIN).
+    pub fn stop_sending(&self) {
+        self.reader
+            .get_ref()
+            .shutdown(std::net::Shutdown::Write)
+            .unwrap();
+    }
+
+    /// Whether the server closed the connection, with nothing more sent.
+    pub fn at_end(&mut self) -> bool {
+        use std::io::Read;
+        let mut rest = Vec::new();
+        matches!(self.reader.read_to_end(&mut rest), Ok(0))
     }
 
     /// The next chunk's data (a hex size line, the data, CRLF on the wire).

@@ -1,0 +1,340 @@
+//! Plain HTTP/1.1 event streams leave actix-http once their response head is written, and are
+//! written straight to the socket from then on.
+//!
+//! actix-http's HTTP/1 dispatcher keeps an 8 KiB read buffer and an 8 KiB write buffer for the
+//! life of a connection, and copies every body chunk into its write buffer to frame it. For a
+//! stream that lives for hours and carries small frames, that is most of its memory and a fifth
+//! of its CPU time (BENCHMARKS.md). So on a plain-TCP listener every connection's socket is
+//! wrapped in a [`HandoffIo`], and the subscribe handler, instead of a streaming body, parks its
+//! [`Connection`] in the connection's [`Handoff`] and answers with a head that closes the
+//! connection. actix-http writes that head, flushes it and shuts the connection down: the
+//! shutdown is where the socket leaves it, and the dispatcher, its buffers and the request are
+//! freed. The connection's service future then writes the stream itself ([`write_stream`]):
+//! each chunk in one vectored write, straight from the frames the hub shares.
+//!
+//! The connection stays counted by actix-server (its service future has not ended), so a
+//! graceful stop still waits for it. TLS and h2c listeners keep streaming through actix.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+
+use actix_http::body::MessageBody;
+use actix_http::{HttpService, Protocol, Request, Response};
+use actix_service::{
+    apply_fn_factory, map_config, IntoServiceFactory, Service, ServiceFactory, ServiceFactoryExt,
+};
+use actix_web::dev::AppConfig;
+use actix_web::rt::net::TcpStream;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use crate::sse::Connection;
+
+/// A connection's way out of actix-http, in the request's connection data
+/// (`HttpRequest::conn_data`) on a listener that hands streams off.
+#[derive(Clone, Default)]
+pub struct Handoff(Rc<RefCell<Parked>>);
+
+#[derive(Default)]
+struct Parked {
+    /// The stream to write once the socket is out.
+    connection: Option<Connection>,
+    /// HTTP/1.1 chunks, or (HTTP/1.0) the bare stream, ended by the close.
+    chunked: bool,
+    /// The socket, once actix-http shut the connection down with a stream parked.
+    socket: Option<TcpStream>,
+}
+
+impl Handoff {
+    /// Parks `connection` to be written on this connection's socket once actix-http lets go of
+    /// it. The response must then carry no body and close the connection: see
+    /// [`crate::http`]'s subscribe handler.
+    pub fn park(&self, connection: Connection, chunked: bool) {
+        let mut parked = self.0.borrow_mut();
+        parked.connection = Some(connection);
+        parked.chunked = chunked;
+    }
+
+    fn parked(&self) -> bool {
+        self.0.borrow().connection.is_some()
+    }
+
+    /// The socket and its stream, if actix-http handed the socket over; otherwise the parked
+    /// stream (if any) is dropped with the handoff.
+    fn take(&self) -> Option<(TcpStream, Connection, bool)> {
+        let mut parked = self.0.borrow_mut();
+        let socket = parked.socket.take()?;
+        Some((socket, parked.connection.take()?, parked.chunked))
+    }
+}
+
+/// The socket as actix-http sees it: passed through, except that shutting it down with a stream
+/// parked hands it over instead.
+pub struct HandoffIo {
+    socket: Option<TcpStream>,
+    handoff: Handoff,
+}
+
+impl HandoffIo {
+    pub fn new(socket: TcpStream) -> HandoffIo {
+        HandoffIo {
+            socket: Some(socket),
+            handoff: Handoff::default(),
+        }
+    }
+
+    /// What the handler reaches through the connection data.
+    pub fn handoff(&self) -> Handoff {
+        self.handoff.clone()
+    }
+
+    fn socket(&mut self) -> io::Result<Pin<&mut TcpStream>> {
+        match self.socket.as_mut() {
+            Some(socket) => Ok(Pin::new(socket)),
+            None => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+}
+
+impl AsyncRead for HandoffIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.socket.as_mut() {
+            Some(socket) => Pin::new(socket).poll_read(cx, buf),
+            // Handed over: actix-http sees the end of the input.
+            None => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl AsyncWrite for HandoffIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.socket()?.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.socket()?.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.socket.as_mut() {
+            Some(socket) => Pin::new(socket).poll_flush(cx),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // actix-http shuts down only after flushing its write buffer: the head is out.
+        if self.handoff.parked() {
+            let socket = self.socket.take();
+            self.handoff.0.borrow_mut().socket = socket;
+            return Poll::Ready(Ok(()));
+        }
+        match self.socket.as_mut() {
+            Some(socket) => Pin::new(socket).poll_shutdown(cx),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+/// Serves `factory`'s app on `listener`, as actix-web's `HttpServer::listen` would (the same
+/// timeouts), with each accepted socket passed to `accepted` and then wrapped in a
+/// [`HandoffIo`].
+pub fn listen<A, F, I, S, B>(
+    server: actix_server::ServerBuilder,
+    listener: std::net::TcpListener,
+    accepted: A,
+    factory: F,
+) -> io::Result<actix_server::ServerBuilder>
+where
+    A: Fn(&TcpStream) + Send + Clone + 'static,
+    F: Fn() -> I + Send + Clone + 'static,
+    I: IntoServiceFactory<S, Request>,
+    S: ServiceFactory<Request, Config = AppConfig> + 'static,
+    S::Error: Into<actix_web::Error> + 'static,
+    S::InitError: std::fmt::Debug,
+    S::Response: Into<Response<B>> + 'static,
+    <S::Service as Service<Request>>::Future: 'static,
+    S::Service: 'static,
+    B: MessageBody + 'static,
+{
+    let address = listener.local_addr()?;
+    server.listen("sse-gateway", listener, move || {
+        let accepted = accepted.clone();
+        let app = factory()
+            .into_factory()
+            .map_err(|e| e.into().error_response());
+        let http = HttpService::build()
+            .client_request_timeout(std::time::Duration::from_secs(5))
+            .client_disconnect_timeout(std::time::Duration::from_secs(1))
+            // A client's FIN ends its stream instead of leaving a half-open connection behind.
+            .h1_allow_half_closed(false)
+            .local_addr(address)
+            .on_connect_ext(|io: &HandoffIo, data| {
+                data.insert(io.handoff());
+            })
+            // The app config only feeds `ConnectionInfo`'s fallbacks (a request without `Host`),
+            // which no route reads; actix-web's own constructor for it is crate-private.
+            .finish(map_config(app, |_| AppConfig::default()));
+        apply_fn_factory(http, move |socket: TcpStream, http: &_| {
+            accepted(&socket);
+            let peer = socket.peer_addr().ok();
+            let io = HandoffIo::new(socket);
+            let handoff = io.handoff();
+            serve(http.call((io, Protocol::Http1, peer)), handoff)
+        })
+    })
+}
+
+/// Serves one accepted connection: actix-http's `dispatch` (the future of its service call on
+/// the connection's [`HandoffIo`]), then the stream parked in `handoff`, if one was.
+pub async fn serve<E>(
+    dispatch: impl Future<Output = Result<(), E>>,
+    handoff: Handoff,
+) -> Result<(), E> {
+    // Boxed, so that the dispatcher's state is freed when it ends instead of sizing this
+    // future for the stream's whole life.
+    Box::pin(dispatch).await?;
+    if let Some((socket, connection, chunked)) = handoff.take() {
+        write_stream(socket, connection, chunked).await;
+    }
+    Ok(())
+}
+
+/// Writes `connection`'s stream to `socket`, in HTTP/1.1 chunks if `chunked`, until it ends
+/// (then the last chunk, and the connection closes) or the client leaves (its FIN or an error).
+async fn write_stream(mut socket: TcpStream, connection: Connection, chunked: bool) {
+    let body = connection.into_stream();
+    futures_util::pin_mut!(body);
+    loop {
+        let next = tokio::select! {
+            biased;
+            next = body.next() => next,
+            readable = socket.readable() => {
+                if readable.is_err() || client_left(&socket) {
+                    return;
+                }
+                continue;
+            }
+        };
+        match next {
+            Some(Ok(chunk)) => {
+                let written = if chunked {
+                    write_chunk(&mut socket, &chunk).await
+                } else {
+                    socket.write_all(&chunk).await
+                };
+                if written.is_err() {
+                    return;
+                }
+            }
+            Some(Err(never)) => match never {},
+            None => {
+                if chunked {
+                    let _ = socket.write_all(LAST_CHUNK).await;
+                }
+                let _ = socket.shutdown().await;
+                return;
+            }
+        }
+    }
+}
+
+/// The chunk that ends a chunked body.
+const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// Reads what is readable: the end of input (the client's FIN) or an error means the client
+/// left; bytes it sends after its request are ignored.
+fn client_left(socket: &TcpStream) -> bool {
+    let mut scratch = [0u8; 256];
+    loop {
+        match socket.try_read(&mut scratch) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Writes `data` as one HTTP/1.1 chunk: size line, data and terminator in one vectored write
+/// when the socket takes it all, which is the usual case.
+async fn write_chunk(socket: &mut TcpStream, data: &Bytes) -> io::Result<()> {
+    if data.is_empty() {
+        // An empty chunk would end the body.
+        return Ok(());
+    }
+    let mut size_line = [0u8; 18];
+    let size_line = chunk_size_line(data.len(), &mut size_line);
+    let mut slices = [
+        IoSlice::new(size_line),
+        IoSlice::new(data),
+        IoSlice::new(b"\r\n"),
+    ];
+    let mut slices = &mut slices[..];
+    while !slices.is_empty() {
+        let written = socket.write_vectored(slices).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut slices, written);
+    }
+    Ok(())
+}
+
+/// `len` in hexadecimal followed by CRLF, in `buf`.
+fn chunk_size_line(len: usize, buf: &mut [u8; 18]) -> &[u8] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut start = 16;
+    let mut rest = len;
+    loop {
+        start -= 1;
+        buf[start] = HEX[rest & 0xf];
+        rest >>= 4;
+        if rest == 0 {
+            break;
+        }
+    }
+    buf[16] = b'\r';
+    buf[17] = b'\n';
+    &buf[start..]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunk_size_line;
+
+    #[test]
+    fn chunk_size_lines_are_lowercase_hex_with_crlf() {
+        let mut buf = [0u8; 18];
+        for (len, line) in [
+            (1, "1\r\n"),
+            (15, "f\r\n"),
+            (16, "10\r\n"),
+            (65_535, "ffff\r\n"),
+            (usize::MAX, "ffffffffffffffff\r\n"),
+        ] {
+            assert_eq!(chunk_size_line(len, &mut buf), line.as_bytes(), "{len}");
+        }
+    }
+}
