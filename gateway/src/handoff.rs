@@ -201,21 +201,23 @@ where
             let peer = socket.peer_addr().ok();
             let io = HandoffIo::new(socket);
             let handoff = io.handoff();
-            serve(http.call((io, Protocol::Http1, peer)), handoff)
+            // Boxed, so that the dispatcher's state (the request's handler future included) is
+            // freed when it ends instead of sizing this connection's task for the stream's life.
+            serve(Box::pin(http.call((io, Protocol::Http1, peer))), handoff)
         })
     })
 }
 
 /// Serves one accepted connection: actix-http's `dispatch` (the future of its service call on
 /// the connection's [`HandoffIo`]), then the stream parked in `handoff`, if one was.
-pub async fn serve<E>(
-    dispatch: impl Future<Output = Result<(), E>>,
+async fn serve<E>(
+    dispatch: Pin<Box<impl Future<Output = Result<(), E>>>>,
     handoff: Handoff,
 ) -> Result<(), E> {
-    // Boxed, so that the dispatcher's state is freed when it ends instead of sizing this
-    // future for the stream's whole life.
-    Box::pin(dispatch).await?;
-    if let Some((socket, connection, chunked)) = handoff.take() {
+    dispatch.await?;
+    let handed_over = handoff.take();
+    drop(handoff);
+    if let Some((socket, connection, chunked)) = handed_over {
         write_stream(socket, connection, chunked).await;
     }
     Ok(())
