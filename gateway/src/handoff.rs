@@ -30,7 +30,7 @@ use actix_service::{
 use actix_web::dev::AppConfig;
 use actix_web::rt::net::TcpStream;
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::sse::Connection;
@@ -229,15 +229,23 @@ async fn write_stream(mut socket: TcpStream, connection: Connection, chunked: bo
     let body = connection.into_stream();
     futures_util::pin_mut!(body);
     loop {
-        let next = tokio::select! {
-            biased;
-            next = body.next() => next,
-            readable = socket.readable() => {
-                if readable.is_err() || client_left(&socket) {
-                    return;
-                }
-                continue;
+        // The socket's own read-readiness slot, not a `readable()` future: that one would join
+        // and leave the socket's waiter list on every delivery.
+        let next = std::future::poll_fn(|cx| {
+            if let Poll::Ready(next) = body.as_mut().poll_next(cx) {
+                return Poll::Ready(Some(next));
             }
+            match socket.poll_read_ready(cx) {
+                Poll::Ready(_) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await;
+        let Some(next) = next else {
+            if client_left(&socket) {
+                return;
+            }
+            continue;
         };
         match next {
             Some(Ok(chunk)) => {

@@ -20,7 +20,11 @@ fn text(chunk: Vec<u8>) -> String {
 async fn a_stream_is_chunked_and_ends_with_the_last_chunk_and_a_close() {
     let gw = Gateway::start(&["--drain-window", "1s"]);
     let mut stream = RawChunks::open(gw.addr, SUBSCRIBE);
-    assert!(stream.head.starts_with("HTTP/1.1 200 OK\r\n"), "{}", stream.head);
+    assert!(
+        stream.head.starts_with("HTTP/1.1 200 OK\r\n"),
+        "{}",
+        stream.head
+    );
     assert_eq!(stream.header("transfer-encoding"), Some("chunked"));
     assert_eq!(stream.header("content-type"), Some("text/event-stream"));
     assert_eq!(stream.header("cache-control"), Some("no-cache"));
@@ -36,9 +40,15 @@ async fn a_stream_is_chunked_and_ends_with_the_last_chunk_and_a_close() {
 
     gw.begin_drain();
     let hint = text(stream.next());
-    assert!(hint.starts_with("retry: "), "the drain's reconnection delay: {hint}");
+    assert!(
+        hint.starts_with("retry: "),
+        "the drain's reconnection delay: {hint}"
+    );
     assert_eq!(stream.next(), b"", "the last chunk");
-    assert!(stream.at_end(), "the connection closes after the last chunk");
+    assert!(
+        stream.at_end(),
+        "the connection closes after the last chunk"
+    );
 }
 
 #[actix_web::test]
@@ -94,7 +104,10 @@ async fn http10_clients_get_a_stream_that_ends_at_the_close() {
     let mut reader = BufReader::new(socket);
     let head = read_head(&mut reader);
     assert!(head.starts_with("HTTP/1.0 200"), "{head}");
-    assert!(!head.contains("transfer-encoding"), "no chunks for HTTP/1.0: {head}");
+    assert!(
+        !head.contains("transfer-encoding"),
+        "no chunks for HTTP/1.0: {head}"
+    );
     assert!(!head.contains("content-length"), "{head}");
     let mut preamble = String::new();
     while preamble.is_empty() || !preamble.ends_with("\n\n") {
@@ -111,8 +124,13 @@ async fn http10_clients_get_a_stream_that_ends_at_the_close() {
 
     gw.begin_drain();
     let mut rest = String::new();
-    reader.read_to_string(&mut rest).expect("the close ends the stream");
-    assert!(rest.starts_with("retry: "), "the drain's reconnection delay: {rest:?}");
+    reader
+        .read_to_string(&mut rest)
+        .expect("the close ends the stream");
+    assert!(
+        rest.starts_with("retry: "),
+        "the drain's reconnection delay: {rest:?}"
+    );
     assert!(rest.ends_with("\n\n"), "{rest:?}");
 }
 
