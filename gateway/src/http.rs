@@ -341,10 +341,15 @@ async fn events(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResp
         .content_type("text/event-stream")
         .insert_header((header::CACHE_CONTROL, "no-cache"))
         .insert_header(("X-Accel-Buffering", "no"));
-    match req.conn_data::<Handoff>() {
-        Some(handoff) => {
-            // HTTP/1.0 has no chunks: its stream ends with the connection.
-            let chunked = req.version() >= actix_web::http::Version::HTTP_11;
+    // HTTP/1.0 has no chunks: its stream ends with the connection. HTTP/2 streams share their
+    // connection, so they stay with actix.
+    let chunked = match req.version() {
+        actix_web::http::Version::HTTP_10 => Some(false),
+        actix_web::http::Version::HTTP_11 => Some(true),
+        _ => None,
+    };
+    match (req.conn_data::<Handoff>(), chunked) {
+        (Some(handoff), Some(chunked)) => {
             handoff.park(connection, chunked);
             if chunked {
                 response.insert_header((header::TRANSFER_ENCODING, "chunked"));
