@@ -332,7 +332,22 @@ fn chunk_size_line(len: usize, buf: &mut [u8; 18]) -> &[u8] {
 
 #[cfg(test)]
 mod tests {
-    use super::chunk_size_line;
+    use super::{chunk_size_line, write_stream};
+    use crate::sse::tests::idle_connection;
+
+    /// A handed-off connection's task holds this future for the stream's whole life: it must
+    /// stay the size of the stream's state, not of actix-http's dispatcher. Measured figures:
+    /// BENCHMARKS.md.
+    #[tokio::test]
+    async fn a_handed_off_stream_holds_little_state() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        let (_client, (socket, _)) = (client.unwrap(), accepted.unwrap());
+        let stream = write_stream(socket, idle_connection(), true);
+        let size = std::mem::size_of_val(&stream);
+        assert!(size <= 1024, "a handed-off stream's future is {size} bytes");
+    }
 
     #[test]
     fn chunk_size_lines_are_lowercase_hex_with_crlf() {

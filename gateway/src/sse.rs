@@ -533,7 +533,7 @@ async fn recv_any(streams: &mut [TopicStream]) -> (usize, Result<Delivery, RecvE
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
 
     use ssegw_protocol::{StreamId, Topic, TopicSet};
@@ -544,17 +544,15 @@ mod tests {
     use crate::hub::Hub;
     use crate::stats::Stats;
 
-    /// Every idle connection keeps its body future; large states (a Redis read) must be boxed
-    /// so that they cost memory only while in use. Measured figures: BENCHMARKS.md.
-    #[tokio::test]
-    async fn idle_body_state_stays_small() {
+    /// A fresh single-topic connection on the embedded bus, as the subscribe handler builds it.
+    pub(crate) fn idle_connection() -> Connection {
         let config = Config::from_flags(["--anonymous-subscribe=*"]).unwrap();
         let (interest_tx, interest_rx) = tokio::sync::mpsc::unbounded_channel();
         let hub = Arc::new(Hub::new(16, interest_tx, std::time::Duration::ZERO));
         let bus = Bus::start(&config.bus, hub.clone(), interest_rx, Default::default()).unwrap();
         let topic = Topic::new("t").unwrap();
         let membership = hub.join(&topic);
-        let connection = Connection::new(
+        Connection::new(
             TopicSet::new(vec![topic]).unwrap(),
             vec![membership],
             Start::Fresh(vec![StreamId::ZERO]),
@@ -562,8 +560,14 @@ mod tests {
             Arc::new(config.stream),
             Arc::new(Stats::default()).try_open(1).unwrap(),
             Default::default(),
-        );
-        let body = connection.into_stream();
+        )
+    }
+
+    /// Every idle connection keeps its body future; large states (a Redis read) must be boxed
+    /// so that they cost memory only while in use. Measured figures: BENCHMARKS.md.
+    #[tokio::test]
+    async fn idle_body_state_stays_small() {
+        let body = idle_connection().into_stream();
         let size = std::mem::size_of_val(&body);
         assert!(size <= 1024, "body stream state is {size} bytes");
     }
