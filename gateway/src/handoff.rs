@@ -23,6 +23,7 @@ use std::rc::Rc;
 use std::task::{Context, Poll};
 
 use actix_http::body::MessageBody;
+use actix_http::error::DispatchError;
 use actix_http::{HttpService, Protocol, Request, Response};
 use actix_service::{
     apply_fn_factory, map_config, IntoServiceFactory, Service, ServiceFactory, ServiceFactoryExt,
@@ -157,12 +158,13 @@ impl AsyncWrite for HandoffIo {
     }
 }
 
-/// Serves `factory`'s app on `listener`, as actix-web's `HttpServer::listen` would (the same
-/// timeouts), with each accepted socket passed to `accepted` and then wrapped in a
-/// [`HandoffIo`].
+/// Serves `factory`'s app on `listener`, as actix-web's `HttpServer::listen` (or, with `h2c`,
+/// `listen_auto_h2c`) would, with the same timeouts; each accepted socket is passed to
+/// `accepted` and then wrapped in a [`HandoffIo`].
 pub fn listen<A, F, I, S, B>(
     server: actix_server::ServerBuilder,
     listener: std::net::TcpListener,
+    h2c: bool,
     accepted: A,
     factory: F,
 ) -> io::Result<actix_server::ServerBuilder>
@@ -185,7 +187,7 @@ where
             .into_factory()
             .map_err(|e| e.into().error_response());
         let http = HttpService::build()
-            .client_request_timeout(std::time::Duration::from_secs(5))
+            .client_request_timeout(REQUEST_TIMEOUT)
             .client_disconnect_timeout(std::time::Duration::from_secs(1))
             // A client's FIN ends its stream instead of leaving a half-open connection behind.
             .h1_allow_half_closed(false)
@@ -196,15 +198,51 @@ where
             // The app config only feeds `ConnectionInfo`'s fallbacks (a request without `Host`),
             // which no route reads; actix-web's own constructor for it is crate-private.
             .finish(map_config(app, |_| AppConfig::default()));
-        apply_fn_factory(http, move |socket: TcpStream, http: &_| {
+        let protocol = actix_service::fn_service(move |socket: TcpStream| {
             accepted(&socket);
-            let peer = socket.peer_addr().ok();
-            let io = HandoffIo::new(socket);
-            let handoff = io.handoff();
-            // Boxed, so that the dispatcher's state (the request's handler future included) is
-            // freed when it ends instead of sizing this connection's task for the stream's life.
-            serve(Box::pin(http.call((io, Protocol::Http1, peer))), handoff)
-        })
+            async move {
+                let protocol = if h2c {
+                    sniff(&socket).await?
+                } else {
+                    Protocol::Http1
+                };
+                Ok::<_, DispatchError>((socket, protocol))
+            }
+        });
+        protocol.and_then(apply_fn_factory(
+            http,
+            move |(socket, protocol): (TcpStream, Protocol), http: &_| {
+                let peer = socket.peer_addr().ok();
+                let io = HandoffIo::new(socket);
+                let handoff = io.handoff();
+                // Boxed, so that the dispatcher's state (the request's handler future included)
+                // is freed when it ends instead of sizing this connection's task for the
+                // stream's life.
+                serve(Box::pin(http.call((io, protocol, peer))), handoff)
+            },
+        ))
+    })
+}
+
+/// How long a client has to send its request head (actix-web's default), and on an h2c
+/// listener its first bytes.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// HTTP/2 with prior knowledge or HTTP/1, from the connection's first bytes (as actix-http's
+/// `tcp_auto_h2c` tells them apart, with a deadline for a client that sends nothing).
+async fn sniff(socket: &TcpStream) -> io::Result<Protocol> {
+    // Part of the HTTP/2 connection preface (RFC 9113, section 3.4).
+    const H2_PREFACE: &[u8] = b"PRI * HTTP/2";
+    let mut first = [0u8; H2_PREFACE.len()];
+    // A short first segment is taken as HTTP/1, as actix-http does: HTTP/2 clients send the
+    // whole preface at once.
+    tokio::time::timeout(REQUEST_TIMEOUT, socket.peek(&mut first))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
+    Ok(if first == H2_PREFACE {
+        Protocol::Http2
+    } else {
+        Protocol::Http1
     })
 }
 

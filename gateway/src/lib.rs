@@ -119,38 +119,32 @@ pub async fn run(
     // Workers still serving connections when the drain window is over are stopped.
     let shutdown_timeout = config.stream.drain_window.as_secs().max(1);
     let server = match config.transport {
-        // Event streams leave actix-http once their head is out (see `handoff`).
-        Transport::Http1 => handoff::listen(
+        // actix offers h2 first, then http/1.1, by ALPN.
+        Transport::Tls(tls) => HttpServer::new(app)
+            .on_connect(move |connection, _| {
+                if let Some(tcp) = tls::tcp_socket(connection) {
+                    tune(tcp);
+                }
+            })
+            .workers(config.workers)
+            // A client's FIN ends its stream instead of leaving a half-open connection behind.
+            .h1_allow_half_closed(false)
+            .disable_signals()
+            .shutdown_timeout(shutdown_timeout)
+            .listen_rustls_0_23(listener, (*tls).clone())?
+            .run(),
+        // Plain HTTP/1 event streams leave actix-http once their head is out (see `handoff`).
+        plain => handoff::listen(
             actix_web::dev::Server::build()
                 .workers(config.workers)
                 .disable_signals()
                 .shutdown_timeout(shutdown_timeout),
             listener,
+            matches!(plain, Transport::Http1AndH2c),
             tune,
             app,
         )?
         .run(),
-        transport => {
-            let server = HttpServer::new(app)
-                .on_connect(move |connection, _| {
-                    if let Some(tcp) = tls::tcp_socket(connection) {
-                        tune(tcp);
-                    }
-                })
-                .workers(config.workers)
-                // A client's FIN ends its stream instead of leaving a half-open connection
-                // behind.
-                .h1_allow_half_closed(false)
-                .disable_signals()
-                .shutdown_timeout(shutdown_timeout);
-            match transport {
-                Transport::Http1AndH2c => server.listen_auto_h2c(listener)?,
-                // actix offers h2 first, then http/1.1, by ALPN.
-                Transport::Tls(tls) => server.listen_rustls_0_23(listener, (*tls).clone())?,
-                Transport::Http1 => unreachable!("served above"),
-            }
-            .run()
-        }
     };
     let handle = server.handle();
     let drain_window = config.stream.drain_window;

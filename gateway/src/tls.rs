@@ -33,14 +33,10 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, St
         })
 }
 
-/// The TCP socket under an accepted connection, plain or TLS, as actix hands it to
-/// `on_connect`; `None` for any other transport.
+/// The TCP socket under an accepted TLS connection, as actix hands it to `on_connect`.
 pub fn tcp_socket(connection: &dyn std::any::Any) -> Option<&actix_web::rt::net::TcpStream> {
     use actix_tls::accept::rustls_0_23::TlsStream;
     use actix_web::rt::net::TcpStream;
-    if let Some(tcp) = connection.downcast_ref::<TcpStream>() {
-        return Some(tcp);
-    }
     connection
         .downcast_ref::<TlsStream<TcpStream>>()
         .map(|tls| tls.get_ref().0)

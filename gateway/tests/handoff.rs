@@ -2,7 +2,7 @@
 //! gateway writes its chunks itself (`gateway/src/handoff.rs`). What clients see on the wire:
 //! a chunked HTTP/1.1 response that ends with the last chunk, after other requests on the same
 //! connection too; HTTP/1.0 clients, which have no chunks, get the bare stream, ended by the
-//! close.
+//! close. Both on a plain listener and on one that also takes h2c.
 
 mod support;
 
@@ -18,7 +18,18 @@ fn text(chunk: Vec<u8>) -> String {
 
 #[actix_web::test]
 async fn a_stream_is_chunked_and_ends_with_the_last_chunk_and_a_close() {
-    let gw = Gateway::start(&["--drain-window", "1s"]);
+    chunked_stream_ending_with_a_close(&["--drain-window", "1s"]).await;
+}
+
+/// An h2c listener tells HTTP/1 from HTTP/2 by the first bytes and hands HTTP/1.1 streams off
+/// all the same (`tests/http2.rs` runs HTTP/2 on it).
+#[actix_web::test]
+async fn http11_streams_on_an_h2c_listener_are_handed_off_too() {
+    chunked_stream_ending_with_a_close(&["--drain-window", "1s", "--h2c", "true"]).await;
+}
+
+async fn chunked_stream_ending_with_a_close(flags: &[&str]) {
+    let gw = Gateway::start(flags);
     let mut stream = RawChunks::open(gw.addr, SUBSCRIBE);
     assert!(
         stream.head.starts_with("HTTP/1.1 200 OK\r\n"),
