@@ -11,15 +11,17 @@
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use ssegw_protocol::{cursor, StreamId, Topic, TopicSet};
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpSocket;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -517,17 +519,30 @@ async fn session(
     );
     tokio::pin!(churn);
     loop {
-        tokio::select! {
-            ready = stream.readable() => ready?,
+        // One `read` per delivery: `poll_read` forgets the socket's readiness after a short
+        // read, so the next poll waits for new data instead of reading again to learn that
+        // nothing is there (as `readable()` and `try_read` would: twice the syscalls).
+        let read = std::future::poll_fn(|cx| {
+            READ_BUF.with_borrow_mut(|buf| {
+                let mut input = ReadBuf::new(buf);
+                match Pin::new(&mut stream).poll_read(cx, &mut input) {
+                    Poll::Ready(Ok(())) => {
+                        Poll::Ready(take_input(input.filled(), shared, slot, &mut reader))
+                    }
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e.into())),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+        });
+        let (ended, status) = tokio::select! {
+            taken = read => taken?,
             _ = &mut churn, if lifetime.is_some() => {
                 return match open {
                     Some(_) => Ok(Ended::Churned),
                     None => bail!("closed before the response"),
                 };
             }
-        }
-        let (ended, status) =
-            READ_BUF.with_borrow_mut(|buf| read_some(&stream, buf, shared, slot, &mut reader))?;
+        };
         if let Some(status) = status {
             if status != 200 {
                 bail!("the subscribe request was answered {status}");
@@ -567,22 +582,18 @@ async fn session(
     }
 }
 
-/// Reads what the socket has and parses it. Returns whether the stream ended, and the
-/// response status when this read completed the head.
-fn read_some(
-    stream: &TcpStream,
-    buf: &mut [u8],
+/// Parses what one read returned (nothing: the server closed the connection). Returns whether
+/// the stream ended, and the response status when this read completed the head.
+fn take_input(
+    input: &[u8],
     shared: &Shared,
     slot: usize,
     reader: &mut Reader,
 ) -> anyhow::Result<(bool, Option<u16>)> {
-    let n = match stream.try_read(buf) {
-        Ok(0) => return Ok((true, None)),
-        Ok(n) => n,
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok((false, None)),
-        Err(e) => return Err(e.into()),
-    };
-    let mut input = &buf[..n];
+    if input.is_empty() {
+        return Ok((true, None));
+    }
+    let mut input = input;
     let mut status = None;
     let head_bytes;
     if reader.framing.is_none() {
