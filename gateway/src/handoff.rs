@@ -18,9 +18,10 @@
 use std::cell::RefCell;
 use std::future::Future;
 use std::io::{self, IoSlice};
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use actix_http::body::MessageBody;
 use actix_http::error::DispatchError;
@@ -31,10 +32,13 @@ use actix_service::{
 use actix_web::dev::AppConfig;
 use actix_web::rt::net::TcpStream;
 use bytes::Bytes;
-use futures_util::Stream;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use ssegw_protocol::StreamId;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::broadcast;
 
+use crate::hub::Delivery;
 use crate::sse::Connection;
+use crate::sweep::{self, Sink, SinkKey};
 
 /// A connection's way out of actix-http, in the request's connection data
 /// (`HttpRequest::conn_data`) on a listener that hands streams off.
@@ -263,48 +267,274 @@ async fn serve<E>(
 
 /// Writes `connection`'s stream to `socket`, in HTTP/1.1 chunks if `chunked`, until it ends
 /// (then the last chunk, and the connection closes) or the client leaves (its FIN or an error).
-async fn write_stream(mut socket: TcpStream, connection: Connection, chunked: bool) {
-    let body = connection.into_stream();
-    futures_util::pin_mut!(body);
+/// While the stream is caught up, its thread's relay writes to it in its sweep ([`Sink`]) and
+/// this task only waits for the client to leave, the closing instant, or the relay to hand the
+/// stream back.
+async fn write_stream(socket: TcpStream, connection: Connection, chunked: bool) {
+    let stream = Rc::new(Handed {
+        socket,
+        chunked,
+        sink: RefCell::default(),
+    });
+    let mut connection = connection;
     loop {
-        // The socket's own read-readiness slot, not a `readable()` future: that one would join
-        // and leave the socket's waiter list on every delivery.
-        let next = std::future::poll_fn(|cx| {
-            if let Poll::Ready(next) = body.as_mut().poll_next(cx) {
-                return Poll::Ready(Some(next));
+        if connection.may_sweep() {
+            match stream.swept(connection).await {
+                Swept::Refused(back) => connection = back,
+                Swept::Back(back) => {
+                    connection = back;
+                    // What the sweep could not write goes out first.
+                    let unwritten = stream.sink.borrow_mut().unwritten.take();
+                    if let Some(rest) = unwritten {
+                        let rest = &mut [IoSlice::new(&rest)];
+                        if write_all(&stream.socket, rest).await.is_err() {
+                            return;
+                        }
+                    }
+                    continue;
+                }
+                Swept::ClientLeft => return,
             }
-            match socket.poll_read_ready(cx) {
-                Poll::Ready(_) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
+        }
+        let next = {
+            let chunk = connection.next_chunk();
+            futures_util::pin_mut!(chunk);
+            loop {
+                // The socket's own read-readiness slot, not a `readable()` future: that one
+                // would join and leave the socket's waiter list on every delivery.
+                let next = std::future::poll_fn(|cx| {
+                    if let Poll::Ready(next) = chunk.as_mut().poll(cx) {
+                        return Poll::Ready(Some(next));
+                    }
+                    match stream.socket.poll_read_ready(cx) {
+                        Poll::Ready(_) => Poll::Ready(None),
+                        Poll::Pending => Poll::Pending,
+                    }
+                })
+                .await;
+                match next {
+                    Some(next) => break next,
+                    None if client_left(&stream.socket) => return,
+                    None => continue,
+                }
             }
-        })
-        .await;
-        let Some(next) = next else {
-            if client_left(&socket) {
-                return;
-            }
-            continue;
         };
         match next {
-            Some(Ok(chunk)) => {
-                let written = if chunked {
-                    write_chunk(&mut socket, &chunk).await
-                } else {
-                    socket.write_all(&chunk).await
-                };
-                if written.is_err() {
+            Some(chunk) => {
+                if stream.write(&chunk).await.is_err() {
                     return;
                 }
             }
-            Some(Err(never)) => match never {},
             None => {
                 if chunked {
-                    let _ = socket.write_all(LAST_CHUNK).await;
+                    let _ = write_all(&stream.socket, &mut [IoSlice::new(LAST_CHUNK)]).await;
                 }
-                let _ = socket.shutdown().await;
+                let _ = socket2::SockRef::from(&stream.socket).shutdown(std::net::Shutdown::Write);
                 return;
             }
         }
+    }
+}
+
+/// A handed-off stream: its socket, shared by its task and (while it is swept) its relay.
+struct Handed {
+    socket: TcpStream,
+    /// HTTP/1.1 chunks, or (HTTP/1.0) the bare stream.
+    chunked: bool,
+    sink: RefCell<SinkState>,
+}
+
+/// A handed-off stream's side of the sweep. Borrowed only briefly, never across an await:
+/// by the relay in [`Sink`]'s calls, by the task when it wakes.
+#[derive(Default)]
+struct SinkState {
+    /// The connection while the stream is swept; the task holds it otherwise.
+    connection: Option<Connection>,
+    /// What the sweep could not write at once, framing included; the task writes it next.
+    unwritten: Option<Bytes>,
+    /// The sweep let go of the stream: its connection has its position and a receiver of the
+    /// relay again.
+    released: bool,
+    /// A write of the sweep failed: the client is gone.
+    failed: bool,
+    /// The task, waiting while the stream is swept.
+    waker: Option<Waker>,
+}
+
+impl Handed {
+    /// Puts the stream in its relay's sweep, if the relay takes it, and waits until it is out
+    /// again.
+    async fn swept(self: &Rc<Self>, mut connection: Connection) -> Swept {
+        let position = connection.position();
+        let fd = self.socket.as_raw_fd();
+        let sink: Rc<dyn Sink> = self.clone();
+        let Some(key) = connection
+            .membership()
+            .sweep_into(fd, self.chunked, position, sink)
+        else {
+            return Swept::Refused(connection);
+        };
+        *self.sink.borrow_mut() = SinkState {
+            connection: Some(connection),
+            ..SinkState::default()
+        };
+        let mut sweeping = Sweeping {
+            stream: self,
+            key: Some(key),
+        };
+        let client_left = std::future::poll_fn(|cx| {
+            let mut state = self.sink.borrow_mut();
+            if state.released {
+                return Poll::Ready(state.failed);
+            }
+            let closing = state
+                .connection
+                .as_mut()
+                .is_some_and(|connection| connection.poll_closing(cx).is_ready());
+            if closing {
+                return Poll::Ready(false);
+            }
+            if !state
+                .waker
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+            {
+                state.waker = Some(cx.waker().clone());
+            }
+            drop(state);
+            loop {
+                match self.socket.poll_read_ready(cx) {
+                    Poll::Ready(Ok(())) if !client_left(&self.socket) => continue,
+                    Poll::Ready(_) => return Poll::Ready(true),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        })
+        .await;
+        match (sweeping.end(), client_left) {
+            (Some(connection), false) => Swept::Back(connection),
+            _ => Swept::ClientLeft,
+        }
+    }
+
+    /// Writes one chunk, waiting for the socket as long as it takes.
+    async fn write(&self, data: &Bytes) -> io::Result<()> {
+        if !self.chunked {
+            return write_all(&self.socket, &mut [IoSlice::new(data)]).await;
+        }
+        if data.is_empty() {
+            // An empty chunk would end the body.
+            return Ok(());
+        }
+        let mut size_line = [0u8; 18];
+        let size_line = sweep::chunk_size_line(data.len(), &mut size_line);
+        write_all(
+            &self.socket,
+            &mut [
+                IoSlice::new(size_line),
+                IoSlice::new(data),
+                IoSlice::new(b"\r\n"),
+            ],
+        )
+        .await
+    }
+}
+
+impl Sink for Handed {
+    fn deliver(
+        &self,
+        delivery: &Delivery,
+        position: &mut StreamId,
+        relay: &broadcast::Sender<Delivery>,
+    ) -> sweep::Swept {
+        let mut state = self.sink.borrow_mut();
+        let Some(connection) = state.connection.as_mut() else {
+            // Only a stream whose task is taking it out of the sweep: let go of it.
+            return sweep::Swept {
+                events: 0,
+                bytes: 0,
+                stays: false,
+            };
+        };
+        connection.resume_at(*position);
+        let taken = connection.take_swept(delivery);
+        *position = connection.position();
+        drop(state);
+        let (mut unwritten, mut failed, mut bytes) = (None, false, 0);
+        if let Some(chunk) = taken.chunk {
+            bytes = chunk.len();
+            match sweep::write_now(self.socket.as_raw_fd(), self.chunked, &chunk) {
+                Ok(rest) => unwritten = rest,
+                Err(_) => failed = true,
+            }
+        }
+        let stays = !taken.leave && unwritten.is_none() && !failed;
+        if !stays {
+            self.let_go(*position, unwritten, failed, relay);
+        }
+        sweep::Swept {
+            events: taken.events,
+            bytes,
+            stays,
+        }
+    }
+
+    fn let_go(
+        &self,
+        position: StreamId,
+        unwritten: Option<Bytes>,
+        failed: bool,
+        relay: &broadcast::Sender<Delivery>,
+    ) {
+        let mut state = self.sink.borrow_mut();
+        if let Some(connection) = state.connection.as_mut() {
+            connection.resume_at(position);
+            connection.membership().rejoin(relay.subscribe());
+        }
+        state.unwritten = unwritten;
+        state.failed = failed;
+        state.released = true;
+        if let Some(waker) = state.waker.take() {
+            waker.wake();
+        }
+    }
+}
+
+/// How a stream's time in the sweep ended.
+enum Swept {
+    /// No relay of this thread serves the topic: the task writes the stream itself.
+    Refused(Connection),
+    /// The sweep let go of the stream, or its closing instant came.
+    Back(Connection),
+    /// The client left, or a write of the sweep failed.
+    ClientLeft,
+}
+
+/// A stream's time in the sweep. Ending it (also when the task is dropped meanwhile) takes the
+/// stream out of the sweep, unless the sweep let go of it already, and gives its connection
+/// back at the position the sweep reached.
+struct Sweeping<'a> {
+    stream: &'a Handed,
+    key: Option<SinkKey>,
+}
+
+impl Sweeping<'_> {
+    fn end(&mut self) -> Option<Connection> {
+        let key = self.key.take()?;
+        let mut state = self.stream.sink.borrow_mut();
+        let mut connection = state.connection.take()?;
+        if !state.released {
+            if let Some(position) = connection.membership().leave_sweep(key) {
+                connection.resume_at(position);
+            }
+        }
+        Some(connection)
+    }
+}
+
+impl Drop for Sweeping<'_> {
+    fn drop(&mut self) {
+        self.end();
     }
 }
 
@@ -325,52 +555,22 @@ fn client_left(socket: &TcpStream) -> bool {
     }
 }
 
-/// Writes `data` as one HTTP/1.1 chunk: size line, data and terminator in one vectored write
-/// when the socket takes it all, which is the usual case.
-async fn write_chunk(socket: &mut TcpStream, data: &Bytes) -> io::Result<()> {
-    if data.is_empty() {
-        // An empty chunk would end the body.
-        return Ok(());
-    }
-    let mut size_line = [0u8; 18];
-    let size_line = chunk_size_line(data.len(), &mut size_line);
-    let mut slices = [
-        IoSlice::new(size_line),
-        IoSlice::new(data),
-        IoSlice::new(b"\r\n"),
-    ];
-    let mut slices = &mut slices[..];
+/// Writes all of `slices`, in vectored writes, waiting for the socket when it is full.
+async fn write_all(socket: &TcpStream, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
     while !slices.is_empty() {
-        let written = socket.write_vectored(slices).await?;
-        if written == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
+        match socket.try_write_vectored(slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(written) => IoSlice::advance_slices(&mut slices, written),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => socket.writable().await?,
+            Err(e) => return Err(e),
         }
-        IoSlice::advance_slices(&mut slices, written);
     }
     Ok(())
 }
 
-/// `len` in hexadecimal followed by CRLF, in `buf`.
-fn chunk_size_line(len: usize, buf: &mut [u8; 18]) -> &[u8] {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut start = 16;
-    let mut rest = len;
-    loop {
-        start -= 1;
-        buf[start] = HEX[rest & 0xf];
-        rest >>= 4;
-        if rest == 0 {
-            break;
-        }
-    }
-    buf[16] = b'\r';
-    buf[17] = b'\n';
-    &buf[start..]
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{chunk_size_line, write_stream};
+    use super::write_stream;
     use crate::sse::tests::idle_connection;
 
     /// A handed-off connection's task holds this future for the stream's whole life: it must
@@ -385,19 +585,5 @@ mod tests {
         let stream = write_stream(socket, idle_connection(), true);
         let size = std::mem::size_of_val(&stream);
         assert!(size <= 1024, "a handed-off stream's future is {size} bytes");
-    }
-
-    #[test]
-    fn chunk_size_lines_are_lowercase_hex_with_crlf() {
-        let mut buf = [0u8; 18];
-        for (len, line) in [
-            (1, "1\r\n"),
-            (15, "f\r\n"),
-            (16, "10\r\n"),
-            (65_535, "ffff\r\n"),
-            (usize::MAX, "ffffffffffffffff\r\n"),
-        ] {
-            assert_eq!(chunk_size_line(len, &mut buf), line.as_bytes(), "{len}");
-        }
     }
 }

@@ -1,13 +1,18 @@
 //! The local fan-out: one broadcast channel per topic that has subscribers on this replica.
-//! The hub does no I/O. It tells the bus which topics it needs through the `Interest` queue,
-//! and the bus feeds it every event exactly once, already framed. Its timers (`Hub::run_timers`)
-//! send keep-alives on idle channels and, with a write-coalescing delay, release the events
-//! gathered during the delay as one batch, so a connection is woken and written once per batch.
-//! Connections therefore hold no timer of their own.
+//! The hub does no I/O of its own. It tells the bus which topics it needs through the `Interest`
+//! queue, and the bus feeds it every event exactly once, already framed. Its timers
+//! (`Hub::run_timers`) send keep-alives on idle channels and, with a write-coalescing delay,
+//! release the events gathered during the delay as one batch, so a connection is woken and
+//! written once per batch. Connections therefore hold no timer of their own. A worker thread's
+//! relay hands each delivery to the caught-up streams of that thread in one sweep (`sweep`),
+//! without waking them.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::thread::ThreadId;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -17,6 +22,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
 
 use crate::stats::Stats;
+use crate::sweep::{self, Sink, SinkKey};
 use crate::telemetry;
 
 /// One event, framed once per replica and shared by every local subscriber of its topic.
@@ -400,7 +406,7 @@ impl Hub {
         // A topic with few members here is received directly: a relay would cost a second
         // buffer (memory, with many small topics) for few wakes saved.
         let relayed = (state.members > DIRECT_MEMBERS)
-            .then(|| Relay::join(&channel, self.capacity))
+            .then(|| Relay::join(&channel, self.capacity, &self.observer.stats))
             .flatten();
         let (relay, receiver) = match relayed {
             Some((relay, receiver)) => (Some(relay), receiver),
@@ -467,12 +473,18 @@ impl Hub {
 /// A topic's deliveries relayed to one runtime thread (an HTTP worker) and fanned out there.
 /// The bus dispatches on another thread, and waking a task of a tokio current-thread runtime
 /// from outside costs a syscall; through the relay, the channel wakes one task per worker and
-/// the worker wakes its own connections locally.
+/// the worker reaches its own connections locally: the caught-up ones in one sweep
+/// (`sweep`), without a wake-up each, the others through the relay's broadcast.
 struct Relay {
+    /// Names this relay's sweep (`sweep`).
+    id: u64,
     topic: Topic,
     /// The relay task holds the only strong sender: if the task ends, the thread's receivers
     /// see `Closed`.
     sender: broadcast::WeakSender<Delivery>,
+    /// The thread whose sinks the relay serves: set only on a current-thread runtime, where the
+    /// relay task runs on the thread that started it.
+    sweeps: Option<ThreadId>,
     task: tokio::task::AbortHandle,
 }
 
@@ -481,12 +493,16 @@ thread_local! {
     static RELAYS: RefCell<HashMap<Topic, Weak<Relay>>> = RefCell::new(HashMap::new());
 }
 
+/// Relay ids, unique in the process.
+static RELAY_IDS: AtomicU64 = AtomicU64::new(0);
+
 impl Relay {
     /// This thread's relay of `channel` (started if needed) and a receiver of it; `None`
     /// outside a tokio runtime.
     fn join(
         channel: &Channel,
         capacity: usize,
+        stats: &Arc<Stats>,
     ) -> Option<(Arc<Relay>, broadcast::Receiver<Delivery>)> {
         let runtime = tokio::runtime::Handle::try_current().ok()?;
         RELAYS
@@ -500,11 +516,17 @@ impl Relay {
                     }
                 }
                 let (sender, receiver) = broadcast::channel(capacity);
+                let id = RELAY_IDS.fetch_add(1, Ordering::Relaxed);
+                let sweeps = (runtime.runtime_flavor()
+                    == tokio::runtime::RuntimeFlavor::CurrentThread)
+                    .then(|| std::thread::current().id());
                 let relay = Arc::new(Relay {
+                    id,
                     topic: channel.topic.clone(),
                     sender: sender.downgrade(),
+                    sweeps,
                     task: runtime
-                        .spawn(relay(channel.sender.subscribe(), sender))
+                        .spawn(relay(id, channel.sender.subscribe(), sender, stats.clone()))
                         .abort_handle(),
                 });
                 relays.insert(channel.topic.clone(), Arc::downgrade(&relay));
@@ -530,14 +552,76 @@ impl Drop for Relay {
     }
 }
 
-/// Forwards a channel's deliveries to one thread's receivers. Ends, closing them (their
-/// connections end and resume elsewhere), if the thread fell further behind than the
-/// channel buffers, or when the channel closes.
-async fn relay(mut from: broadcast::Receiver<Delivery>, to: broadcast::Sender<Delivery>) {
-    while let Ok(delivery) = from.recv().await {
-        // An error only means no receiver exists at this instant.
-        let _ = to.send(delivery);
+/// Forwards a channel's deliveries to one thread: to its receivers, then to its sweep. What
+/// queued up while the last sweep ran goes out together, consecutive events as one batch, so a
+/// thread that falls behind catches up with fewer, larger writes. Ends, releasing the sweep and
+/// closing the receivers (their connections end and resume elsewhere), if the thread fell
+/// further behind than the channel buffers, or when the channel closes.
+async fn relay(
+    id: u64,
+    mut from: broadcast::Receiver<Delivery>,
+    to: broadcast::Sender<Delivery>,
+    stats: Arc<Stats>,
+) {
+    'relay: while let Ok(first) = from.recv().await {
+        let mut queued = vec![first];
+        while queued.len() < MAX_GATHERED {
+            match from.try_recv() {
+                Ok(delivery) => queued.push(delivery),
+                Err(broadcast::error::TryRecvError::Empty) => break,
+                Err(_) => break 'relay,
+            }
+        }
+        for delivery in gathered(queued) {
+            // Receivers first: a stream the sweep lets go of gets a receiver after this send,
+            // so it gets this delivery from the sweep and the later ones from its receiver.
+            // An error only means no receiver exists at this instant.
+            let _ = to.send(delivery.clone());
+            sweep::serve(id, &delivery, &to, &stats);
+        }
     }
+    sweep::release(id, &to);
+}
+
+/// Deliveries a relay takes from its channel for one round of sweeps, at most.
+const MAX_GATHERED: usize = 256;
+
+/// `queued` in order, with each run of consecutive events (and batches) joined into one batch,
+/// and keep-alives left out when an event goes out anyway.
+fn gathered(queued: Vec<Delivery>) -> Vec<Delivery> {
+    let any_event = queued
+        .iter()
+        .any(|d| matches!(d, Delivery::Event(_) | Delivery::Batch(_)));
+    let mut out = Vec::with_capacity(queued.len());
+    let mut run = Vec::new();
+    for delivery in queued {
+        match delivery {
+            Delivery::Event(_) | Delivery::Batch(_) => run.push(delivery),
+            Delivery::Keepalive if any_event => {}
+            other => {
+                out.extend(joined(std::mem::take(&mut run)));
+                out.push(other);
+            }
+        }
+    }
+    out.extend(joined(run));
+    out
+}
+
+/// A run of events and batches as one delivery.
+fn joined(run: Vec<Delivery>) -> Option<Delivery> {
+    if run.len() <= 1 {
+        return run.into_iter().next();
+    }
+    let mut events = Vec::new();
+    for delivery in run {
+        match delivery {
+            Delivery::Event(event) => events.push(event),
+            Delivery::Batch(batch) => events.extend(batch.events.iter().cloned()),
+            _ => unreachable!("a run holds events and batches only"),
+        }
+    }
+    Some(Delivery::Batch(Arc::new(Batch::new(events))))
 }
 
 /// One subscriber's place in a topic; leaving happens on drop.
@@ -566,6 +650,41 @@ impl Membership {
     pub fn resubscribe(&mut self) {
         self.receiver = self.receiver.resubscribe();
         self.joined = std::time::Instant::now();
+    }
+
+    /// Receives from `receiver` from now on (a relay's, given to a sink it let go of).
+    pub fn rejoin(&mut self, receiver: broadcast::Receiver<Delivery>) {
+        self.receiver = receiver;
+    }
+
+    /// Makes a stream one of those this thread's relay of the topic writes to in its sweep
+    /// (see `sweep::insert`), from `position` on. Only a member with nothing left in its
+    /// receiver may: the sweep's first delivery is the one after those. `None` where no relay
+    /// of this thread serves the topic.
+    pub fn sweep_into(
+        &self,
+        fd: std::os::fd::RawFd,
+        chunked: bool,
+        position: StreamId,
+        sink: Rc<dyn Sink>,
+    ) -> Option<SinkKey> {
+        let relay = self._relay.as_ref()?;
+        if relay.sweeps != Some(std::thread::current().id())
+            || relay.sender.upgrade().is_none()
+            || !self.receiver.is_empty()
+        {
+            return None;
+        }
+        sweep::insert(relay.id, fd, chunked, position, sink)
+    }
+
+    /// Takes a stream out of the sweep (one the relay did not let go of) and receives from the
+    /// relay again, from its next delivery on. Returns the position the sweep reached.
+    pub fn leave_sweep(&mut self, key: SinkKey) -> Option<StreamId> {
+        let position = sweep::remove(key);
+        // Everything the relay sent while the stream was in the sweep went to it there.
+        self.receiver = self.receiver.resubscribe();
+        position
     }
 }
 
@@ -743,6 +862,63 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert_eq!(received(&mut busy), ["keepalive"]);
         assert_eq!(received(&mut idle), ["keepalive"]);
+    }
+
+    /// `gathered` as text: event ids, batches of ids, markers.
+    fn gathered_text(queued: Vec<Delivery>) -> Vec<String> {
+        let (tx, mut rx) = broadcast::channel(64);
+        for delivery in gathered(queued) {
+            tx.send(delivery).unwrap();
+        }
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|d| match d {
+                Delivery::Event(e) => e.id.to_string(),
+                Delivery::Batch(b) => {
+                    let ids: Vec<String> = b.events.iter().map(|e| e.id.to_string()).collect();
+                    format!("[{}]", ids.join(" "))
+                }
+                Delivery::Gap { after, reason } => format!("gap {} after {after}", reason.as_str()),
+                Delivery::Keepalive => "keepalive".into(),
+                Delivery::Drain => "drain".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_relay_joins_what_queued_up_into_batches_in_order() {
+        let batch = |ms: &[u64]| {
+            Delivery::Batch(Arc::new(Batch::new(ms.iter().map(|&m| event(m)).collect())))
+        };
+        let gap = Delivery::Gap {
+            after: StreamId::new(4, 0),
+            reason: GapReason::Lost,
+        };
+        for (queued, expected) in [
+            (vec![Delivery::Event(event(1))], vec!["1-0"]),
+            (vec![Delivery::Keepalive], vec!["keepalive"]),
+            (
+                vec![
+                    Delivery::Event(event(1)),
+                    Delivery::Keepalive,
+                    batch(&[2, 3]),
+                    Delivery::Event(event(4)),
+                ],
+                vec!["[1-0 2-0 3-0 4-0]"],
+            ),
+            (
+                vec![
+                    Delivery::Event(event(3)),
+                    Delivery::Event(event(4)),
+                    gap,
+                    Delivery::Event(event(1)),
+                    Delivery::Drain,
+                    Delivery::Keepalive,
+                ],
+                vec!["[3-0 4-0]", "gap lost after 4-0", "1-0", "drain"],
+            ),
+        ] {
+            assert_eq!(gathered_text(queued), expected);
+        }
     }
 
     fn relays_on_this_thread() -> usize {

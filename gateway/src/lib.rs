@@ -12,6 +12,7 @@ pub mod pages;
 pub mod publisher;
 pub mod sse;
 pub mod stats;
+pub mod sweep;
 pub mod telemetry;
 pub mod tls;
 

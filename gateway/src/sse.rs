@@ -5,6 +5,7 @@
 //! channels like events (see `hub`), so a connection waits on its receivers alone and holds no
 //! timer until it drains, unless its token expires.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -216,7 +217,6 @@ impl Connection {
     pub fn into_stream(self) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> {
         futures_util::stream::unfold(self, |mut conn| async move {
             let chunk = conn.next_chunk().await?;
-            conn.slot.stats().record_written(chunk.len());
             Some((Ok(chunk), conn))
         })
     }
@@ -226,7 +226,71 @@ impl Connection {
         self.id
     }
 
-    async fn next_chunk(&mut self) -> Option<Bytes> {
+    /// The next chunk to write (counted as written), or `None` once the stream has ended.
+    /// Cancel-safe: a chunk is made only when the future completes.
+    pub async fn next_chunk(&mut self) -> Option<Bytes> {
+        let chunk = self.produce().await?;
+        self.slot.stats().record_written(chunk.len());
+        Some(chunk)
+    }
+
+    /// Whether this connection may become its relay's sink (`hub::Sink`): one topic, live,
+    /// nothing waiting in its receiver, nothing to say first, not closing yet.
+    pub fn may_sweep(&self) -> bool {
+        matches!(&self.streams[..], [only] if !only.replaying && only.membership.receiver.is_empty())
+            && self.preamble.is_none()
+            && self.ending.is_none()
+            && self.closing_due().is_none()
+    }
+
+    /// The single topic's membership: what a sink joins and leaves its relay's sweep with.
+    pub fn membership(&mut self) -> &mut Membership {
+        &mut self.streams[0].membership
+    }
+
+    /// The single topic's position: the last event written.
+    pub fn position(&self) -> StreamId {
+        self.streams[0].position
+    }
+
+    /// Continues from `position`, which the relay's sweep reached while it wrote this stream.
+    pub fn resume_at(&mut self, position: StreamId) {
+        let stream = &mut self.streams[0];
+        if position != stream.position {
+            stream.position = position;
+            // Events went out: falling behind from now on means the client is too slow.
+            self.live = true;
+        }
+    }
+
+    /// Takes one delivery from the relay's sweep that the sweep does not write itself: the
+    /// chunk to write at once (if any) and whether the connection must stop being swept (it
+    /// starts draining).
+    pub fn take_swept(&mut self, delivery: &Delivery) -> Taken {
+        let mut chunk = Chunk::default();
+        self.take(0, delivery, &mut chunk);
+        let events = chunk.events;
+        if events > 0 {
+            self.live = true;
+        }
+        Taken {
+            events,
+            chunk: chunk.finish(),
+            // Its task must wait for the new closing instant.
+            leave: matches!(delivery, Delivery::Drain),
+        }
+    }
+
+    /// Ready once the closing instant (the token's expiry, or a drain's) has come; a sink's
+    /// task waits on it.
+    pub fn poll_closing(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        match &mut self.close_at {
+            Some((timer, _)) => timer.as_mut().poll(cx),
+            None => std::task::Poll::Pending,
+        }
+    }
+
+    async fn produce(&mut self) -> Option<Bytes> {
         if let Some(preamble) = self.preamble.take() {
             return Some(preamble);
         }
@@ -342,7 +406,7 @@ impl Connection {
         };
         let mut chunk = Chunk::default();
         match received {
-            Ok(delivery) => self.take(index, delivery, &mut chunk),
+            Ok(delivery) => self.take(index, &delivery, &mut chunk),
             Err(RecvError::Lagged(_)) => return self.lagged(index),
             Err(RecvError::Closed) => return Err(End::Closed),
         }
@@ -353,7 +417,7 @@ impl Connection {
                 match self.streams[i].membership.receiver.try_recv() {
                     Ok(delivery) => {
                         any = true;
-                        self.take(i, delivery, &mut chunk);
+                        self.take(i, &delivery, &mut chunk);
                     }
                     Err(TryRecvError::Lagged(_)) => return self.lagged(i),
                     Err(TryRecvError::Closed) => return Err(End::Closed),
@@ -375,9 +439,9 @@ impl Connection {
     }
 
     /// Takes one delivery from topic `index`'s receiver into `chunk`.
-    fn take(&mut self, index: usize, delivery: Delivery, chunk: &mut Chunk) {
+    fn take(&mut self, index: usize, delivery: &Delivery, chunk: &mut Chunk) {
         match delivery {
-            Delivery::Event(event) => self.take_event(index, &event, chunk),
+            Delivery::Event(event) => self.take_event(index, event, chunk),
             Delivery::Batch(batch) => {
                 // The common case: a single-topic connection past none of the batch writes it
                 // as it is, shared.
@@ -394,11 +458,11 @@ impl Connection {
             Delivery::Gap { after, reason } => {
                 let stream = &mut self.streams[index];
                 // A connection whose replay already read past the gap has announced it itself.
-                if stream.position <= after {
+                if stream.position <= *after {
                     let stats = self.slot.stats();
                     stats.record(&stats.gaps);
                     let topic = stream.membership.channel.topic.as_str();
-                    chunk.buf().put_slice(&frame::gap_event(topic, reason));
+                    chunk.buf().put_slice(&frame::gap_event(topic, *reason));
                     stream.position = StreamId::ZERO;
                 }
             }
@@ -464,6 +528,17 @@ impl Connection {
         frame::put_id(out, &cursor::encode(&self.topics, &positions));
         out.put_slice(&event.body);
     }
+}
+
+/// What a connection made of a delivery handed over by its relay's sweep.
+pub struct Taken {
+    /// Events in `chunk` (duplicates left out).
+    pub events: u64,
+    /// What to write, if anything.
+    pub chunk: Option<Bytes>,
+    /// The replica drains: the connection picked its closing instant, which its task must
+    /// wait for, so it stops being a sink.
+    pub leave: bool,
 }
 
 /// A chunk being gathered for one write. A lone shared frame (an event's or a batch's) is

@@ -44,6 +44,9 @@ pub struct Stats {
     pub redis_reconnects: AtomicU64,
     /// Topics caught up from their streams after a reconnect.
     pub backfills: AtomicU64,
+    /// Events written by a relay's sweep (`sweep`), counted in `delivered` too: the share of
+    /// deliveries that woke no connection task.
+    pub swept: AtomicU64,
     /// Events and bytes written to clients. The status page derives the delivery rate from
     /// them. Every connection adds to them on each write, so they sit on a cache line of their
     /// own rather than next to the counters read on every new connection.
@@ -107,6 +110,7 @@ impl Stats {
             events_received: AtomicU64::new(0),
             redis_reconnects: AtomicU64::new(0),
             backfills: AtomicU64::new(0),
+            swept: AtomicU64::new(0),
             hot: Hot::default(),
             lag: seconds(
                 "ssegw.delivery.lag",
@@ -217,6 +221,7 @@ impl Stats {
             "gaps_sent": get(&self.gaps),
             "events_received": get(&self.events_received),
             "events_delivered": self.delivered(),
+            "events_swept": get(&self.swept),
             "bytes_written": self.bytes_written(),
             "redis_reconnects": get(&self.redis_reconnects),
             "backfills": get(&self.backfills),

@@ -289,6 +289,11 @@ impl Metrics {
             Stats::delivered,
         );
         counter(
+            "ssegw.frames.swept",
+            "Events written by a worker's sweep of its caught-up streams (part of delivered)",
+            |s| s.get(&s.swept),
+        );
+        counter(
             "ssegw.bytes.written",
             "Bytes of SSE frames written to clients",
             Stats::bytes_written,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures_util::future::join_all;
 use ssegw_protocol::{StreamId, Topic, TopicSet};
 use support::proxy::Proxy;
-use support::{Gateway, GatewayProcess, RedisServer, Replica, Sse};
+use support::{get_json, Gateway, GatewayProcess, RedisServer, Replica, Sse};
 
 const TOPICS: [&str; 3] = ["f0", "f1", "f2"];
 /// Fault-test timing: canaries every 200 ms, overdue (and Redis calls failing) after 1 s.
@@ -163,16 +163,30 @@ impl Received {
     }
 }
 
-/// Clients on `gw`: each topic alone (twice) and all topics on one connection.
+/// Clients on `gw`: each topic alone (twelve times: the first eight members of a topic receive
+/// from its channel, the others through their worker's relay, which writes the caught-up ones
+/// in its sweep) and all topics on one connection.
 async fn clients(gw: &impl Replica) -> Vec<(Sse, Received)> {
     let mut clients = Vec::new();
     for topic in TOPICS {
-        for _ in 0..2 {
+        for _ in 0..12 {
             clients.push(Received::open(gw, &[topic]).await);
         }
     }
     clients.push(Received::open(gw, &TOPICS).await);
     clients
+}
+
+/// Asserts that some of what `gw` delivered went out in a relay's sweep, so that a test covers
+/// swept streams as well as streams woken one by one.
+fn assert_some_swept(gw: &impl Replica) {
+    let (_, status) = get_json(gw.addr(), "/status");
+    let swept = status["events_swept"].as_u64().unwrap();
+    let delivered = status["events_delivered"].as_u64().unwrap();
+    assert!(
+        swept > 0 && swept < delivered,
+        "swept {swept} of {delivered} deliveries"
+    );
 }
 
 /// Runs `fault` (which must heal before returning) under continuous publishing and asserts that
@@ -193,6 +207,7 @@ async fn survives(redis: &RedisServer, gw: &impl Replica, fault: impl FnOnce()) 
         received.read_to_end(sse).await;
         received.assert_complete(&published);
     }
+    assert_some_swept(gw);
 }
 
 /// Waits until `/readyz` answers 503; returns how long that took.
@@ -332,6 +347,8 @@ async fn redis_restarted_empty_gives_the_control_event_and_loses_nothing_after()
             );
         }
     }
+    // The gap markers reached swept streams too.
+    assert_some_swept(&gw);
 }
 
 /// A client of a replica process that is about to go: follows `first` until its stream ends,

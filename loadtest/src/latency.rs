@@ -64,6 +64,11 @@ impl Latency {
         LatencySummary {
             count: self.hist.len(),
             mean_ms: self.hist.mean() / 1000.0,
+            min_ms: if self.hist.is_empty() {
+                0.0
+            } else {
+                ms(self.hist.min())
+            },
             p50_ms: q(0.5),
             p90_ms: q(0.9),
             p99_ms: q(0.99),
@@ -77,6 +82,9 @@ impl Latency {
 pub struct LatencySummary {
     pub count: u64,
     pub mean_ms: f64,
+    /// The fastest delivery: what every event costs before the fan-out itself (publish, Redis,
+    /// the replica's bus), as the percentiles add the fan-out's spread.
+    pub min_ms: f64,
     pub p50_ms: f64,
     pub p90_ms: f64,
     pub p99_ms: f64,

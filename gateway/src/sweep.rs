@@ -1,0 +1,286 @@
+//! A worker thread's sweeps: for each relay on the thread (`hub`), the caught-up streams it
+//! writes to itself, one pass per delivery, instead of waking each stream's task. The common
+//! deliveries (new events, keep-alives) are written from a dense list of sockets and positions,
+//! so a sweep over thousands of streams touches little but the list and the kernel; anything
+//! else is handed to the stream (`Sink`). Only the relay task and the streams' own tasks of
+//! this thread use it, never at the same time.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io::{self, IoSlice};
+use std::os::fd::{BorrowedFd, RawFd};
+use std::rc::Rc;
+
+use bytes::{Bytes, BytesMut};
+use ssegw_protocol::{frame, StreamId};
+use tokio::sync::broadcast;
+
+use crate::hub::Delivery;
+use crate::stats::Stats;
+
+/// A caught-up stream that its thread's relay writes to in its sweep (`handoff` implements it
+/// for handed-off HTTP/1 streams). Calls come from the relay task, on the stream's own thread,
+/// never while the stream's task is being polled.
+pub trait Sink {
+    /// A delivery the sweep does not write itself (a gap marker, the drain, a batch the stream
+    /// has partly seen): the stream takes it from `position` as it would from its receiver,
+    /// moves `position`, and writes what it can at once. When it cannot write it all, or must
+    /// wait for a closing instant, it lets go (as [`Sink::let_go`]) and returns `stays: false`.
+    fn deliver(
+        &self,
+        delivery: &Delivery,
+        position: &mut StreamId,
+        relay: &broadcast::Sender<Delivery>,
+    ) -> Swept;
+
+    /// The sweep lets go of the stream: it continues from `position` with a receiver of
+    /// `relay` (which gets the relay's deliveries after the current one), writes `unwritten`
+    /// first, or ends if its socket `failed`; its task is woken.
+    fn let_go(
+        &self,
+        position: StreamId,
+        unwritten: Option<Bytes>,
+        failed: bool,
+        relay: &broadcast::Sender<Delivery>,
+    );
+}
+
+/// What a sink did with one delivery.
+pub struct Swept {
+    /// Events delivered (duplicates left out).
+    pub events: u64,
+    /// Bytes of SSE text written.
+    pub bytes: usize,
+    /// Still a sink for the next delivery.
+    pub stays: bool,
+}
+
+/// A sink's place in its relay's sweep.
+#[derive(Debug)]
+pub struct SinkKey {
+    relay: u64,
+    key: usize,
+}
+
+/// What a sweep needs of one stream, kept together in the relay's list.
+struct Entry {
+    /// The stream's socket, owned by `sink`, which the entry keeps alive.
+    fd: RawFd,
+    /// HTTP/1.1 chunks, or (HTTP/1.0) the bare stream.
+    chunked: bool,
+    /// The last event written to the stream: only later ones are written, so an event that
+    /// reaches the sweep twice goes out once.
+    position: StreamId,
+    sink: Rc<dyn Sink>,
+}
+
+thread_local! {
+    /// This thread's sweeps, by relay id. An entry lives while it has sinks; its relay removes
+    /// it when it ends.
+    static SWEEPS: RefCell<HashMap<u64, slab::Slab<Entry>>> = RefCell::new(HashMap::new());
+}
+
+/// Adds a stream at `position` to relay `relay`'s sweep on this thread. `fd` is its socket,
+/// which `sink` owns.
+pub fn insert(
+    relay: u64,
+    fd: RawFd,
+    chunked: bool,
+    position: StreamId,
+    sink: Rc<dyn Sink>,
+) -> Option<SinkKey> {
+    let entry = Entry {
+        fd,
+        chunked,
+        position,
+        sink,
+    };
+    SWEEPS
+        .try_with(|sweeps| {
+            let mut sweeps = sweeps.try_borrow_mut().ok()?;
+            let key = sweeps.entry(relay).or_default().insert(entry);
+            Some(SinkKey { relay, key })
+        })
+        .ok()
+        .flatten()
+}
+
+/// Takes a stream out of its sweep (one the sweep did not let go of); returns the position it
+/// reached, `None` if the sweep is gone.
+pub fn remove(key: SinkKey) -> Option<StreamId> {
+    SWEEPS
+        .try_with(|sweeps| {
+            let mut sweeps = sweeps.try_borrow_mut().ok()?;
+            let entries = sweeps.get_mut(&key.relay)?;
+            let entry = entries.try_remove(key.key)?;
+            if entries.is_empty() {
+                sweeps.remove(&key.relay);
+            }
+            Some(entry.position)
+        })
+        .ok()
+        .flatten()
+}
+
+/// Hands `delivery` to every stream of relay `relay`'s sweep, and counts what they were
+/// written. `to` is the relay's broadcast, already sent `delivery`.
+pub fn serve(relay: u64, delivery: &Delivery, to: &broadcast::Sender<Delivery>, stats: &Stats) {
+    let _ = SWEEPS.try_with(|sweeps| {
+        let Ok(mut sweeps) = sweeps.try_borrow_mut() else {
+            return;
+        };
+        let Some(entries) = sweeps.get_mut(&relay) else {
+            return;
+        };
+        let (mut events, mut bytes) = (0, 0);
+        entries.retain(|_, entry| {
+            let swept = sweep_one(entry, delivery, to);
+            events += swept.events;
+            bytes += swept.bytes;
+            swept.stays
+        });
+        if entries.is_empty() {
+            sweeps.remove(&relay);
+        }
+        stats.record_delivered(events);
+        stats.add(&stats.swept, events);
+        stats.record_written(bytes);
+    });
+}
+
+/// The relay `relay` is ending: every stream of its sweep continues from a receiver of `to`
+/// (which closes with the relay).
+pub fn release(relay: u64, to: &broadcast::Sender<Delivery>) {
+    let entries = SWEEPS
+        .try_with(|sweeps| sweeps.try_borrow_mut().ok()?.remove(&relay))
+        .ok()
+        .flatten();
+    for (_, entry) in entries.into_iter().flatten() {
+        entry.sink.let_go(entry.position, None, false, to);
+    }
+}
+
+/// One stream, one delivery: the common cases written here, the rest by the stream.
+fn sweep_one(entry: &mut Entry, delivery: &Delivery, to: &broadcast::Sender<Delivery>) -> Swept {
+    let (text, last, events): (&[u8], Option<StreamId>, u64) = match delivery {
+        Delivery::Event(event) if event.id > entry.position => (&event.frame, Some(event.id), 1),
+        Delivery::Event(_) => return Swept::NOTHING,
+        Delivery::Batch(batch) if batch.first() > entry.position => {
+            (&batch.frames, Some(batch.last()), batch.events.len() as u64)
+        }
+        Delivery::Batch(batch) if batch.last() <= entry.position => return Swept::NOTHING,
+        Delivery::Keepalive => (frame::KEEPALIVE, None, 0),
+        _ => return entry.sink.deliver(delivery, &mut entry.position, to),
+    };
+    let outcome = write_now(entry.fd, entry.chunked, text);
+    if let Some(last) = last {
+        entry.position = last;
+    }
+    let bytes = text.len();
+    match outcome {
+        Ok(None) => Swept {
+            events,
+            bytes,
+            stays: true,
+        },
+        Ok(Some(unwritten)) => {
+            entry
+                .sink
+                .let_go(entry.position, Some(unwritten), false, to);
+            Swept {
+                events,
+                bytes,
+                stays: false,
+            }
+        }
+        Err(_) => {
+            entry.sink.let_go(entry.position, None, true, to);
+            Swept {
+                events: 0,
+                bytes: 0,
+                stays: false,
+            }
+        }
+    }
+}
+
+impl Swept {
+    const NOTHING: Swept = Swept {
+        events: 0,
+        bytes: 0,
+        stays: true,
+    };
+}
+
+/// Writes `text` to the socket `fd` as far as it takes it now, in one vectored write (an
+/// HTTP/1.1 chunk if `chunked`); gives back what it did not take, framing included, which is
+/// rare: the client's window is full.
+pub fn write_now(fd: RawFd, chunked: bool, text: &[u8]) -> io::Result<Option<Bytes>> {
+    let mut size_line = [0u8; 18];
+    let parts: [&[u8]; 3] = if chunked {
+        [chunk_size_line(text.len(), &mut size_line), text, b"\r\n"]
+    } else {
+        [&[], text, &[]]
+    };
+    let total: usize = parts.iter().map(|part| part.len()).sum();
+    // SAFETY: `fd` is the socket of a stream that stays open while it is written to: the
+    // entry holding it keeps its owner alive, and the owner's task writes only when the
+    // stream is out of the sweep.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    let socket = socket2::SockRef::from(&fd);
+    let slices = parts.map(IoSlice::new);
+    let written = match socket.send_vectored_with_flags(&slices, libc::MSG_NOSIGNAL) {
+        Ok(written) => written,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+        Err(e) => return Err(e),
+    };
+    if written == total {
+        return Ok(None);
+    }
+    let mut rest = BytesMut::with_capacity(total - written);
+    let mut skip = written;
+    for part in parts {
+        let from = skip.min(part.len());
+        skip -= from;
+        rest.extend_from_slice(&part[from..]);
+    }
+    Ok(Some(rest.freeze()))
+}
+
+/// `len` in hexadecimal followed by CRLF, in `buf`: an HTTP/1.1 chunk's size line.
+pub fn chunk_size_line(len: usize, buf: &mut [u8; 18]) -> &[u8] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut start = 16;
+    let mut rest = len;
+    loop {
+        start -= 1;
+        buf[start] = HEX[rest & 0xf];
+        rest >>= 4;
+        if rest == 0 {
+            break;
+        }
+    }
+    buf[16] = b'\r';
+    buf[17] = b'\n';
+    &buf[start..]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunk_size_line;
+
+    #[test]
+    fn chunk_size_lines_are_lowercase_hex_with_crlf() {
+        let mut buf = [0u8; 18];
+        for (len, line) in [
+            (1, "1\r\n"),
+            (15, "f\r\n"),
+            (16, "10\r\n"),
+            (65_535, "ffff\r\n"),
+            (usize::MAX, "ffffffffffffffff\r\n"),
+        ] {
+            assert_eq!(chunk_size_line(len, &mut buf), line.as_bytes(), "{len}");
+        }
+    }
+}
