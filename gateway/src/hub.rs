@@ -565,19 +565,46 @@ async fn relay(
 ) {
     'relay: while let Ok(first) = from.recv().await {
         let mut queued = vec![first];
-        while queued.len() < MAX_GATHERED {
-            match from.try_recv() {
-                Ok(delivery) => queued.push(delivery),
-                Err(broadcast::error::TryRecvError::Empty) => break,
-                Err(_) => break 'relay,
+        while !queued.is_empty() {
+            while queued.len() < MAX_GATHERED {
+                match from.try_recv() {
+                    Ok(delivery) => queued.push(delivery),
+                    Err(broadcast::error::TryRecvError::Empty) => break,
+                    Err(_) => break 'relay,
+                }
             }
-        }
-        for delivery in gathered(queued) {
-            // Receivers first: a stream the sweep lets go of gets a receiver after this send,
-            // so it gets this delivery from the sweep and the later ones from its receiver.
-            // An error only means no receiver exists at this instant.
-            let _ = to.send(delivery.clone());
-            sweep::serve(id, &delivery, &to, &stats);
+            let round = gathered(std::mem::take(&mut queued));
+            let last = round.len() - 1;
+            let mut fell_behind = false;
+            for (i, delivery) in round.into_iter().enumerate() {
+                // Receivers first: a stream the sweep lets go of gets a receiver after this
+                // send, so it gets this delivery from the sweep and the later ones from its
+                // receiver. An error only means no receiver exists at this instant.
+                let _ = to.send(delivery.clone());
+                // The round's last sweep may take in what arrives meanwhile: those come next
+                // in the channel. The relay sends them on afterwards, in order.
+                let mut more = || match from.try_recv() {
+                    Ok(next) => {
+                        queued.push(next.clone());
+                        Some(next)
+                    }
+                    Err(broadcast::error::TryRecvError::Empty) => None,
+                    Err(_) => {
+                        fell_behind = true;
+                        None
+                    }
+                };
+                let more = (i == last).then_some(&mut more as &mut dyn FnMut() -> Option<Delivery>);
+                sweep::serve(id, &delivery, &to, &stats, more);
+            }
+            if fell_behind {
+                break 'relay;
+            }
+            if !queued.is_empty() {
+                // A sweep runs without a pause; between two, the thread's other tasks (other
+                // topics, new connections, streams writing for themselves) get their turn.
+                tokio::task::yield_now().await;
+            }
         }
     }
     sweep::release(id, &to);

@@ -124,7 +124,19 @@ pub fn remove(key: SinkKey) -> Option<StreamId> {
 
 /// Hands `delivery` to every stream of relay `relay`'s sweep, and counts what they were
 /// written. `to` is the relay's broadcast, already sent `delivery`.
-pub fn serve(relay: u64, delivery: &Delivery, to: &broadcast::Sender<Delivery>, stats: &Stats) {
+///
+/// With `more`, the sweep may grow on the way: every `GROW_EVERY` streams it takes the events
+/// that reached the relay meanwhile (`more` returns them, and the relay delivers them again
+/// afterwards, when the streams already past them skip them), so that the rest of the sweep
+/// writes them in the same write. A thread that falls behind thus writes fewer, larger chunks,
+/// as a stream's own task gathers what queued up while it waited.
+pub fn serve(
+    relay: u64,
+    delivery: &Delivery,
+    to: &broadcast::Sender<Delivery>,
+    stats: &Stats,
+    mut more: Option<&mut dyn FnMut() -> Option<Delivery>>,
+) {
     let _ = SWEEPS.try_with(|sweeps| {
         let Ok(mut sweeps) = sweeps.try_borrow_mut() else {
             return;
@@ -132,9 +144,27 @@ pub fn serve(relay: u64, delivery: &Delivery, to: &broadcast::Sender<Delivery>, 
         let Some(entries) = sweeps.get_mut(&relay) else {
             return;
         };
-        let (mut events, mut bytes) = (0, 0);
+        let mut run = Run::of(delivery);
+        let mut growing = run.is_some() && more.is_some();
+        let (mut events, mut bytes, mut visited) = (0, 0, 0usize);
         entries.retain(|_, entry| {
-            let swept = sweep_one(entry, delivery, to);
+            visited += 1;
+            if let (true, Some(run), Some(more)) = (growing, run.as_mut(), more.as_mut()) {
+                if visited % GROW_EVERY == 0 {
+                    while let Some(next) = more() {
+                        if !run.extend(&next) {
+                            // Not an event that follows: it goes out after this sweep, and
+                            // nothing after it may go out before it.
+                            growing = false;
+                            break;
+                        }
+                    }
+                }
+            }
+            let swept = match &run {
+                Some(run) => sweep_run(entry, run, to),
+                None => sweep_other(entry, delivery, to),
+            };
             events += swept.events;
             bytes += swept.bytes;
             swept.stays
@@ -148,6 +178,9 @@ pub fn serve(relay: u64, delivery: &Delivery, to: &broadcast::Sender<Delivery>, 
     });
 }
 
+/// Streams a sweep writes between two looks for events that reached the relay meanwhile.
+const GROW_EVERY: usize = 256;
+
 /// The relay `relay` is ending: every stream of its sweep continues from a receiver of `to`
 /// (which closes with the relay).
 pub fn release(relay: u64, to: &broadcast::Sender<Delivery>) {
@@ -160,24 +193,104 @@ pub fn release(relay: u64, to: &broadcast::Sender<Delivery>) {
     }
 }
 
-/// One stream, one delivery: the common cases written here, the rest by the stream.
-fn sweep_one(entry: &mut Entry, delivery: &Delivery, to: &broadcast::Sender<Delivery>) -> Swept {
-    let (text, last, events): (&[u8], Option<StreamId>, u64) = match delivery {
-        Delivery::Event(event) if event.id > entry.position => (&event.frame, Some(event.id), 1),
-        Delivery::Event(_) => return Swept::NOTHING,
-        Delivery::Batch(batch) if batch.first() > entry.position => {
-            (&batch.frames, Some(batch.last()), batch.events.len() as u64)
+/// Consecutive events of a topic as the text a sweep writes: each stream gets the part after
+/// its position.
+struct Run {
+    /// Every event's frame, joined.
+    frames: Bytes,
+    /// Each event's id and where its frame starts in `frames`, in stream order.
+    starts: Vec<(StreamId, usize)>,
+}
+
+impl Run {
+    /// The run of an event or a batch; `None` for other deliveries.
+    fn of(delivery: &Delivery) -> Option<Run> {
+        match delivery {
+            Delivery::Event(event) => Some(Run {
+                frames: event.frame.clone(),
+                starts: vec![(event.id, 0)],
+            }),
+            Delivery::Batch(batch) => {
+                let mut start = 0;
+                let starts = batch
+                    .events
+                    .iter()
+                    .map(|event| {
+                        let at = (event.id, start);
+                        start += event.frame.len();
+                        at
+                    })
+                    .collect();
+                Some(Run {
+                    frames: batch.frames.clone(),
+                    starts,
+                })
+            }
+            _ => None,
         }
-        Delivery::Batch(batch) if batch.last() <= entry.position => return Swept::NOTHING,
-        Delivery::Keepalive => (frame::KEEPALIVE, None, 0),
-        _ => return entry.sink.deliver(delivery, &mut entry.position, to),
-    };
-    let outcome = write_now(entry.fd, entry.chunked, text);
-    if let Some(last) = last {
-        entry.position = last;
     }
+
+    /// Appends the events of `delivery` if it is an event or a batch that follows the run.
+    fn extend(&mut self, delivery: &Delivery) -> bool {
+        let Some(next) = Run::of(delivery) else {
+            return false;
+        };
+        let last = self.starts.last().map(|&(id, _)| id);
+        if next.starts.first().map(|&(id, _)| id) <= last {
+            // A new history (after a gap) or a repeat: not a continuation.
+            return false;
+        }
+        let offset = self.frames.len();
+        let mut frames = BytesMut::with_capacity(offset + next.frames.len());
+        frames.extend_from_slice(&self.frames);
+        frames.extend_from_slice(&next.frames);
+        self.frames = frames.freeze();
+        self.starts
+            .extend(next.starts.into_iter().map(|(id, at)| (id, at + offset)));
+        true
+    }
+
+    /// The text after `position`, its number of events and its last id; `None` when the
+    /// stream has every event of the run.
+    fn after(&self, position: StreamId) -> Option<(&[u8], u64, StreamId)> {
+        let first = self.starts.partition_point(|&(id, _)| id <= position);
+        let &(_, start) = self.starts.get(first)?;
+        let (last, _) = self.starts[self.starts.len() - 1];
+        Some((
+            &self.frames[start..],
+            (self.starts.len() - first) as u64,
+            last,
+        ))
+    }
+}
+
+/// One stream, a run of events: what comes after its position, in one write.
+fn sweep_run(entry: &mut Entry, run: &Run, to: &broadcast::Sender<Delivery>) -> Swept {
+    let Some((text, events, last)) = run.after(entry.position) else {
+        return Swept::NOTHING;
+    };
+    entry.position = last;
+    write_swept(entry, text, events, to)
+}
+
+/// One stream, any other delivery: keep-alives written here, the rest by the stream.
+fn sweep_other(entry: &mut Entry, delivery: &Delivery, to: &broadcast::Sender<Delivery>) -> Swept {
+    match delivery {
+        Delivery::Keepalive => write_swept(entry, frame::KEEPALIVE, 0, to),
+        _ => entry.sink.deliver(delivery, &mut entry.position, to),
+    }
+}
+
+/// Writes `text` (holding `events` events, the entry's position already past them) to a
+/// stream; lets go of the stream if its socket does not take it whole.
+fn write_swept(
+    entry: &mut Entry,
+    text: &[u8],
+    events: u64,
+    to: &broadcast::Sender<Delivery>,
+) -> Swept {
     let bytes = text.len();
-    match outcome {
+    match write_now(entry.fd, entry.chunked, text) {
         Ok(None) => Swept {
             events,
             bytes,
