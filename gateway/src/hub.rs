@@ -68,7 +68,7 @@ pub struct Batch {
 }
 
 impl Batch {
-    fn new(events: Vec<Arc<Event>>) -> Batch {
+    pub(crate) fn new(events: Vec<Arc<Event>>) -> Batch {
         let mut frames = BytesMut::with_capacity(events.iter().map(|e| e.frame.len()).sum());
         for event in &events {
             frames.extend_from_slice(&event.frame);

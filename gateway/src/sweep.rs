@@ -381,7 +381,59 @@ pub fn chunk_size_line(len: usize, buf: &mut [u8; 18]) -> &[u8] {
 
 #[cfg(test)]
 mod tests {
-    use super::chunk_size_line;
+    use std::sync::Arc;
+
+    use ssegw_protocol::StreamId;
+
+    use super::{chunk_size_line, Run};
+    use crate::hub::{Batch, Delivery, Event};
+
+    fn event(ms: u64) -> Arc<Event> {
+        Arc::new(Event::new(StreamId::new(ms, 0), None, b"x"))
+    }
+
+    fn batch(ms: &[u64]) -> Delivery {
+        Delivery::Batch(Arc::new(Batch::new(ms.iter().map(|&m| event(m)).collect())))
+    }
+
+    /// What a stream at `position` is written from `run`: the text, its events, its last id.
+    fn after(run: &Run, position: u64) -> Option<(String, u64, u64)> {
+        run.after(StreamId::new(position, 0))
+            .map(|(text, events, last)| {
+                (String::from_utf8(text.to_vec()).unwrap(), events, last.ms)
+            })
+    }
+
+    #[test]
+    fn a_stream_is_written_the_part_of_a_run_after_its_position() {
+        let run = Run::of(&batch(&[2, 3, 5])).unwrap();
+        let all = "id: 2-0\ndata: x\n\nid: 3-0\ndata: x\n\nid: 5-0\ndata: x\n\n";
+        assert_eq!(after(&run, 1), Some((all.to_string(), 3, 5)));
+        assert_eq!(after(&run, 2), Some((all[17..].to_string(), 2, 5)));
+        assert_eq!(after(&run, 4), Some((all[34..].to_string(), 1, 5)));
+        assert_eq!(after(&run, 5), None);
+        assert_eq!(after(&run, 9), None);
+        assert!(Run::of(&Delivery::Keepalive).is_none());
+        assert!(Run::of(&Delivery::Drain).is_none());
+    }
+
+    #[test]
+    fn a_run_grows_only_with_events_that_follow_it() {
+        let mut run = Run::of(&Delivery::Event(event(2))).unwrap();
+        assert!(run.extend(&Delivery::Event(event(3))));
+        assert!(run.extend(&batch(&[4, 6])));
+        // A repeat, an older id (a new history after a gap) and markers end the growth.
+        assert!(!run.extend(&Delivery::Event(event(6))));
+        assert!(!run.extend(&Delivery::Event(event(1))));
+        assert!(!run.extend(&Delivery::Keepalive));
+        assert_eq!(
+            after(&run, 0).map(|(_, events, last)| (events, last)),
+            Some((4, 6))
+        );
+        let (text, events, _) = after(&run, 3).unwrap();
+        assert_eq!(events, 2);
+        assert_eq!(text, "id: 4-0\ndata: x\n\nid: 6-0\ndata: x\n\n");
+    }
 
     #[test]
     fn chunk_size_lines_are_lowercase_hex_with_crlf() {
