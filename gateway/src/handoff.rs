@@ -512,7 +512,8 @@ enum Swept {
 
 /// A stream's time in the sweep. Ending it (also when the task is dropped meanwhile) takes the
 /// stream out of the sweep, unless the sweep let go of it already, and gives its connection
-/// back at the position the sweep reached.
+/// back at the position the sweep reached (with what its socket did not take of the sweep's
+/// last write in `SinkState::unwritten`), or nothing if that write failed.
 struct Sweeping<'a> {
     stream: &'a Handed,
     key: Option<SinkKey>,
@@ -524,8 +525,12 @@ impl Sweeping<'_> {
         let mut state = self.stream.sink.borrow_mut();
         let mut connection = state.connection.take()?;
         if !state.released {
-            if let Some(position) = connection.membership().leave_sweep(key) {
-                connection.resume_at(position);
+            if let Some(left) = connection.membership().leave_sweep(key) {
+                if left.failed {
+                    return None;
+                }
+                connection.resume_at(left.position);
+                state.unwritten = left.unwritten;
             }
         }
         Some(connection)

@@ -594,8 +594,18 @@ async fn relay(
                         None
                     }
                 };
-                let more = (i == last).then_some(&mut more as &mut dyn FnMut() -> Option<Delivery>);
-                sweep::serve(id, &delivery, &to, &stats, more);
+                sweep::start(id, delivery, &stats);
+                loop {
+                    let more =
+                        (i == last).then_some(&mut more as &mut dyn FnMut() -> Option<Delivery>);
+                    if sweep::step(id, &to, more) {
+                        break;
+                    }
+                    // A long round pauses: the worker's other tasks (requests, other topics,
+                    // streams writing for themselves) get their turn. A stream that leaves the
+                    // sweep meanwhile is written its part of the round as it leaves.
+                    tokio::task::yield_now().await;
+                }
             }
             if fell_behind {
                 break 'relay;
@@ -706,12 +716,13 @@ impl Membership {
     }
 
     /// Takes a stream out of the sweep (one the relay did not let go of) and receives from the
-    /// relay again, from its next delivery on. Returns the position the sweep reached.
-    pub fn leave_sweep(&mut self, key: SinkKey) -> Option<StreamId> {
-        let position = sweep::remove(key);
-        // Everything the relay sent while the stream was in the sweep went to it there.
+    /// relay again, from its next delivery on. Returns where the sweep left it.
+    pub fn leave_sweep(&mut self, key: SinkKey) -> Option<sweep::Left> {
+        let left = sweep::remove(key);
+        // Everything the relay sent while the stream was in the sweep went to it there (or,
+        // in a paused round, as it left).
         self.receiver = self.receiver.resubscribe();
-        position
+        left
     }
 }
 

@@ -258,6 +258,47 @@ fn swept_streams_get_every_event_once_and_in_order() {
     assert_eq!(status(&gw, "events_swept"), 16 * 40);
 }
 
+/// More swept streams than a round writes in one step (`sweep::STREAMS_PER_STEP`, 2,048), so
+/// every round pauses at least once.
+const MANY: usize = 2_100;
+
+#[test]
+fn a_round_over_more_streams_than_one_step_writes_every_event_once_and_in_order() {
+    // Both ends of every connection live in this process.
+    let limit = rlimit::increase_nofile_limit(u64::MAX).expect("the open-file limit");
+    assert!(
+        limit >= 3 * MANY as u64,
+        "this test needs {} open files; the hard limit is {limit}",
+        3 * MANY
+    );
+    let gw = Gateway::start(&["--workers", "1", "--max-connections", "4000"]);
+    let mut fillers = fillers(gw.addr, "many");
+    let mut swept: Vec<Client> = (0..MANY)
+        .map(|i| {
+            let options = Options {
+                http10: i % 2 == 1,
+                ..Options::default()
+            };
+            Client::open_with(gw.addr, "topic=many", options)
+        })
+        .collect();
+    let published: Vec<(String, String)> = (0..20)
+        .map(|i| {
+            let data = format!("event {i}");
+            (publish(gw.addr, "many", &data, None), data)
+        })
+        .collect();
+    let expected = expected(&published);
+    for client in fillers.iter_mut().chain(&mut swept) {
+        assert_eq!(client.events(20), expected);
+    }
+    assert_eq!(
+        status(&gw, "events_delivered"),
+        (FILLERS + MANY) as u64 * 20
+    );
+    assert_eq!(status(&gw, "events_swept"), MANY as u64 * 20);
+}
+
 /// Events of 60 KiB published while one client reads nothing.
 const SLOW_EVENTS: usize = 100;
 
