@@ -575,30 +575,20 @@ async fn relay(
             }
             let round = gathered(std::mem::take(&mut queued));
             let last = round.len() - 1;
-            let mut fell_behind = false;
+            let mut meanwhile = Meanwhile::new(&mut from, &mut queued);
             for (i, delivery) in round.into_iter().enumerate() {
                 // Receivers first: a stream the sweep lets go of gets a receiver after this
                 // send, so it gets this delivery from the sweep and the later ones from its
                 // receiver. An error only means no receiver exists at this instant.
                 let _ = to.send(delivery.clone());
-                // The round's last sweep may take in what arrives meanwhile: those come next
-                // in the channel. The relay sends them on afterwards, in order.
-                let mut more = || match from.try_recv() {
-                    Ok(next) => {
-                        queued.push(next.clone());
-                        Some(next)
-                    }
-                    Err(broadcast::error::TryRecvError::Empty) => None,
-                    Err(_) => {
-                        fell_behind = true;
-                        None
-                    }
-                };
                 sweep::start(id, delivery, &stats);
                 loop {
+                    // The round's last delivery may take in what arrives meanwhile: those come
+                    // next in the channel. The relay sends them on afterwards, in order.
+                    let mut more = || meanwhile.take();
                     let more =
                         (i == last).then_some(&mut more as &mut dyn FnMut() -> Option<Delivery>);
-                    if sweep::step(id, &to, more) {
+                    if sweep::step(id, &to, more, sweep::STREAMS_PER_STEP) {
                         break;
                     }
                     // A long round pauses: the worker's other tasks (requests, other topics,
@@ -607,17 +597,57 @@ async fn relay(
                     tokio::task::yield_now().await;
                 }
             }
-            if fell_behind {
+            if meanwhile.fell_behind {
                 break 'relay;
             }
             if !queued.is_empty() {
-                // A sweep runs without a pause; between two, the thread's other tasks (other
-                // topics, new connections, streams writing for themselves) get their turn.
+                // Between two groups of deliveries, too, the thread's other tasks get their
+                // turn, so a topic that never goes quiet starves nothing.
                 tokio::task::yield_now().await;
             }
         }
     }
     sweep::release(id, &to);
+}
+
+/// What a relay takes from its channel while it sweeps (`sweep::step`'s `more`): each delivery
+/// is also queued, to be sent on to the thread's receivers after the sweep.
+struct Meanwhile<'a> {
+    from: &'a mut broadcast::Receiver<Delivery>,
+    queued: &'a mut Vec<Delivery>,
+    /// The channel dropped deliveries before the relay read them. From then on nothing more is
+    /// taken: the next delivery held lies past the hole, and a run grown with it would move
+    /// swept streams past events they never got. The relay ends after the sweep, and its
+    /// streams resume from where they are.
+    fell_behind: bool,
+}
+
+impl<'a> Meanwhile<'a> {
+    fn new(from: &'a mut broadcast::Receiver<Delivery>, queued: &'a mut Vec<Delivery>) -> Self {
+        Meanwhile {
+            from,
+            queued,
+            fell_behind: false,
+        }
+    }
+
+    /// The next delivery waiting in the channel, if any (and none once the relay fell behind).
+    fn take(&mut self) -> Option<Delivery> {
+        if self.fell_behind {
+            return None;
+        }
+        match self.from.try_recv() {
+            Ok(next) => {
+                self.queued.push(next.clone());
+                Some(next)
+            }
+            Err(broadcast::error::TryRecvError::Empty) => None,
+            Err(_) => {
+                self.fell_behind = true;
+                None
+            }
+        }
+    }
 }
 
 /// Deliveries a relay takes from its channel for one round of sweeps, at most.
@@ -920,6 +950,34 @@ mod tests {
                 Delivery::Drain => "drain".into(),
             })
             .collect()
+    }
+
+    #[test]
+    fn a_sweep_takes_in_what_arrives_meanwhile_until_the_relay_falls_behind() {
+        let (tx, mut from) = broadcast::channel(2);
+        let mut queued = Vec::new();
+        let mut meanwhile = Meanwhile::new(&mut from, &mut queued);
+        assert!(meanwhile.take().is_none());
+        tx.send(Delivery::Event(event(1))).unwrap();
+        let taken = meanwhile
+            .take()
+            .map(|d| matches!(d, Delivery::Event(e) if e.id.ms == 1));
+        assert_eq!(taken, Some(true));
+        // Five more into a channel of two: the relay lost three of them.
+        for ms in 2..=6 {
+            tx.send(Delivery::Event(event(ms))).unwrap();
+        }
+        assert!(meanwhile.take().is_none());
+        assert!(meanwhile.fell_behind);
+        // Events 5 and 6 are still held, but lie past the hole: taking them in would move the
+        // swept streams past 2 to 4.
+        assert!(meanwhile.take().is_none());
+        assert!(meanwhile.take().is_none());
+        assert_eq!(
+            queued.len(),
+            1,
+            "only what was taken before the hole is sent on"
+        );
     }
 
     #[test]

@@ -89,8 +89,10 @@ struct Round {
     delivery: Delivery,
     /// `delivery` as text, when it is an event or a batch.
     run: Option<Run>,
-    /// Entries with a smaller key have had the round's delivery; the others are owed it (a
-    /// stream that leaves meanwhile is written its part as it leaves: `remove`).
+    /// Entries with a smaller key have had the round's delivery (or joined during a pause,
+    /// having had it); those from here on are still to be visited, and one that leaves before
+    /// is written its part as it leaves (`remove`). A stream that joins during a pause at a key
+    /// from here on is visited too, and its position skips what it had.
     next: usize,
     /// The run may still take in events that reach the relay meanwhile (`step`'s `more`).
     growing: bool,
@@ -198,8 +200,9 @@ pub fn start(relay: u64, delivery: Delivery, stats: &Arc<Stats>) {
 }
 
 /// Writes the round of relay `relay` to its next streams: all of them, or (events and
-/// keep-alives, which a stream leaving meanwhile can be given or spared) `STREAMS_PER_STEP`.
-/// Returns whether the round is over; if not, the relay yields and calls again.
+/// keep-alives, which a stream leaving meanwhile can be given or spared) `streams` of them
+/// (the relay's `STREAMS_PER_STEP`). Returns whether the round is over; if not, the relay
+/// yields and calls again.
 ///
 /// With `more`, the round may grow on the way: every `GROW_EVERY` streams it takes the events
 /// that reached the relay meanwhile (`more` returns them, and the relay delivers them again
@@ -210,6 +213,7 @@ pub fn step(
     relay: u64,
     to: &broadcast::Sender<Delivery>,
     mut more: Option<&mut dyn FnMut() -> Option<Delivery>>,
+    streams: usize,
 ) -> bool {
     SWEEPS
         .try_with(|sweeps| {
@@ -226,7 +230,7 @@ pub fn step(
             let pausable = current.run.is_some() || matches!(current.delivery, Delivery::Keepalive);
             let (mut events, mut bytes, mut taken) = (0, 0, 0usize);
             let mut key = current.next;
-            while key < entries.capacity() && !(pausable && taken == STREAMS_PER_STEP) {
+            while key < entries.capacity() && !(pausable && taken == streams) {
                 let Some(entry) = entries.get_mut(key) else {
                     key += 1;
                     continue;
@@ -286,7 +290,7 @@ const GROW_EVERY: usize = 256;
 /// request or another topic on the worker waits that long, not a whole round of 10,000 streams
 /// (60 ms). Smaller steps cost the hot topic itself: with 1,024 and requests arriving during
 /// rounds, its p99 at 20 events/s rose by a sixth (BENCHMARKS.md).
-const STREAMS_PER_STEP: usize = 2048;
+pub const STREAMS_PER_STEP: usize = 2048;
 
 /// The relay `relay` is ending: every stream of its sweep continues from a receiver of `to`
 /// (which closes with the relay).
@@ -546,10 +550,10 @@ mod tests {
     use std::sync::Arc;
 
     use bytes::Bytes;
-    use ssegw_protocol::StreamId;
+    use ssegw_protocol::{frame, StreamId};
     use tokio::sync::broadcast;
 
-    use super::{chunk_size_line, insert, remove, start, step, Run, Sink, Swept, STREAMS_PER_STEP};
+    use super::{chunk_size_line, insert, remove, start, step, Left, Run, Sink, SinkKey, Swept};
     use crate::hub::{Batch, Delivery, Event};
     use crate::stats::Stats;
 
@@ -574,84 +578,173 @@ mod tests {
         }
     }
 
-    /// `n` streams at position 1 in the sweep of relay `relay` on this thread: the socket
-    /// ends the test reads from, and the sinks.
-    fn streams(relay: u64, n: usize) -> Vec<(UnixStream, UnixStream, Rc<Client>, super::SinkKey)> {
-        (0..n)
-            .map(|_| {
-                let (ours, theirs) = UnixStream::pair().unwrap();
-                ours.set_nonblocking(true).unwrap();
-                theirs.set_nonblocking(true).unwrap();
-                let client = Rc::new(Client {
-                    handed: Cell::new(0),
-                });
-                let sink: Rc<dyn Sink> = client.clone();
-                let key =
-                    insert(relay, ours.as_raw_fd(), false, StreamId::new(1, 0), sink).unwrap();
-                (ours, theirs, client, key)
-            })
-            .collect()
+    /// A stream in a sweep: the socket end the sweep writes to, the end the test reads, the
+    /// sink, and its key.
+    struct Stream {
+        _written: UnixStream,
+        read: UnixStream,
+        client: Rc<Client>,
+        key: Option<SinkKey>,
     }
 
-    /// Everything written to a stream so far.
-    fn read_all(theirs: &mut UnixStream) -> String {
-        let mut text = String::new();
-        let _ = theirs.read_to_string(&mut text);
-        text
+    impl Stream {
+        /// A stream at event `at` in relay `relay`'s sweep on this thread.
+        fn join(relay: u64, at: u64) -> Stream {
+            let (written, read) = UnixStream::pair().unwrap();
+            written.set_nonblocking(true).unwrap();
+            read.set_nonblocking(true).unwrap();
+            let client = Rc::new(Client {
+                handed: Cell::new(0),
+            });
+            let sink: Rc<dyn Sink> = client.clone();
+            let key = insert(
+                relay,
+                written.as_raw_fd(),
+                false,
+                StreamId::new(at, 0),
+                sink,
+            );
+            Stream {
+                _written: written,
+                read,
+                client,
+                key,
+            }
+        }
+
+        /// Everything written to the stream since the last look.
+        fn text(&mut self) -> String {
+            let mut text = String::new();
+            let _ = self.read.read_to_string(&mut text);
+            text
+        }
+
+        fn leave(&mut self) -> Left {
+            remove(self.key.take().unwrap()).unwrap()
+        }
+    }
+
+    const EVENT_2: &str = "id: 2-0\ndata: x\n\n";
+
+    /// The round of relay `relay` on, in steps of `streams`, until it ends; the steps taken.
+    fn steps(relay: u64, to: &broadcast::Sender<Delivery>, streams: usize) -> usize {
+        (1..).find(|_| step(relay, to, None, streams)).unwrap()
     }
 
     #[test]
-    fn a_long_round_pauses_and_every_stream_gets_the_event_once() {
+    fn a_round_of_events_pauses_and_every_stream_gets_the_event_once() {
         let (to, _rx) = broadcast::channel(4);
         let stats = Arc::new(Stats::default());
-        let mut streams = streams(1, STREAMS_PER_STEP + 10);
+        let mut streams: Vec<Stream> = (0..5).map(|_| Stream::join(1, 1)).collect();
         start(1, Delivery::Event(event(2)), &stats);
-        // The first step writes STREAMS_PER_STEP streams and pauses; the next one ends it.
-        assert!(!step(1, &to, None));
-        assert_eq!(stats.swept.load(Ordering::Relaxed), STREAMS_PER_STEP as u64);
-        assert!(step(1, &to, None));
-        assert!(step(1, &to, None), "no round under way");
-        for (_, theirs, client, _) in &mut streams {
-            assert_eq!(read_all(theirs), "id: 2-0\ndata: x\n\n");
-            assert_eq!(client.handed.get(), 0);
+        // Two streams a step: two pauses, and nothing left after the third step.
+        assert!(!step(1, &to, None, 2));
+        assert_eq!(stats.swept.load(Ordering::Relaxed), 2);
+        assert_eq!(steps(1, &to, 2), 2);
+        assert!(step(1, &to, None, 2), "no round under way");
+        for stream in &mut streams {
+            assert_eq!(stream.text(), EVENT_2);
+            assert_eq!(stream.client.handed.get(), 0);
         }
-        assert_eq!(stats.swept.load(Ordering::Relaxed), streams.len() as u64);
+        assert_eq!(stats.swept.load(Ordering::Relaxed), 5);
     }
 
     #[test]
     fn a_stream_that_leaves_a_paused_round_is_written_its_part_once() {
         let (to, _rx) = broadcast::channel(4);
         let stats = Arc::new(Stats::default());
-        let mut streams = streams(2, STREAMS_PER_STEP + 2);
+        let mut streams: Vec<Stream> = (0..4).map(|_| Stream::join(2, 1)).collect();
         start(2, Delivery::Event(event(2)), &stats);
-        assert!(!step(2, &to, None));
+        assert!(!step(2, &to, None, 2));
         // One the round reached, and one it did not: the second is written as it leaves.
-        let (_writes_reached, mut reached, _, reached_key) = streams.remove(0);
-        let (_writes_owed, mut owed, _, owed_key) = streams.pop().unwrap();
-        assert_eq!(read_all(&mut reached), "id: 2-0\ndata: x\n\n");
-        assert_eq!(read_all(&mut owed), "");
-        let left = remove(reached_key).unwrap();
-        assert_eq!(
-            (left.position, left.unwritten, left.failed),
-            (StreamId::new(2, 0), None, false)
-        );
-        let left = remove(owed_key).unwrap();
-        assert_eq!(
-            (left.position, left.unwritten, left.failed),
-            (StreamId::new(2, 0), None, false)
-        );
-        assert_eq!(read_all(&mut reached), "");
-        assert_eq!(read_all(&mut owed), "id: 2-0\ndata: x\n\n");
+        let mut reached = streams.remove(0);
+        let mut owed = streams.pop().unwrap();
+        assert_eq!(reached.text(), EVENT_2);
+        assert_eq!(owed.text(), "");
+        for stream in [&mut reached, &mut owed] {
+            let left = stream.leave();
+            assert_eq!(
+                (left.position, left.unwritten, left.failed),
+                (StreamId::new(2, 0), None, false)
+            );
+        }
+        assert_eq!(reached.text(), "");
+        assert_eq!(owed.text(), EVENT_2);
         // The round goes on without them.
-        assert!(step(2, &to, None));
-        assert_eq!(read_all(&mut owed), "");
-        for (_, theirs, _, _) in &mut streams {
-            assert_eq!(read_all(theirs), "id: 2-0\ndata: x\n\n");
+        assert_eq!(steps(2, &to, 2), 1);
+        assert_eq!(owed.text(), "");
+        for stream in &mut streams {
+            assert_eq!(stream.text(), EVENT_2);
+        }
+        assert_eq!(stats.swept.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn a_stream_that_joins_a_paused_round_is_not_written_what_it_had() {
+        let (to, _rx) = broadcast::channel(4);
+        let stats = Arc::new(Stats::default());
+        let mut streams: Vec<Stream> = (0..4).map(|_| Stream::join(3, 1)).collect();
+        start(3, Delivery::Event(event(2)), &stats);
+        assert!(!step(3, &to, None, 2));
+        // A stream the round reached leaves, and two join having had the event (from their
+        // receivers): one in the place the first left, behind the round, one after the others.
+        let mut gone = streams.remove(0);
+        gone.leave();
+        let mut behind = Stream::join(3, 2);
+        let mut ahead = Stream::join(3, 2);
+        assert!(behind.key.as_ref().unwrap().key < 2);
+        assert!(ahead.key.as_ref().unwrap().key >= 4);
+        assert_eq!(steps(3, &to, 2), 2);
+        assert_eq!(gone.text(), EVENT_2);
+        for stream in &mut streams {
+            assert_eq!(stream.text(), EVENT_2);
         }
         assert_eq!(
-            stats.swept.load(Ordering::Relaxed),
-            STREAMS_PER_STEP as u64 + 2
+            (behind.text(), ahead.text()),
+            (String::new(), String::new())
         );
+        // The next event reaches all of them.
+        start(3, Delivery::Event(event(3)), &stats);
+        steps(3, &to, 2);
+        for stream in streams.iter_mut().chain([&mut behind, &mut ahead]) {
+            assert_eq!(stream.text(), "id: 3-0\ndata: x\n\n");
+        }
+    }
+
+    #[test]
+    fn a_stream_whose_client_is_gone_leaves_a_paused_round_failed() {
+        let (to, _rx) = broadcast::channel(4);
+        let stats = Arc::new(Stats::default());
+        let _first = Stream::join(4, 1);
+        let mut gone = Stream::join(4, 1);
+        start(4, Delivery::Event(event(2)), &stats);
+        assert!(!step(4, &to, None, 1));
+        // The reading end closes: the write as it leaves fails.
+        let (replacement, _) = UnixStream::pair().unwrap();
+        drop(std::mem::replace(&mut gone.read, replacement));
+        let left = gone.leave();
+        assert!(left.failed);
+        assert_eq!(
+            stats.swept.load(Ordering::Relaxed),
+            1,
+            "nothing counted for it"
+        );
+        assert!(step(4, &to, None, 1));
+    }
+
+    #[test]
+    fn a_keepalive_round_pauses_and_a_stream_leaving_meanwhile_is_spared_it() {
+        let (to, _rx) = broadcast::channel(4);
+        let stats = Arc::new(Stats::default());
+        let mut first = Stream::join(5, 1);
+        let mut second = Stream::join(5, 1);
+        start(5, Delivery::Keepalive, &stats);
+        assert!(!step(5, &to, None, 1));
+        let left = second.leave();
+        assert_eq!((left.position, left.unwritten), (StreamId::new(1, 0), None));
+        assert!(step(5, &to, None, 1));
+        assert_eq!(first.text().as_bytes(), frame::KEEPALIVE);
+        assert_eq!(second.text(), "");
     }
 
     fn event(ms: u64) -> Arc<Event> {

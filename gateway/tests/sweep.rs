@@ -258,9 +258,8 @@ fn swept_streams_get_every_event_once_and_in_order() {
     assert_eq!(status(&gw, "events_swept"), 16 * 40);
 }
 
-/// More swept streams than a round writes in one step (`sweep::STREAMS_PER_STEP`, 2,048), so
-/// every round pauses at least once.
-const MANY: usize = 2_100;
+/// More swept streams than a round writes in one step, so every round pauses at least once.
+const MANY: usize = sse_gateway::sweep::STREAMS_PER_STEP + 52;
 
 #[test]
 fn a_round_over_more_streams_than_one_step_writes_every_event_once_and_in_order() {
@@ -271,7 +270,8 @@ fn a_round_over_more_streams_than_one_step_writes_every_event_once_and_in_order(
         "this test needs {} open files; the hard limit is {limit}",
         3 * MANY
     );
-    let gw = Gateway::start(&["--workers", "1", "--max-connections", "4000"]);
+    let max_connections = (2 * MANY).to_string();
+    let gw = Gateway::start(&["--workers", "1", "--max-connections", &max_connections]);
     let mut fillers = fillers(gw.addr, "many");
     let mut swept: Vec<Client> = (0..MANY)
         .map(|i| {
