@@ -230,11 +230,16 @@ pub fn step(
             let pausable = current.run.is_some() || matches!(current.delivery, Delivery::Keepalive);
             let (mut events, mut bytes, mut taken) = (0, 0, 0usize);
             let mut key = current.next;
-            while key < entries.capacity() && !(pausable && taken == streams) {
+            while key < entries.capacity() {
                 let Some(entry) = entries.get_mut(key) else {
                     key += 1;
                     continue;
                 };
+                // A pause only where a stream is left to write: a step that wrote the last
+                // one ends the round.
+                if pausable && taken == streams {
+                    break;
+                }
                 taken += 1;
                 current.visited += 1;
                 if let (true, Some(run), Some(more)) =
@@ -553,7 +558,9 @@ mod tests {
     use ssegw_protocol::{frame, StreamId};
     use tokio::sync::broadcast;
 
-    use super::{chunk_size_line, insert, remove, start, step, Left, Run, Sink, SinkKey, Swept};
+    use super::{
+        chunk_size_line, insert, remove, start, step, Left, Run, Sink, SinkKey, Swept, GROW_EVERY,
+    };
     use crate::hub::{Batch, Delivery, Event};
     use crate::stats::Stats;
 
@@ -709,6 +716,52 @@ mod tests {
         for stream in streams.iter_mut().chain([&mut behind, &mut ahead]) {
             assert_eq!(stream.text(), "id: 3-0\ndata: x\n\n");
         }
+    }
+
+    #[test]
+    fn a_round_grows_across_its_pauses_and_the_next_round_completes_the_rest() {
+        // Growth is looked for every GROW_EVERY streams, so this test needs that many sockets.
+        let streams_needed = GROW_EVERY + 44;
+        let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap();
+        assert!(
+            limit >= 4 * streams_needed as u64,
+            "open-file limit {limit}"
+        );
+        let (to, _rx) = broadcast::channel(4);
+        let stats = Arc::new(Stats::default());
+        let mut streams: Vec<Stream> = (0..streams_needed).map(|_| Stream::join(6, 1)).collect();
+        start(6, Delivery::Event(event(2)), &stats);
+        // Event 3 reaches the relay during the round; it is taken in at the first look, which
+        // comes in the third step of 100 streams.
+        let mut arrived = Some(Delivery::Event(event(3)));
+        let mut more = || arrived.take();
+        let mut taken = 0;
+        while !step(6, &to, Some(&mut more), 100) {
+            taken += 1;
+        }
+        assert_eq!(taken, 2);
+        let (before, after) = streams.split_at_mut(GROW_EVERY - 1);
+        for stream in before.iter_mut() {
+            assert_eq!(stream.text(), EVENT_2);
+        }
+        for stream in after.iter_mut() {
+            assert_eq!(stream.text(), "id: 2-0\ndata: x\n\nid: 3-0\ndata: x\n\n");
+        }
+        // The relay then sends event 3 on: only the streams before the growth are written.
+        start(6, Delivery::Event(event(3)), &stats);
+        steps(6, &to, 100);
+        for (i, stream) in streams.iter_mut().enumerate() {
+            let expected = if i < GROW_EVERY - 1 {
+                "id: 3-0\ndata: x\n\n"
+            } else {
+                ""
+            };
+            assert_eq!(stream.text(), expected, "stream {i}");
+        }
+        assert_eq!(
+            stats.swept.load(Ordering::Relaxed),
+            2 * streams_needed as u64
+        );
     }
 
     #[test]
