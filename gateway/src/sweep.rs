@@ -177,8 +177,8 @@ pub fn remove(key: SinkKey) -> Option<Left> {
         .flatten()
 }
 
-/// Starts a round: `delivery` for every stream of relay `relay`'s sweep on this thread, written
-/// by `step`. `to` is the relay's broadcast, already sent `delivery`; what the streams are
+/// Starts a round: `delivery`, which the relay has sent to its receivers already, for every
+/// stream of relay `relay`'s sweep on this thread, written by `step`; what the streams are
 /// written is counted in `stats`.
 pub fn start(relay: u64, delivery: Delivery, stats: &Arc<Stats>) {
     let _ = SWEEPS.try_with(|sweeps| {
@@ -201,8 +201,8 @@ pub fn start(relay: u64, delivery: Delivery, stats: &Arc<Stats>) {
 
 /// Writes the round of relay `relay` to its next streams: all of them, or (events and
 /// keep-alives, which a stream leaving meanwhile can be given or spared) `streams` of them
-/// (the relay's `STREAMS_PER_STEP`). Returns whether the round is over; if not, the relay
-/// yields and calls again.
+/// (the relay's `STREAMS_PER_STEP`). `to` is the relay's broadcast, which a stream let go of
+/// receives from. Returns whether the round is over; if not, the relay yields and calls again.
 ///
 /// With `more`, the round may grow on the way: every `GROW_EVERY` streams it takes the events
 /// that reached the relay meanwhile (`more` returns them, and the relay delivers them again
