@@ -779,19 +779,24 @@ mod tests {
         Arc::new(Hub::new(8, tx, coalesce))
     }
 
-    /// What the member has received so far, as text: event ids, batches of ids, markers.
+    /// A delivery as text: an event id, a batch of ids, a marker.
+    fn text(delivery: Delivery) -> String {
+        match delivery {
+            Delivery::Event(e) => e.id.to_string(),
+            Delivery::Batch(b) => {
+                let ids: Vec<String> = b.events.iter().map(|e| e.id.to_string()).collect();
+                format!("[{}]", ids.join(" "))
+            }
+            Delivery::Gap { after, reason } => format!("gap {} after {after}", reason.as_str()),
+            Delivery::Keepalive => "keepalive".into(),
+            Delivery::Drain => "drain".into(),
+        }
+    }
+
+    /// What the member has received so far, as text.
     fn received(m: &mut Membership) -> Vec<String> {
         std::iter::from_fn(|| m.receiver.try_recv().ok())
-            .map(|d| match d {
-                Delivery::Event(e) => e.id.to_string(),
-                Delivery::Batch(b) => {
-                    let ids: Vec<String> = b.events.iter().map(|e| e.id.to_string()).collect();
-                    format!("[{}]", ids.join(" "))
-                }
-                Delivery::Gap { after, reason } => format!("gap {} after {after}", reason.as_str()),
-                Delivery::Keepalive => "keepalive".into(),
-                Delivery::Drain => "drain".into(),
-            })
+            .map(text)
             .collect()
     }
 
@@ -934,22 +939,7 @@ mod tests {
 
     /// `gathered` as text: event ids, batches of ids, markers.
     fn gathered_text(queued: Vec<Delivery>) -> Vec<String> {
-        let (tx, mut rx) = broadcast::channel(64);
-        for delivery in gathered(queued) {
-            tx.send(delivery).unwrap();
-        }
-        std::iter::from_fn(|| rx.try_recv().ok())
-            .map(|d| match d {
-                Delivery::Event(e) => e.id.to_string(),
-                Delivery::Batch(b) => {
-                    let ids: Vec<String> = b.events.iter().map(|e| e.id.to_string()).collect();
-                    format!("[{}]", ids.join(" "))
-                }
-                Delivery::Gap { after, reason } => format!("gap {} after {after}", reason.as_str()),
-                Delivery::Keepalive => "keepalive".into(),
-                Delivery::Drain => "drain".into(),
-            })
-            .collect()
+        gathered(queued).into_iter().map(text).collect()
     }
 
     #[test]

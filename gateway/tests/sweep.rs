@@ -15,7 +15,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use support::{get_json, wait_until, Gateway, WAIT};
+use support::{blocking_http_publish_as, get_json, wait_until, Gateway, WAIT};
 
 /// Members of a topic that receive from its channel before relays take over.
 const FILLERS: usize = 8;
@@ -183,27 +183,6 @@ struct Options {
     token: Option<String>,
 }
 
-/// `POST /publish` of `data` on `topic`, with a bearer token if given; the event's id.
-fn publish(addr: SocketAddr, topic: &str, data: &str, token: Option<&str>) -> String {
-    let body = serde_json::json!({ "topic": topic, "data": data }).to_string();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let mut stream = TcpStream::connect(addr).expect("connect");
-    write!(
-        stream,
-        "POST /publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply).unwrap();
-    assert!(reply.starts_with("HTTP/1.1 200"), "publish failed: {reply}");
-    let json = &reply[reply.find("\r\n\r\n").expect("no body") + 4..];
-    let value: serde_json::Value = serde_json::from_str(json).expect("publish reply");
-    value["id"].as_str().unwrap().to_string()
-}
-
 fn status(gw: &Gateway, counter: &str) -> u64 {
     let (_, status) = get_json(gw.addr, "/status");
     status[counter]
@@ -246,7 +225,7 @@ fn swept_streams_get_every_event_once_and_in_order() {
     let published: Vec<(String, String)> = (0..40)
         .map(|i| {
             let data = format!("event {i}");
-            (publish(gw.addr, "s", &data, None), data)
+            (blocking_http_publish_as(gw.addr, "s", &data, None), data)
         })
         .collect();
     let expected = expected(&published);
@@ -285,7 +264,7 @@ fn a_round_over_more_streams_than_one_step_writes_every_event_once_and_in_order(
     let published: Vec<(String, String)> = (0..20)
         .map(|i| {
             let data = format!("event {i}");
-            (publish(gw.addr, "many", &data, None), data)
+            (blocking_http_publish_as(gw.addr, "many", &data, None), data)
         })
         .collect();
     let expected = expected(&published);
@@ -327,7 +306,7 @@ fn a_stream_that_stops_reading_leaves_the_sweep_and_misses_nothing() {
     let published: Vec<(String, String)> = (0..SLOW_EVENTS)
         .map(|i| {
             let data = format!("{i} {padding}");
-            (publish(gw.addr, "slow", &data, None), data)
+            (blocking_http_publish_as(gw.addr, "slow", &data, None), data)
         })
         .collect();
     let expected = expected(&published);
@@ -350,7 +329,7 @@ fn a_stream_that_stops_reading_leaves_the_sweep_and_misses_nothing() {
     let more: Vec<(String, String)> = (0..5)
         .map(|i| {
             let data = format!("more {i}");
-            (publish(gw.addr, "slow", &data, None), data)
+            (blocking_http_publish_as(gw.addr, "slow", &data, None), data)
         })
         .collect();
     let expected = self::expected(&more);
@@ -365,7 +344,7 @@ fn a_client_that_leaves_while_swept_is_closed_and_the_others_go_on() {
     let mut clients: Vec<Client> = (0..4)
         .map(|_| Client::open(gw.addr, "topic=leave"))
         .collect();
-    let first = publish(gw.addr, "leave", "before", None);
+    let first = blocking_http_publish_as(gw.addr, "leave", "before", None);
     for client in &mut clients {
         assert_eq!(client.events(1)[0].id.as_deref(), Some(first.as_str()));
     }
@@ -377,7 +356,7 @@ fn a_client_that_leaves_while_swept_is_closed_and_the_others_go_on() {
         status(&gw, "connections") == open - 1
     });
     assert_eq!(status(&gw, "client_left"), 1);
-    let second = publish(gw.addr, "leave", "after", None);
+    let second = blocking_http_publish_as(gw.addr, "leave", "after", None);
     for client in &mut clients {
         assert_eq!(client.events(1)[0].id.as_deref(), Some(second.as_str()));
     }
@@ -419,7 +398,7 @@ fn a_swept_stream_ends_when_its_token_expires() {
     let mut fillers: Vec<Client> = (0..FILLERS).map(|_| open(600)).collect();
     let mut expiring: Vec<Client> = (0..4).map(|_| open(2)).collect();
     let publisher = token(600);
-    let id = publish(gw.addr, "expiry", "while valid", Some(&publisher));
+    let id = blocking_http_publish_as(gw.addr, "expiry", "while valid", Some(&publisher));
     let started = Instant::now();
     for client in &mut expiring {
         assert_eq!(client.events(1)[0].id.as_deref(), Some(id.as_str()));
@@ -440,7 +419,7 @@ fn a_swept_stream_ends_when_its_token_expires() {
         started.elapsed()
     );
     assert_eq!(status(&gw, "expired"), 4);
-    let later = publish(gw.addr, "expiry", "after", Some(&publisher));
+    let later = blocking_http_publish_as(gw.addr, "expiry", "after", Some(&publisher));
     for filler in &mut fillers {
         let got: Vec<Option<String>> = filler.events(2).into_iter().map(|e| e.id).collect();
         assert_eq!(got, [Some(id.clone()), Some(later.clone())]);
@@ -467,7 +446,10 @@ fn a_drain_ends_swept_streams_within_its_window() {
     let published: Vec<(String, String)> = (0..40)
         .map(|i| {
             let data = format!("before the drain {i}");
-            (publish(gw.addr, "drain", &data, None), data)
+            (
+                blocking_http_publish_as(gw.addr, "drain", &data, None),
+                data,
+            )
         })
         .collect();
     let expected = expected(&published);

@@ -674,12 +674,25 @@ impl RawChunks {
 
 /// `POST /publish` over a blocking socket, for publisher threads outside the test runtime.
 pub fn blocking_http_publish(addr: SocketAddr, topic: &str, data: &str) -> String {
+    blocking_http_publish_as(addr, topic, data, None)
+}
+
+/// `blocking_http_publish` with a bearer token, if given; the event's id.
+pub fn blocking_http_publish_as(
+    addr: SocketAddr,
+    topic: &str,
+    data: &str,
+    token: Option<&str>,
+) -> String {
     use std::io::{Read, Write};
     let body = serde_json::json!({ "topic": topic, "data": data }).to_string();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     let mut stream = std::net::TcpStream::connect(addr).expect("connect");
     write!(
         stream,
-        "POST /publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
