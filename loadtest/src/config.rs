@@ -158,8 +158,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "CMD")]
     pub kill_cmd: Option<String>,
     /// Local addresses to bind client sockets to, round-robin, e.g. 127.0.0.1,127.0.0.2
-    /// (each gives ~28,000 ephemeral ports per gateway) [default: the kernel's choice, or
-    /// 127.0.0.1..127.0.0.N for more than 20,000 connections].
+    /// (each gives ~28,000 ephemeral ports per gateway) [default: against gateways on
+    /// loopback (--spawn, or 127.x.x.x / localhost URLs) with more than 12,000 connections to
+    /// one of them, 127.0.0.1..127.0.0.N, 12,000 connections per address and gateway at most;
+    /// otherwise the kernel's choice].
     #[arg(long, value_delimiter = ',', value_name = "IP,...")]
     pub source_addrs: Vec<IpAddr>,
     /// Connections per process; more than this are spread over worker processes.
@@ -255,8 +257,14 @@ pub struct Plan {
     pub source_addrs: Vec<IpAddr>,
 }
 
-/// Connections above which, without --source-addrs, several loopback source addresses are used.
-const ONE_SOURCE_MAX: u64 = 20_000;
+/// Connections from one loopback source address to one gateway, at most, when the harness picks
+/// the source addresses. Linux's `connect` looks for a free ephemeral port among those of one
+/// parity first, half the range (14,116 of the default 32768-60999); once they are taken by
+/// connections to the same gateway, every further `connect` searches all of them before it
+/// tries the other half, about a millisecond each here: 15,000 connections from one address
+/// opened at 3,000 to 5,800 per second whatever the rate asked, and at 9,854 per second from
+/// two. This stays below that half, with room for reconnections that overlap a close.
+const CONNS_PER_SOURCE_AND_GATEWAY: u64 = 12_000;
 
 impl RunArgs {
     /// Checks the flags; the message names what is wrong.
@@ -378,9 +386,8 @@ impl RunArgs {
         if !(a.max_rss_growth.is_finite() && a.max_rss_growth >= 0.0) {
             return Err("--max-rss-growth must be zero or more".into());
         }
-        let source_addrs = if a.source_addrs.is_empty() && a.connections > ONE_SOURCE_MAX {
-            let n = a.connections.div_ceil(ONE_SOURCE_MAX).min(254) as u8;
-            (1..=n).map(|i| IpAddr::from([127, 0, 0, i])).collect()
+        let source_addrs = if a.source_addrs.is_empty() {
+            loopback_sources(a)
         } else {
             a.source_addrs.clone()
         };
@@ -394,6 +401,42 @@ impl RunArgs {
             args: self,
         })
     }
+}
+
+/// Source addresses 127.0.0.1..127.0.0.N for connections to gateways on loopback, enough that
+/// none has more than `CONNS_PER_SOURCE_AND_GATEWAY` connections to one gateway (after a resume
+/// storm's kill, too); none (the
+/// kernel's choice) when one address is enough or a gateway is elsewhere, where a loopback
+/// source cannot reach it.
+fn loopback_sources(a: &RunArgs) -> Vec<IpAddr> {
+    let on_loopback = a.spawn.is_some() || a.urls.iter().all(|url| is_loopback_url(url));
+    let mut gateways = a.spawn.unwrap_or(a.urls.len()).max(1) as u64;
+    if a.scenario == Scenario::ResumeStorm && gateways > 1 {
+        // The killed replica's clients crowd onto the others.
+        gateways -= 1;
+    }
+    let per_gateway = a.connections.div_ceil(gateways);
+    let n = per_gateway.div_ceil(CONNS_PER_SOURCE_AND_GATEWAY).min(254) as u8;
+    if !on_loopback || n < 2 {
+        return Vec::new();
+    }
+    (1..=n).map(|i| IpAddr::from([127, 0, 0, i])).collect()
+}
+
+/// Whether `url`'s host is an IPv4 loopback address or `localhost` (not looked up: a name that
+/// resolves there is not recognised, and `--source-addrs` remains for it).
+fn is_loopback_url(url: &str) -> bool {
+    let Ok(base) = BaseUrl::parse(url) else {
+        return false;
+    };
+    let host = base
+        .authority
+        .rsplit_once(':')
+        .map_or(base.authority.as_str(), |(host, _)| host);
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The limits of a baseline target: it is measured on fan-out only, with one topic per
@@ -544,8 +587,43 @@ mod tests {
             (p.topics, p.publish_via, p.churn_rate),
             (1, PublishVia::Redis, Some(10.0))
         );
-        let p = plan("--url http://a:1 -c 45000").unwrap();
-        assert_eq!(p.source_addrs.len(), 3);
+    }
+
+    #[test]
+    fn loopback_gateways_get_enough_source_addresses() {
+        let sources = |flags: &str| plan(flags).unwrap().source_addrs;
+        let none: Vec<IpAddr> = Vec::new();
+        let loopback =
+            |n: u8| -> Vec<IpAddr> { (1..=n).map(|i| IpAddr::from([127, 0, 0, i])).collect() };
+        // One address is the kernel's own choice: nothing to bind.
+        assert_eq!(sources("--url http://127.0.0.1:1 -c 12000"), none);
+        assert_eq!(sources("--url http://127.0.0.1:1 -c 12001"), loopback(2));
+        assert_eq!(sources("--url http://localhost:1 -c 45000"), loopback(4));
+        // Counted per gateway: two gateways take 24,000 from one address.
+        assert_eq!(
+            sources("--url http://127.0.0.1:1 --url http://127.0.0.1:2 -c 24000"),
+            none
+        );
+        // Spawned replicas listen on 127.0.0.1 (any existing file stands in for the binary).
+        assert_eq!(sources("--spawn 3 --gateway-bin /bin/sh -c 30000"), none);
+        // After a resume storm's kill, two replicas hold 15,000 each.
+        let storm = "--spawn 3 --gateway-bin /bin/sh --scenario resume-storm -c 30000";
+        assert_eq!(sources(storm), loopback(2));
+        assert_eq!(
+            sources("--spawn 1 --gateway-bin /bin/sh -c 15000"),
+            loopback(2)
+        );
+        // A gateway elsewhere cannot be reached from 127.0.0.x.
+        assert_eq!(sources("--url http://10.0.0.5:8080 -c 45000"), none);
+        assert_eq!(
+            sources("--url http://127.0.0.1:1 --url http://gw.example:80 -c 45000"),
+            none
+        );
+        // Given addresses are used as given.
+        assert_eq!(
+            sources("--url http://10.0.0.5:8080 -c 45000 --source-addrs 10.0.0.7,10.0.0.8"),
+            vec![IpAddr::from([10, 0, 0, 7]), IpAddr::from([10, 0, 0, 8])]
+        );
     }
 
     #[test]
