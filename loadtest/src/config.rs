@@ -405,9 +405,8 @@ impl RunArgs {
 
 /// Source addresses 127.0.0.1..127.0.0.N for connections to gateways on loopback, enough that
 /// none has more than `CONNS_PER_SOURCE_AND_GATEWAY` connections to one gateway (after a resume
-/// storm's kill, too); none (the
-/// kernel's choice) when one address is enough or a gateway is elsewhere, where a loopback
-/// source cannot reach it.
+/// storm's kill, too); none (the kernel's choice) when one address is enough, or when a gateway
+/// is elsewhere: a loopback source cannot reach it.
 fn loopback_sources(a: &RunArgs) -> Vec<IpAddr> {
     let on_loopback = a.spawn.is_some() || a.urls.iter().all(|url| is_loopback_url(url));
     let mut gateways = a.spawn.unwrap_or(a.urls.len()).max(1) as u64;
