@@ -208,26 +208,36 @@ fn expected(published: &[(String, String)]) -> Vec<Event> {
         .collect()
 }
 
-#[test]
-fn swept_streams_get_every_event_once_and_in_order() {
-    let gw = Gateway::start(&["--workers", "1"]);
-    let mut fillers = fillers(gw.addr, "s");
-    // Relayed: HTTP/1.1 and HTTP/1.0 alike.
-    let mut swept: Vec<Client> = (0..16)
+/// `n` streams of `topic` past the fillers (relayed, so swept), HTTP/1.1 and HTTP/1.0 alternating.
+fn relayed(addr: SocketAddr, topic: &str, n: usize) -> Vec<Client> {
+    (0..n)
         .map(|i| {
             let options = Options {
                 http10: i % 2 == 1,
                 ..Options::default()
             };
-            Client::open_with(gw.addr, "topic=s", options)
+            Client::open_with(addr, &format!("topic={topic}"), options)
         })
-        .collect();
-    let published: Vec<(String, String)> = (0..40)
+        .collect()
+}
+
+/// Publishes "event 0" .. "event {n-1}" to `topic` over HTTP: (id, data) of each.
+fn publish_numbered(addr: SocketAddr, topic: &str, n: usize) -> Vec<(String, String)> {
+    (0..n)
         .map(|i| {
             let data = format!("event {i}");
-            (blocking_http_publish_as(gw.addr, "s", &data, None), data)
+            (blocking_http_publish_as(addr, topic, &data, None), data)
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn swept_streams_get_every_event_once_and_in_order() {
+    let gw = Gateway::start(&["--workers", "1"]);
+    let mut fillers = fillers(gw.addr, "s");
+    // Relayed: HTTP/1.1 and HTTP/1.0 alike.
+    let mut swept = relayed(gw.addr, "s", 16);
+    let published = publish_numbered(gw.addr, "s", 40);
     let expected = expected(&published);
     for client in fillers.iter_mut().chain(&mut swept) {
         assert_eq!(client.events(40), expected);
@@ -252,21 +262,8 @@ fn a_round_over_more_streams_than_one_step_writes_every_event_once_and_in_order(
     let max_connections = (2 * MANY).to_string();
     let gw = Gateway::start(&["--workers", "1", "--max-connections", &max_connections]);
     let mut fillers = fillers(gw.addr, "many");
-    let mut swept: Vec<Client> = (0..MANY)
-        .map(|i| {
-            let options = Options {
-                http10: i % 2 == 1,
-                ..Options::default()
-            };
-            Client::open_with(gw.addr, "topic=many", options)
-        })
-        .collect();
-    let published: Vec<(String, String)> = (0..20)
-        .map(|i| {
-            let data = format!("event {i}");
-            (blocking_http_publish_as(gw.addr, "many", &data, None), data)
-        })
-        .collect();
+    let mut swept = relayed(gw.addr, "many", MANY);
+    let published = publish_numbered(gw.addr, "many", 20);
     let expected = expected(&published);
     for client in fillers.iter_mut().chain(&mut swept) {
         assert_eq!(client.events(20), expected);
