@@ -603,7 +603,7 @@ impl ServeArgs {
                  HTTP/2 is negotiated over TLS"
                     .into(),
             )),
-            (Some(cert), Some(key)) => crate::tls::server_config(cert, key)
+            (Some(cert), Some(key)) => crate::http::tls::server_config(cert, key)
                 .map(|tls| Transport::Tls(Arc::new(tls)))
                 .map_err(|e| ConfigError(format!("--tls-cert/--tls-key (SSEGW_TLS_*): {e}"))),
         }

@@ -1,20 +1,17 @@
 //! sse-gateway: a distributed Server-Sent Events gateway backed by Redis. `run` serves one
 //! replica on a bound listener until the shutdown token is cancelled; `main.rs` and the tests
-//! both go through it.
+//! both go through it. The modules, by concept: `config` and `auth` (what is allowed), `bus`
+//! (Redis or the embedded bus), `fanout` (from the bus to every local client), `http` (the
+//! API, pages, handoff and TLS), `telemetry` (logs, traces, metrics and the counters), and
+//! `publisher` (the `publish` command). ARCHITECTURE.md has the map.
 
 pub mod auth;
 pub mod bus;
 pub mod config;
-pub mod handoff;
+pub mod fanout;
 pub mod http;
-pub mod hub;
-pub mod pages;
 pub mod publisher;
-pub mod sse;
-pub mod stats;
-pub mod sweep;
 pub mod telemetry;
-pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,9 +24,9 @@ use tokio_util::task::AbortOnDropHandle;
 use crate::auth::Auth;
 use crate::bus::Bus;
 use crate::config::{Config, CorsConfig, Transport};
+use crate::fanout::hub::{Hub, Observer};
 use crate::http::AppState;
-use crate::hub::{Hub, Observer};
-use crate::stats::Stats;
+use crate::telemetry::stats::Stats;
 use crate::telemetry::Metrics;
 
 /// Serves one gateway replica on `listener` until `shutdown` is cancelled, then drains: the
@@ -96,7 +93,7 @@ pub async fn run(
         stats: stats.clone(),
         auth: Arc::new(Auth::new(config.auth.clone())),
         drain: shutdown.clone(),
-        status_streams: Arc::new(tokio::sync::Semaphore::new(pages::MAX_STATUS_STREAMS)),
+        status_streams: Arc::new(tokio::sync::Semaphore::new(http::pages::MAX_STATUS_STREAMS)),
         metrics,
     });
     let cors = config.cors.clone();
@@ -123,7 +120,7 @@ pub async fn run(
         // actix offers h2 first, then http/1.1, by ALPN.
         Transport::Tls(tls) => HttpServer::new(app)
             .on_connect(move |connection, _| {
-                if let Some(tcp) = tls::tcp_socket(connection) {
+                if let Some(tcp) = http::tls::tcp_socket(connection) {
                     tune(tcp);
                 }
             })
@@ -135,7 +132,7 @@ pub async fn run(
             .listen_rustls_0_23(listener, (*tls).clone())?
             .run(),
         // Plain HTTP/1 event streams leave actix-http once their head is out (see `handoff`).
-        plain => handoff::listen(
+        plain => http::handoff::listen(
             actix_web::dev::Server::build()
                 .workers(config.workers)
                 .disable_signals()

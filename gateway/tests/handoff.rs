@@ -1,5 +1,5 @@
 //! On a plain-HTTP listener an event stream leaves actix-http once its head is out, and the
-//! gateway writes its chunks itself (`gateway/src/handoff.rs`). What clients see on the wire:
+//! gateway writes its chunks itself (`gateway/src/http/handoff.rs`). What clients see on the wire:
 //! a chunked HTTP/1.1 response that ends with the last chunk, after other requests on the same
 //! connection too; HTTP/1.0 clients, which have no chunks, get the bare stream, ended by the
 //! close. Both on a plain listener and on one that also takes h2c.

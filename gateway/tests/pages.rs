@@ -166,7 +166,7 @@ async fn status_streams_are_limited_per_replica() {
             .expect("GET /status/stream")
     };
     let mut streams = Vec::new();
-    for _ in 0..sse_gateway::pages::MAX_STATUS_STREAMS {
+    for _ in 0..sse_gateway::http::pages::MAX_STATUS_STREAMS {
         let response = open().await;
         assert_eq!(response.status(), 200);
         streams.push(response);

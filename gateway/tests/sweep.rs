@@ -1,5 +1,5 @@
 //! A worker's relay writes the caught-up streams of a topic itself, one sweep per delivery,
-//! instead of waking each stream's task (`gateway/src/sweep.rs`). A swept stream must look
+//! instead of waking each stream's task (`gateway/src/fanout/sweep.rs`). A swept stream must look
 //! exactly like any other on the wire, and leave the sweep whenever it needs its own task: a
 //! client that stops reading, one that leaves, a token that expires, a drain.
 //!
@@ -248,7 +248,7 @@ fn swept_streams_get_every_event_once_and_in_order() {
 }
 
 /// More swept streams than a round writes in one step, so every round pauses at least once.
-const MANY: usize = sse_gateway::sweep::STREAMS_PER_STEP + 52;
+const MANY: usize = sse_gateway::fanout::sweep::STREAMS_PER_STEP + 52;
 
 #[test]
 fn a_round_over_more_streams_than_one_step_writes_every_event_once_and_in_order() {

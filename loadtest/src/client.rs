@@ -26,13 +26,13 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::config::Target;
 use crate::http1::{self, BaseUrl, Chunked, Framing};
 use crate::latency::{Buckets, Latency};
 use crate::layout::Layout;
 use crate::payload;
 use crate::publisher::resolve;
 use crate::sse;
+use crate::target::Target;
 use crate::tracking::{StreamIdRepr, TopicTrack};
 
 /// Longest wait for a TCP connect.

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::http1::BaseUrl;
+use crate::target::Target;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -44,36 +45,6 @@ pub enum Scenario {
     ResumeStorm,
     /// A long run; memory and latency sampled every interval must stay stable.
     Soak,
-}
-
-/// The server under test. The baselines answer the same question with the same client,
-/// publisher and accounting, so the gateway can be compared with them in one run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Target {
-    /// sse-gateway replicas.
-    Gateway,
-    /// `ssegw-baseline`: a plain actix-web handler streaming from a tokio broadcast channel
-    /// (no Redis, no ids).
-    Actix,
-    /// nginx with the nchan module, storing messages in Redis.
-    Nchan,
-}
-
-impl Target {
-    pub fn name(self) -> &'static str {
-        match self {
-            Target::Gateway => "gateway",
-            Target::Actix => "actix",
-            Target::Nchan => "nchan",
-        }
-    }
-
-    /// Whether a reconnecting client can resume with `Last-Event-ID` and be owed what it
-    /// missed. Only the gateway promises that; the harness resumes nowhere else.
-    pub fn resumes(self) -> bool {
-        self == Target::Gateway
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]

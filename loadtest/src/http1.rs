@@ -5,7 +5,7 @@
 
 use anyhow::{bail, Context};
 
-use crate::config::Target;
+use crate::target::Target;
 
 /// A server's base URL, `http://host:port[/prefix]`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -16,6 +16,7 @@ pub mod publisher;
 pub mod report;
 pub mod run;
 pub mod sse;
+pub mod target;
 pub mod tracking;
 pub mod worker;
 

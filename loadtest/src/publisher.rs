@@ -25,10 +25,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Target;
 use crate::http1::{self, BaseUrl};
 use crate::layout::Layout;
 use crate::payload::{self, Payload};
+use crate::target::Target;
 use crate::tracking::AckLog;
 
 /// An event sent later than this after its scheduled time counts as late.

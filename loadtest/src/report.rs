@@ -3,8 +3,9 @@
 
 use serde::Serialize;
 
-use crate::config::{LossBudget, Plan, PublishVia, Scenario, Target};
+use crate::config::{LossBudget, Plan, PublishVia, Scenario};
 use crate::latency::LatencySummary;
+use crate::target::Target;
 use crate::tracking::Tally;
 
 #[derive(Debug, Serialize)]

@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{gap_for, BusError, Page};
 use crate::config::BusConfig;
-use crate::hub::{Event, Hub, Interest};
+use crate::fanout::event::Event;
+use crate::fanout::hub::{Hub, Interest};
 
 pub struct MemoryBus {
     logs: Arc<Mutex<HashMap<Topic, Log>>>,

@@ -1,6 +1,8 @@
 //! The bus: where events are published, stored and received. Two implementations with the same
-//! semantics (ids, history, gap detection): Redis for a fleet of replicas, and an embedded
-//! in-memory bus for a single node. Only this module talks to Redis.
+//! semantics (ids, history, gap detection): Redis for a fleet of replicas (`redis`), and an
+//! embedded in-memory bus for a single node (`memory`); concurrent reads of one history page
+//! share one call (`single_flight`). Only this module talks to Redis. It hands each event to
+//! the hub once and never touches a client's stream or parses HTTP.
 
 mod memory;
 mod redis;
@@ -15,7 +17,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::BusConfig;
-use crate::hub::{Event, Hub, Interest};
+use crate::fanout::event::Event;
+use crate::fanout::hub::{Hub, Interest};
 
 pub use self::memory::MemoryBus;
 pub use self::redis::RedisBus;

@@ -36,9 +36,9 @@ use ssegw_protocol::StreamId;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::broadcast;
 
-use crate::hub::Delivery;
-use crate::sse::Connection;
-use crate::sweep::{self, Sink, SinkKey};
+use crate::fanout::event::Delivery;
+use crate::fanout::sse::Connection;
+use crate::fanout::sweep::{self, Sink, SinkKey};
 
 /// A connection's way out of actix-http, in the request's connection data
 /// (`HttpRequest::conn_data`) on a listener that hands streams off.
@@ -58,7 +58,7 @@ struct Parked {
 impl Handoff {
     /// Parks `connection` to be written on this connection's socket once actix-http lets go of
     /// it. The response must then carry no body and close the connection: see
-    /// [`crate::http`]'s subscribe handler.
+    /// [`crate::http::api`]'s subscribe handler.
     pub fn park(&self, connection: Connection, chunked: bool) {
         let mut parked = self.0.borrow_mut();
         parked.connection = Some(connection);
@@ -576,7 +576,7 @@ async fn write_all(socket: &TcpStream, mut slices: &mut [IoSlice<'_>]) -> io::Re
 #[cfg(test)]
 mod tests {
     use super::write_stream;
-    use crate::sse::tests::idle_connection;
+    use crate::fanout::sse::tests::idle_connection;
 
     /// A handed-off connection's task holds this future for the stream's whole life: it must
     /// stay the size of the stream's state, not of actix-http's dispatcher. Measured figures:

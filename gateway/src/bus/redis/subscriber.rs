@@ -1,11 +1,7 @@
-//! The Redis bus: publishes and reads through the Lua library (`ssegw_publish`, `ssegw_read`),
-//! and holds this replica's single pub/sub connection, shared by all its topics. Every event is
-//! read from Redis once per replica and framed once, whatever the number of local clients.
-//!
-//! The pub/sub link is checked end to end by a canary: the replica publishes to its own channel
-//! through the command pool and must receive it back within the Redis timeout. When the link
-//! fails, streams stay open; after reconnecting, every topic is subscribed again and backfilled
-//! from its stream after the last event delivered, so nothing Redis still holds is missed.
+//! `Subscriber`: the replica's one pub/sub connection, shared by all its topics. It applies the
+//! hub's interest changes in batches, hands every message to the hub, checks the link end to
+//! end with canaries, and after a reconnect subscribes and backfills every topic the hub still
+//! serves. It runs commands only through `Commands`.
 
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
@@ -13,20 +9,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_redis::{Pool, Runtime};
 use futures_util::StreamExt;
-use redis::Value;
-use ssegw_protocol::frame::{EventType, GapReason};
-use ssegw_protocol::script::{self, ChannelMessage, ScriptSettings};
-use ssegw_protocol::{StreamId, Topic, Traceparent};
+use ssegw_protocol::frame::EventType;
+use ssegw_protocol::script::{self, ChannelMessage};
+use ssegw_protocol::Topic;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
-use super::single_flight::SingleFlight;
-use super::{BusError, Page};
-use crate::config::BusConfig;
-use crate::hub::{Channel, Event, Hub, Interest};
+use super::commands::Commands;
+use super::reply::unavailable;
+use crate::bus::BusError;
+use crate::fanout::event::Event;
+use crate::fanout::hub::{Channel, Hub, Interest};
 
 /// Channels per SUBSCRIBE command when many are (re)subscribed at once.
 const SUBSCRIBE_BATCH: usize = 1000;
@@ -35,231 +30,23 @@ const READ_BATCH: usize = 64;
 /// Events per topic per read while backfilling after a reconnect.
 const BACKFILL_PAGE: usize = 200;
 
-pub struct RedisBus {
-    commands: Commands,
-    /// True while canaries make the round trip through Redis in time.
-    ready: Arc<AtomicBool>,
-    /// History reads under way: a caller asking the same page joins one (see `single_flight`).
-    reads: SingleFlight<(Topic, StreamId, usize), ReadResult>,
-}
-
-type ReadResult = Result<Arc<Page>, BusError>;
-
-impl RedisBus {
-    /// Starts the bus of a serving replica: command pool plus the pub/sub subscriber task.
-    pub fn start(
-        url: &str,
-        config: &BusConfig,
-        hub: Arc<Hub>,
-        interest: mpsc::UnboundedReceiver<Interest>,
-        shutdown: CancellationToken,
-    ) -> Result<RedisBus, BusError> {
-        let bus = RedisBus::connect(
-            url,
-            config.redis_pool_size,
-            config.redis_timeout,
-            &config.script,
-        )?;
-        let subscriber = Subscriber {
-            client: redis::Client::open(url).map_err(unavailable)?,
-            commands: bus.commands.clone(),
-            hub,
-            interest,
-            ready: bus.ready.clone(),
-            canary_channel: format!("ssegw:canary:{}", uuid::Uuid::new_v4()),
-            canary_interval: config.canary_interval,
-            shutdown,
-        };
-        tokio::spawn(subscriber.run());
-        Ok(bus)
-    }
-
-    /// A bus for publishing and reading only (the `publish` command); connects lazily.
-    pub fn connect(
-        url: &str,
-        pool_size: usize,
-        timeout: Duration,
-        script: &ScriptSettings,
-    ) -> Result<RedisBus, BusError> {
-        let pool = deadpool_redis::Config::from_url(url)
-            .builder()
-            .map_err(|e| BusError::Unavailable(e.to_string()))?
-            .max_size(pool_size)
-            // deadpool waits forever by default; a drained pool must fail like a dead Redis.
-            .wait_timeout(Some(timeout))
-            .create_timeout(Some(timeout))
-            .recycle_timeout(Some(timeout))
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|e| BusError::Unavailable(e.to_string()))?;
-        Ok(RedisBus {
-            commands: Commands {
-                pool,
-                library: script::function_library(script).into(),
-                timeout,
-            },
-            ready: Arc::new(AtomicBool::new(false)),
-            reads: SingleFlight::new(),
-        })
-    }
-
-    pub async fn publish(
-        &self,
-        topic: &Topic,
-        event: Option<&EventType>,
-        data: &str,
-        traceparent: Option<&Traceparent>,
-    ) -> Result<StreamId, BusError> {
-        let mut cmd = redis::cmd("FCALL");
-        cmd.arg(script::PUBLISH_FUNCTION)
-            .arg(1)
-            .arg(topic.as_str())
-            .arg(data)
-            .arg(event.map_or("", EventType::as_str));
-        if let Some(traceparent) = traceparent {
-            cmd.arg(traceparent.as_str());
-        }
-        let id: String = self.commands.fcall(&cmd).await?;
-        StreamId::parse(&id).map_err(|_| BusError::Unavailable(format!("unexpected id {id:?}")))
-    }
-
-    /// Reads up to `count` events after `after` as Redis had them after `since`, sharing the
-    /// Redis call with concurrent callers asking the same.
-    pub async fn read(
-        &self,
-        topic: &Topic,
-        after: StreamId,
-        count: usize,
-        since: std::time::Instant,
-    ) -> ReadResult {
-        let connect = || async { self.commands.connection().await.map_err(Err) };
-        let query = |mut conn: deadpool_redis::Connection| async move {
-            let cmd = read_cmd(topic, Some(after), count);
-            let reply: Value = self.commands.fcall_on(&mut conn, &cmd).await?;
-            parse_page(reply).map(Arc::new).ok_or_else(malformed)
-        };
-        let key = (topic.clone(), after, count);
-        self.reads.run(key, since, connect, query).await
-    }
-
-    /// True while the last canary came back in time: the replica receives what is published.
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
-    }
-}
-
-/// `FCALL ssegw_read 1 <topic> <after> <count>`; without `after`, only the head is asked for.
-fn read_cmd(topic: &Topic, after: Option<StreamId>, count: usize) -> redis::Cmd {
-    let mut cmd = redis::cmd("FCALL");
-    cmd.arg(script::READ_FUNCTION)
-        .arg(1)
-        .arg(topic.as_str())
-        .arg(after.map_or(String::new(), |id| id.to_string()))
-        .arg(count);
-    cmd
-}
-
-fn malformed() -> BusError {
-    BusError::Unavailable("malformed ssegw_read reply".into())
-}
-
-/// Command-connection work shared by request handlers and the subscriber task.
-#[derive(Clone)]
-struct Commands {
-    pool: Pool,
-    library: Arc<str>,
-    timeout: Duration,
-}
-
-impl Commands {
-    async fn connection(&self) -> Result<deadpool_redis::Connection, BusError> {
-        self.pool
-            .get()
-            .await
-            .map_err(|e| BusError::Unavailable(e.to_string()))
-    }
-
-    /// Runs an `FCALL`, loading the library first if Redis lost it (a restart without
-    /// persistence, `FUNCTION FLUSH`).
-    async fn fcall<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, BusError> {
-        let mut conn = self.connection().await?;
-        self.fcall_on(&mut conn, cmd).await
-    }
-
-    async fn fcall_on<T: redis::FromRedisValue>(
-        &self,
-        conn: &mut deadpool_redis::Connection,
-        cmd: &redis::Cmd,
-    ) -> Result<T, BusError> {
-        match self.query(cmd, conn).await {
-            Err(BusError::Rejected(msg)) if msg.contains("Function not found") => {
-                self.load_library(conn).await?;
-                self.query(cmd, conn).await
-            }
-            other => other,
-        }
-    }
-
-    async fn query<T: redis::FromRedisValue>(
-        &self,
-        cmd: &redis::Cmd,
-        conn: &mut deadpool_redis::Connection,
-    ) -> Result<T, BusError> {
-        match tokio::time::timeout(self.timeout, cmd.query_async(conn)).await {
-            Err(_) => Err(BusError::Unavailable("Redis did not answer in time".into())),
-            Ok(Err(e)) => Err(classify(e)),
-            Ok(Ok(value)) => Ok(value),
-        }
-    }
-
-    async fn load_library(&self, conn: &mut deadpool_redis::Connection) -> Result<(), BusError> {
-        let mut cmd = redis::cmd("FUNCTION");
-        cmd.arg("LOAD").arg("REPLACE").arg(&*self.library);
-        self.query::<String>(&cmd, conn).await.map(drop)
-    }
-
-    /// Reads several topics in one pipelined round trip: `count` events after each position,
-    /// or only the head where no position is given.
-    async fn read_many(
-        &self,
-        requests: &[(&Topic, Option<StreamId>)],
-        count: usize,
-    ) -> Result<Vec<Page>, BusError> {
-        let mut conn = self.connection().await?;
-        let mut pipe = redis::pipe();
-        for (topic, after) in requests {
-            pipe.add_command(read_cmd(topic, *after, count));
-        }
-        let replies: Vec<Value> =
-            match tokio::time::timeout(self.timeout, pipe.query_async(&mut conn)).await {
-                Err(_) => return Err(BusError::Unavailable("Redis did not answer in time".into())),
-                Ok(result) => result.map_err(classify)?,
-            };
-        replies
-            .into_iter()
-            .map(parse_page)
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(malformed)
-    }
-}
-
 /// Owns the replica's pub/sub connection: applies the hub's interest changes in batches,
 /// dispatches every message to the hub, checks the link with canaries, and after a reconnect
 /// subscribes and backfills every topic the hub still serves.
-struct Subscriber {
-    client: redis::Client,
-    commands: Commands,
-    hub: Arc<Hub>,
-    interest: mpsc::UnboundedReceiver<Interest>,
-    ready: Arc<AtomicBool>,
+pub(super) struct Subscriber {
+    pub(super) client: redis::Client,
+    pub(super) commands: Commands,
+    pub(super) hub: Arc<Hub>,
+    pub(super) interest: mpsc::UnboundedReceiver<Interest>,
+    pub(super) ready: Arc<AtomicBool>,
     /// This replica's own channel, for canaries.
-    canary_channel: String,
-    canary_interval: Duration,
-    shutdown: CancellationToken,
+    pub(super) canary_channel: String,
+    pub(super) canary_interval: Duration,
+    pub(super) shutdown: CancellationToken,
 }
 
 impl Subscriber {
-    async fn run(mut self) {
+    pub(super) async fn run(mut self) {
         let mut backoff = Backoff::default();
         let mut connected_before = false;
         loop {
@@ -544,94 +331,4 @@ impl Backoff {
     fn reset(&mut self) {
         self.attempt = 0;
     }
-}
-
-fn unavailable(e: redis::RedisError) -> BusError {
-    BusError::Unavailable(e.to_string())
-}
-
-/// Errors raised by the Lua library (`ERR ssegw: ...`) and missing functions are answers, not
-/// outages.
-fn classify(e: redis::RedisError) -> BusError {
-    let detail = e.detail().unwrap_or_default();
-    if let Some(reason) = detail.strip_prefix("ssegw: ") {
-        BusError::Rejected(reason.to_string())
-    } else if detail.contains("Function not found") {
-        BusError::Rejected(detail.to_string())
-    } else {
-        unavailable(e)
-    }
-}
-
-fn as_text(value: &Value) -> Option<&str> {
-    match value {
-        Value::BulkString(bytes) => std::str::from_utf8(bytes).ok(),
-        Value::SimpleString(text) => Some(text),
-        _ => None,
-    }
-}
-
-/// `{status, head, entries}` as returned by `ssegw_read`.
-fn parse_page(reply: Value) -> Option<Page> {
-    let Value::Array(mut items) = reply else {
-        return None;
-    };
-    if items.len() != 3 {
-        return None;
-    }
-    let Value::Array(raw_entries) = items.pop()? else {
-        return None;
-    };
-    let gap = match as_text(&items[0])? {
-        "ok" => None,
-        "trimmed" => Some(GapReason::Trimmed),
-        "lost" => Some(GapReason::Lost),
-        _ => return None,
-    };
-    let head = StreamId::parse(as_text(&items[1])?).ok()?;
-    let entries = raw_entries
-        .iter()
-        .map(parse_entry)
-        .collect::<Option<Vec<_>>>()?;
-    Some(Page { gap, head, entries })
-}
-
-/// `[id, [field, value, ...]]` with fields `d` (data) and optionally `e` (event type) and `t`
-/// (traceparent).
-fn parse_entry(entry: &Value) -> Option<Arc<Event>> {
-    let Value::Array(parts) = entry else {
-        return None;
-    };
-    let id = StreamId::parse(as_text(parts.first()?)?).ok()?;
-    let Value::Array(fields) = parts.get(1)? else {
-        return None;
-    };
-    let (mut data, mut event, mut traceparent) = (None, None, None);
-    for pair in fields.chunks(2) {
-        match (pair.first(), pair.get(1)) {
-            (Some(key), Some(Value::BulkString(value))) => match as_text(key)? {
-                "d" => data = Some(value.as_slice()),
-                // Checked as the publish function would: an entry written around it must not
-                // forge SSE fields. An invalid type is dropped and the data delivered.
-                "e" => {
-                    event = std::str::from_utf8(value)
-                        .ok()
-                        .and_then(|e| EventType::new(e).ok());
-                    if event.is_none() {
-                        tracing::warn!(%id, "ignoring an invalid event type in a stream entry");
-                    }
-                }
-                "t" => {
-                    traceparent = std::str::from_utf8(value)
-                        .ok()
-                        .and_then(|t| Traceparent::new(t).ok());
-                }
-                _ => {}
-            },
-            _ => return None,
-        }
-    }
-    Some(Arc::new(
-        Event::new(id, event.as_ref(), data?).traced(traceparent),
-    ))
 }

@@ -88,7 +88,7 @@ impl Stats {
                 .f64_histogram(name)
                 .with_unit("s")
                 .with_description(description)
-                .with_boundaries(crate::telemetry::LATENCY_BUCKETS.to_vec())
+                .with_boundaries(LATENCY_BUCKETS.to_vec())
                 .build()
         };
         Stats {
@@ -266,6 +266,11 @@ impl Drop for Slot {
         }
     }
 }
+
+/// Histogram buckets for latencies in seconds: 1 ms to 30 s.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 #[cfg(test)]
 mod tests {

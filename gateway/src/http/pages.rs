@@ -13,7 +13,8 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
 use ssegw_protocol::frame;
 
-use crate::http::{only, status_json, ApiError, AppState};
+use super::error::{only, ApiError};
+use super::state::{status_json, AppState};
 
 /// How often `/status/stream` sends the replica's status.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
@@ -26,32 +27,32 @@ const ASSETS: &[Asset] = &[
     Asset {
         path: "/",
         content_type: "text/html; charset=utf-8",
-        body: include_bytes!("../assets/demo.html"),
+        body: include_bytes!("../../assets/demo.html"),
     },
     Asset {
         path: "/status/page",
         content_type: "text/html; charset=utf-8",
-        body: include_bytes!("../assets/status.html"),
+        body: include_bytes!("../../assets/status.html"),
     },
     Asset {
         path: "/assets/demo.js",
         content_type: "text/javascript; charset=utf-8",
-        body: include_bytes!("../assets/demo.js"),
+        body: include_bytes!("../../assets/demo.js"),
     },
     Asset {
         path: "/assets/status.js",
         content_type: "text/javascript; charset=utf-8",
-        body: include_bytes!("../assets/status.js"),
+        body: include_bytes!("../../assets/status.js"),
     },
     Asset {
         path: "/assets/pages.css",
         content_type: "text/css; charset=utf-8",
-        body: include_bytes!("../assets/pages.css"),
+        body: include_bytes!("../../assets/pages.css"),
     },
     Asset {
         path: "/assets/icon.svg",
         content_type: "image/svg+xml",
-        body: include_bytes!("../assets/icon.svg"),
+        body: include_bytes!("../../assets/icon.svg"),
     },
 ];
 

@@ -16,8 +16,8 @@ use bytes::{Bytes, BytesMut};
 use ssegw_protocol::{frame, StreamId};
 use tokio::sync::broadcast;
 
-use crate::hub::Delivery;
-use crate::stats::Stats;
+use super::event::Delivery;
+use crate::telemetry::stats::Stats;
 
 /// A caught-up stream that its thread's relay writes to in its sweep (`handoff` implements it
 /// for handed-off HTTP/1 streams). Calls come from the relay task, on the stream's own thread,
@@ -561,8 +561,8 @@ mod tests {
     use super::{
         chunk_size_line, insert, remove, start, step, Left, Run, Sink, SinkKey, Swept, GROW_EVERY,
     };
-    use crate::hub::{Batch, Delivery, Event};
-    use crate::stats::Stats;
+    use crate::fanout::event::{Batch, Delivery, Event};
+    use crate::telemetry::stats::Stats;
 
     /// A stream the sweep only writes to; it counts the times the sweep handed it anything.
     struct Client {

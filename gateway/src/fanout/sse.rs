@@ -19,10 +19,11 @@ use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 
+use super::event::{Delivery, Event};
+use super::hub::Membership;
 use crate::bus::Bus;
 use crate::config::StreamConfig;
-use crate::hub::{Delivery, Event, Membership};
-use crate::stats::Slot;
+use crate::telemetry::stats::Slot;
 
 /// Events read from history per request while replaying.
 const REPLAY_PAGE: usize = 500;
@@ -616,8 +617,8 @@ pub(crate) mod tests {
     use super::{Connection, Start};
     use crate::bus::Bus;
     use crate::config::Config;
-    use crate::hub::Hub;
-    use crate::stats::Stats;
+    use crate::fanout::hub::Hub;
+    use crate::telemetry::stats::Stats;
 
     /// A fresh single-topic connection on the embedded bus, as the subscribe handler builds it.
     pub(crate) fn idle_connection() -> Connection {

@@ -1,8 +1,8 @@
-//! The HTTP surface: routes, request parsing, and the one error type that maps to responses.
-//! Handlers validate everything before touching the hub or the bus.
+//! The API's handlers: `GET /events` (subscribe), `POST /publish`, `/healthz`, `/readyz`,
+//! `/status` and `/metrics`, and the parsing of their input (`SubscribeRequest`,
+//! `PublishBody`). Every input is validated here, before the hub or the bus is touched.
 
 use std::convert::Infallible;
-use std::sync::Arc;
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
@@ -10,200 +10,17 @@ use bytes::Bytes;
 use serde::Deserialize;
 use ssegw_protocol::frame::EventType;
 use ssegw_protocol::{cursor, StreamId, Topic, TopicSet, Traceparent};
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::auth::{Action, Auth, AuthError, Grant};
-use crate::bus::{Bus, BusError};
-use crate::config::{Redacted, StreamConfig};
-use crate::handoff::Handoff;
-use crate::hub::Hub;
-use crate::sse::{Connection, Start};
-use crate::stats::Stats;
+use super::error::ApiError;
+use super::handoff::Handoff;
+use super::state::{status_json, AppState};
+use crate::auth::{Action, Grant};
+use crate::config::Redacted;
+use crate::fanout::sse::{Connection, Start};
 use crate::telemetry;
 
-/// Shared by every worker; built once, outside the `HttpServer` factory.
-pub struct AppState {
-    pub hub: Arc<Hub>,
-    pub bus: Arc<Bus>,
-    pub stream: Arc<StreamConfig>,
-    pub stats: Arc<Stats>,
-    pub auth: Arc<Auth>,
-    /// Cancelled when the replica starts draining.
-    pub drain: CancellationToken,
-    /// Places for `/status/stream` responses (`pages::MAX_STATUS_STREAMS`). Each response holds
-    /// one until it ends; when none is left, the request gets a 503. They are not event streams
-    /// and do not count under `--max-connections`, but they must not be unbounded either.
-    pub status_streams: Arc<tokio::sync::Semaphore>,
-    /// Behind `/metrics`, and the OTLP push when configured.
-    pub metrics: Arc<crate::telemetry::Metrics>,
-}
-
-/// A clear status and message for the client; the detail is logged where it arises.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    message: String,
-    /// A header the status calls for (`Allow` with 405, `WWW-Authenticate` with 401 and 403).
-    header: Option<(header::HeaderName, &'static str)>,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            message: message.into(),
-            header: None,
-        }
-    }
-
-    /// 503: the request may succeed later, here or on another replica.
-    pub(crate) fn unavailable(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
-    }
-
-    fn bad_request(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, message)
-    }
-
-    pub fn status(&self) -> StatusCode {
-        self.status
-    }
-
-    /// What the client is told.
-    pub fn message(&self) -> &str {
-        &self.message
-    }
-}
-
-impl std::fmt::Display for ApiError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl ResponseError for ApiError {
-    fn status_code(&self) -> StatusCode {
-        self.status
-    }
-
-    fn error_response(&self) -> HttpResponse {
-        let mut response = HttpResponse::build(self.status);
-        if let Some(extra) = &self.header {
-            response.insert_header(extra.clone());
-        }
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            // Spread the retries of many refused clients over a few seconds.
-            response.insert_header((header::RETRY_AFTER, fastrand::u8(1..=5).to_string()));
-        }
-        response.json(serde_json::json!({ "error": self.message }))
-    }
-}
-
-impl ApiError {
-    /// 401 or 403, with the `WWW-Authenticate` challenge of RFC 6750; counted in `stats`.
-    fn auth(e: AuthError, stats: &Stats) -> ApiError {
-        let (status, challenge, counter) = match &e {
-            AuthError::Missing(_) => (
-                StatusCode::UNAUTHORIZED,
-                r#"Bearer realm="sse-gateway""#,
-                &stats.unauthorized,
-            ),
-            AuthError::Invalid(_) => (
-                StatusCode::UNAUTHORIZED,
-                r#"Bearer realm="sse-gateway", error="invalid_token""#,
-                &stats.unauthorized,
-            ),
-            AuthError::Forbidden(_) => (
-                StatusCode::FORBIDDEN,
-                r#"Bearer realm="sse-gateway", error="insufficient_scope""#,
-                &stats.forbidden,
-            ),
-        };
-        stats.record(counter);
-        ApiError {
-            header: Some((header::WWW_AUTHENTICATE, challenge)),
-            ..ApiError::new(status, e.to_string())
-        }
-    }
-}
-
-impl From<BusError> for ApiError {
-    fn from(e: BusError) -> ApiError {
-        match e {
-            BusError::Rejected(message) => ApiError::bad_request(message),
-            BusError::Unavailable(detail) => {
-                tracing::warn!(%detail, "bus unavailable");
-                ApiError::unavailable("event store unavailable, retry later")
-            }
-        }
-    }
-}
-
-/// Every route; with `pages`, also the demo and status pages (`pages::routes`).
-pub fn routes(cfg: &mut web::ServiceConfig, max_event_bytes: usize, pages: bool) {
-    // JSON escaping can grow data up to six-fold (`\u0000`); the data limit is checked after.
-    let json = web::JsonConfig::default()
-        .limit(max_event_bytes * 6 + 4096)
-        .error_handler(|e, _| json_error(e).into());
-    cfg.app_data(json)
-        .service(only(
-            web::resource("/events").route(web::get().to(events)),
-            "GET",
-        ))
-        .service(only(
-            web::resource("/publish").route(web::post().to(publish)),
-            "POST",
-        ))
-        .service(only(
-            web::resource("/healthz").route(web::get().to(healthz)),
-            "GET",
-        ))
-        .service(only(
-            web::resource("/readyz").route(web::get().to(readyz)),
-            "GET",
-        ))
-        .service(only(
-            web::resource("/status").route(web::get().to(status)),
-            "GET",
-        ))
-        .service(only(
-            web::resource("/metrics").route(web::get().to(metrics)),
-            "GET",
-        ));
-    if pages {
-        crate::pages::routes(cfg);
-    }
-    cfg.default_service(web::to(move |req: HttpRequest| async move {
-        let pages = if pages {
-            " and the pages /, /status/page (with /status/stream)"
-        } else {
-            ""
-        };
-        Err::<HttpResponse, _>(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!(
-                "no route for {}; see /events, /publish, /healthz, /readyz, /status, /metrics{pages}",
-                req.path()
-            ),
-        ))
-    }));
-}
-
-/// A resource that answers other methods with 405 and an `Allow` header.
-pub(crate) fn only(resource: actix_web::Resource, method: &'static str) -> actix_web::Resource {
-    resource.default_service(web::to(move || async move {
-        Err::<HttpResponse, _>(ApiError {
-            header: Some((header::ALLOW, method)),
-            ..ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                format!("method not allowed; use {method}"),
-            )
-        })
-    }))
-}
-
-fn json_error(e: actix_web::error::JsonPayloadError) -> ApiError {
+pub(super) fn json_error(e: actix_web::error::JsonPayloadError) -> ApiError {
     use actix_web::error::JsonPayloadError as E;
     match e {
         E::Overflow { limit } | E::OverflowKnownLength { limit, .. } => ApiError::new(
@@ -275,7 +92,10 @@ impl SubscribeRequest {
     }
 }
 
-async fn events(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub(super) async fn events(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let request = SubscribeRequest::parse(
         req.query_string(),
         req.headers().get("last-event-id").map(|h| h.as_bytes()),
@@ -497,7 +317,7 @@ impl PublishBody {
 /// `POST /publish`, in a span of its own: a child of the caller's `traceparent` when it sent
 /// one, whose trace context is stored with the event so that every replica's delivery links
 /// back to it. Its log lines carry the request id and the trace id.
-async fn publish(
+pub(super) async fn publish(
     req: HttpRequest,
     body: web::Json<PublishBody>,
     state: web::Data<AppState>,
@@ -571,7 +391,7 @@ fn request_id(req: &HttpRequest) -> String {
 }
 
 /// This replica's metrics in the Prometheus text format.
-async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+pub(super) async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     match state.metrics.render() {
         Ok(text) => HttpResponse::Ok()
             .content_type("text/plain; version=0.0.4; charset=utf-8")
@@ -587,11 +407,11 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     }
 }
 
-async fn healthz() -> HttpResponse {
+pub(super) async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({ "status": "alive" }))
 }
 
-async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+pub(super) async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let bus = state.bus.describe();
     let status = if state.drain.is_cancelled() {
         "draining"
@@ -603,18 +423,8 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::ServiceUnavailable().json(serde_json::json!({ "status": status, "bus": bus }))
 }
 
-async fn status(state: web::Data<AppState>) -> HttpResponse {
+pub(super) async fn status(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok().json(status_json(&state))
-}
-
-/// This replica's counters and state, as JSON: the body of `/status`, and of each event of
-/// `/status/stream`.
-pub fn status_json(state: &AppState) -> serde_json::Value {
-    let mut body = state.stats.to_json();
-    body["topics"] = state.hub.topic_count().into();
-    body["ready"] = (state.bus.is_ready() && !state.drain.is_cancelled()).into();
-    body["bus"] = state.bus.describe().into();
-    body
 }
 
 #[cfg(test)]
@@ -629,7 +439,7 @@ mod tests {
                 assert_eq!(names, topics, "{query}");
                 assert_eq!(req.last_event_id.as_deref(), id, "{query}");
             }
-            (Err(e), Err(part)) => assert!(e.message.contains(part), "{query}: {}", e.message),
+            (Err(e), Err(part)) => assert!(e.message().contains(part), "{query}: {}", e.message()),
             (got, _) => panic!("{query}: unexpected {got:?}"),
         }
     }

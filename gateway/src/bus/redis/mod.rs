@@ -1,0 +1,149 @@
+//! The Redis bus: publishes and reads through the Lua library (`ssegw_publish`, `ssegw_read`),
+//! and holds this replica's single pub/sub connection, shared by all its topics. Every event is
+//! read from Redis once per replica and framed once, whatever the number of local clients.
+//!
+//! The pub/sub link is checked end to end by a canary: the replica publishes to its own channel
+//! through the command pool and must receive it back within the Redis timeout. When the link
+//! fails, streams stay open; after reconnecting, every topic is subscribed again and backfilled
+//! from its stream after the last event delivered, so nothing Redis still holds is missed.
+//!
+//! `commands` holds the command connections, `subscriber` the pub/sub connection and its
+//! canary, `reply` reads Redis's answers. Each connects to one standalone server today; other
+//! topologies (Sentinel, Cluster) belong beside them here, behind the same `RedisBus`.
+
+mod commands;
+mod reply;
+mod subscriber;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_redis::Runtime;
+use redis::Value;
+use ssegw_protocol::frame::EventType;
+use ssegw_protocol::script::{self, ScriptSettings};
+use ssegw_protocol::{StreamId, Topic, Traceparent};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::single_flight::SingleFlight;
+use super::{BusError, Page};
+use crate::config::BusConfig;
+use crate::fanout::hub::{Hub, Interest};
+use commands::{read_cmd, Commands};
+use reply::{malformed, parse_page, unavailable};
+use subscriber::Subscriber;
+
+pub struct RedisBus {
+    commands: Commands,
+    /// True while canaries make the round trip through Redis in time.
+    ready: Arc<AtomicBool>,
+    /// History reads under way: a caller asking the same page joins one (see `single_flight`).
+    reads: SingleFlight<(Topic, StreamId, usize), ReadResult>,
+}
+
+type ReadResult = Result<Arc<Page>, BusError>;
+
+impl RedisBus {
+    /// Starts the bus of a serving replica: command pool plus the pub/sub subscriber task.
+    pub fn start(
+        url: &str,
+        config: &BusConfig,
+        hub: Arc<Hub>,
+        interest: mpsc::UnboundedReceiver<Interest>,
+        shutdown: CancellationToken,
+    ) -> Result<RedisBus, BusError> {
+        let bus = RedisBus::connect(
+            url,
+            config.redis_pool_size,
+            config.redis_timeout,
+            &config.script,
+        )?;
+        let subscriber = Subscriber {
+            client: redis::Client::open(url).map_err(unavailable)?,
+            commands: bus.commands.clone(),
+            hub,
+            interest,
+            ready: bus.ready.clone(),
+            canary_channel: format!("ssegw:canary:{}", uuid::Uuid::new_v4()),
+            canary_interval: config.canary_interval,
+            shutdown,
+        };
+        tokio::spawn(subscriber.run());
+        Ok(bus)
+    }
+
+    /// A bus for publishing and reading only (the `publish` command); connects lazily.
+    pub fn connect(
+        url: &str,
+        pool_size: usize,
+        timeout: Duration,
+        script: &ScriptSettings,
+    ) -> Result<RedisBus, BusError> {
+        let pool = deadpool_redis::Config::from_url(url)
+            .builder()
+            .map_err(|e| BusError::Unavailable(e.to_string()))?
+            .max_size(pool_size)
+            // deadpool waits forever by default; a drained pool must fail like a dead Redis.
+            .wait_timeout(Some(timeout))
+            .create_timeout(Some(timeout))
+            .recycle_timeout(Some(timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| BusError::Unavailable(e.to_string()))?;
+        Ok(RedisBus {
+            commands: Commands {
+                pool,
+                library: script::function_library(script).into(),
+                timeout,
+            },
+            ready: Arc::new(AtomicBool::new(false)),
+            reads: SingleFlight::new(),
+        })
+    }
+
+    pub async fn publish(
+        &self,
+        topic: &Topic,
+        event: Option<&EventType>,
+        data: &str,
+        traceparent: Option<&Traceparent>,
+    ) -> Result<StreamId, BusError> {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(script::PUBLISH_FUNCTION)
+            .arg(1)
+            .arg(topic.as_str())
+            .arg(data)
+            .arg(event.map_or("", EventType::as_str));
+        if let Some(traceparent) = traceparent {
+            cmd.arg(traceparent.as_str());
+        }
+        let id: String = self.commands.fcall(&cmd).await?;
+        StreamId::parse(&id).map_err(|_| BusError::Unavailable(format!("unexpected id {id:?}")))
+    }
+
+    /// Reads up to `count` events after `after` as Redis had them after `since`, sharing the
+    /// Redis call with concurrent callers asking the same.
+    pub async fn read(
+        &self,
+        topic: &Topic,
+        after: StreamId,
+        count: usize,
+        since: std::time::Instant,
+    ) -> ReadResult {
+        let connect = || async { self.commands.connection().await.map_err(Err) };
+        let query = |mut conn: deadpool_redis::Connection| async move {
+            let cmd = read_cmd(topic, Some(after), count);
+            let reply: Value = self.commands.fcall_on(&mut conn, &cmd).await?;
+            parse_page(reply).map(Arc::new).ok_or_else(malformed)
+        };
+        let key = (topic.clone(), after, count);
+        self.reads.run(key, since, connect, query).await
+    }
+
+    /// True while the last canary came back in time: the replica receives what is published.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+}

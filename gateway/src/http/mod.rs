@@ -1,0 +1,72 @@
+//! The HTTP surface: the route table, and what it is made of: the handlers of the API
+//! (`api`), the one error type that maps to responses (`error`), what every handler shares
+//! (`state`), the built-in pages, the listener that hands event streams off (`handoff`) and
+//! TLS. Handlers validate everything before touching the hub or the bus; nothing here frames
+//! events or talks to Redis directly.
+
+pub mod api;
+pub mod error;
+pub mod handoff;
+pub mod pages;
+pub mod state;
+pub mod tls;
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+
+pub use api::{PublishBody, PublishRequest, SubscribeRequest};
+pub use error::ApiError;
+pub use state::AppState;
+
+use api::{events, healthz, json_error, metrics, publish, readyz, status};
+use error::only;
+
+/// Every route; with `pages`, also the demo and status pages (`pages::routes`).
+pub fn routes(cfg: &mut web::ServiceConfig, max_event_bytes: usize, pages: bool) {
+    // JSON escaping can grow data up to six-fold (`\u0000`); the data limit is checked after.
+    let json = web::JsonConfig::default()
+        .limit(max_event_bytes * 6 + 4096)
+        .error_handler(|e, _| json_error(e).into());
+    cfg.app_data(json)
+        .service(only(
+            web::resource("/events").route(web::get().to(events)),
+            "GET",
+        ))
+        .service(only(
+            web::resource("/publish").route(web::post().to(publish)),
+            "POST",
+        ))
+        .service(only(
+            web::resource("/healthz").route(web::get().to(healthz)),
+            "GET",
+        ))
+        .service(only(
+            web::resource("/readyz").route(web::get().to(readyz)),
+            "GET",
+        ))
+        .service(only(
+            web::resource("/status").route(web::get().to(status)),
+            "GET",
+        ))
+        .service(only(
+            web::resource("/metrics").route(web::get().to(metrics)),
+            "GET",
+        ));
+    if pages {
+        pages::routes(cfg);
+    }
+    cfg.default_service(web::to(move |req: HttpRequest| async move {
+        let pages = if pages {
+            " and the pages /, /status/page (with /status/stream)"
+        } else {
+            ""
+        };
+        Err::<HttpResponse, _>(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no route for {}; see /events, /publish, /healthz, /readyz, /status, /metrics{pages}",
+                req.path()
+            ),
+        ))
+    }));
+}

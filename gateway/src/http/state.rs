@@ -1,0 +1,40 @@
+//! `AppState`: what every handler and page shares, built once per replica outside the
+//! `HttpServer` factory; and the replica's `/status` document.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Auth;
+use crate::bus::Bus;
+use crate::config::StreamConfig;
+use crate::fanout::hub::Hub;
+use crate::telemetry::stats::Stats;
+use crate::telemetry::Metrics;
+
+/// Shared by every worker; built once, outside the `HttpServer` factory.
+pub struct AppState {
+    pub hub: Arc<Hub>,
+    pub bus: Arc<Bus>,
+    pub stream: Arc<StreamConfig>,
+    pub stats: Arc<Stats>,
+    pub auth: Arc<Auth>,
+    /// Cancelled when the replica starts draining.
+    pub drain: CancellationToken,
+    /// Places for `/status/stream` responses (`pages::MAX_STATUS_STREAMS`). Each response holds
+    /// one until it ends; when none is left, the request gets a 503. They are not event streams
+    /// and do not count under `--max-connections`, but they must not be unbounded either.
+    pub status_streams: Arc<tokio::sync::Semaphore>,
+    /// Behind `/metrics`, and the OTLP push when configured.
+    pub metrics: Arc<Metrics>,
+}
+
+/// This replica's counters and state, as JSON: the body of `/status`, and of each event of
+/// `/status/stream`.
+pub fn status_json(state: &AppState) -> serde_json::Value {
+    let mut body = state.stats.to_json();
+    body["topics"] = state.hub.topic_count().into();
+    body["ready"] = (state.bus.is_ready() && !state.drain.is_cancelled()).into();
+    body["bus"] = state.bus.describe().into();
+    body
+}

@@ -1,0 +1,34 @@
+//! `Target`: the kind of server under test (the gateway, or a baseline) and what differs
+//! between them that the config, the request builder and the publisher must know. No I/O.
+
+use clap::ValueEnum;
+
+/// The server under test. The baselines answer the same question with the same client,
+/// publisher and accounting, so the gateway can be compared with them in one run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Target {
+    /// sse-gateway replicas.
+    Gateway,
+    /// `ssegw-baseline`: a plain actix-web handler streaming from a tokio broadcast channel
+    /// (no Redis, no ids).
+    Actix,
+    /// nginx with the nchan module, storing messages in Redis.
+    Nchan,
+}
+
+impl Target {
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Gateway => "gateway",
+            Target::Actix => "actix",
+            Target::Nchan => "nchan",
+        }
+    }
+
+    /// Whether a reconnecting client can resume with `Last-Event-ID` and be owed what it
+    /// missed. Only the gateway promises that; the harness resumes nowhere else.
+    pub fn resumes(self) -> bool {
+        self == Target::Gateway
+    }
+}
