@@ -1,16 +1,16 @@
-//! `--spawn`: a local `redis-server` on a free port and replicas of the target (gateways or
-//! `ssegw-baseline`s from the built binaries, or nginx with nchan from a generated
-//! configuration), started, killed on request and always torn down: on drop, on Ctrl-C (the
-//! orchestrator drops the fleet) and, through `PR_SET_PDEATHSIG`, even when the harness itself
-//! is killed.
+//! `--spawn`: a local `redis-server` on a free port (the testkit's `Standalone`) and replicas
+//! of the target (gateways or `ssegw-baseline`s from the built binaries, or nginx with nchan
+//! from a generated configuration), started, killed on request and always torn down: on drop,
+//! on Ctrl-C (the orchestrator drops the fleet) and, through `PR_SET_PDEATHSIG`, even when the
+//! harness itself is killed.
 
-use std::net::{SocketAddr, TcpListener};
-use std::os::unix::process::CommandExt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use ssegw_testkit::{free_port, ServerOptions, Standalone};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
@@ -21,17 +21,17 @@ use crate::procstat;
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Fleet {
-    pub redis: Proc,
+    pub redis: Standalone,
     pub replicas: Vec<Proc>,
     pub redis_url: String,
     /// Where each process's output goes, named after it.
     pub log_dir: PathBuf,
 }
 
-/// A child process of the fleet and what was seen of it.
+/// A replica of the fleet and what was seen of it.
 pub struct Proc {
     pub name: String,
-    /// Server base URL (replicas) or Redis URL.
+    /// Server base URL.
     pub url: String,
     pub pid: u32,
     /// The process serves through children of its own (nginx's master and its workers):
@@ -124,25 +124,7 @@ impl Drop for Proc {
     }
 }
 
-/// Asks the kernel to send `signal` (SIGKILL, unless the child must clean up after itself) to
-/// the child when the harness dies, so nothing is left running even if the harness is killed
-/// itself. (Tied to the spawning thread: the fleet is started from the main task, which runs
-/// on the main thread.)
-pub fn die_with_parent(command: &mut Command, signal: libc::c_int) {
-    // SAFETY: prctl is async-signal-safe, as required between fork and exec.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, signal) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
+pub use ssegw_testkit::die_with_parent;
 
 impl Fleet {
     /// Starts Redis and `replicas` servers, and waits until every replica is ready.
@@ -153,29 +135,26 @@ impl Fleet {
     ) -> anyhow::Result<Fleet> {
         std::fs::create_dir_all(&log_dir)
             .with_context(|| format!("cannot create {}", log_dir.display()))?;
-        let port = free_port()?;
-        let redis_url = format!("redis://127.0.0.1:{port}");
-        let mut command = Command::new("redis-server");
-        command.args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ]);
         // The actix baseline does not use Redis; starting it anyway keeps one fleet shape.
-        let redis = Proc::spawn("redis".into(), redis_url.clone(), command, &log_dir, false)
-            .context("redis-server is needed for --spawn (apt-get install redis-server)")?;
+        // Started and awaited on this thread, not in `spawn_blocking`: the server dies with
+        // the thread that started it, and nothing else runs yet.
+        let redis = Standalone::start_with(ServerOptions {
+            log: Some(log_dir.join("redis.log")),
+            die_with_parent: true,
+            ready_timeout: START_TIMEOUT,
+            ..ServerOptions::default()
+        })
+        .map_err(|e| match e {
+            e @ ssegw_testkit::Error::Spawn { .. } => anyhow::Error::new(e)
+                .context("redis-server is needed for --spawn (apt-get install redis-server)"),
+            e => e.into(),
+        })?;
         let mut fleet = Fleet {
+            redis_url: redis.url(),
             redis,
             replicas: Vec::new(),
-            redis_url,
             log_dir,
         };
-        fleet.wait_redis(port).await?;
         for i in 0..replicas {
             let name = format!("replica-{i}");
             let listen: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
@@ -249,31 +228,6 @@ impl Fleet {
         })
     }
 
-    async fn wait_redis(&mut self, port: u16) -> anyhow::Result<()> {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
-                let mut answer = [0u8; 7];
-                if stream.write_all(b"PING\r\n").await.is_ok()
-                    && stream.read_exact(&mut answer).await.is_ok()
-                    && &answer == b"+PONG\r\n"
-                {
-                    return Ok(());
-                }
-            }
-            if let Some(status) = self.redis.exited() {
-                bail!(
-                    "redis-server exited ({status}); see {}",
-                    self.log_dir.join("redis.log").display()
-                );
-            }
-            if Instant::now() > deadline {
-                bail!("redis-server did not answer within {START_TIMEOUT:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
     async fn wait_ready(&mut self, i: usize) -> anyhow::Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
         let addr = self.replicas[i]
@@ -309,7 +263,7 @@ impl Fleet {
         for replica in &mut self.replicas {
             replica.stop(Duration::from_secs(3));
         }
-        self.redis.stop(Duration::from_secs(3));
+        self.redis.server_mut().stop(Duration::from_secs(3));
         let _ = std::fs::remove_dir_all(&self.log_dir);
     }
 }

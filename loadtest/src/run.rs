@@ -230,7 +230,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Report> {
         (shards == 1).then_some(n),
     )];
     if let Some(fleet) = &fleet {
-        watches.push(Watch::new("redis", fleet.redis.pid, None));
+        watches.push(Watch::new("redis", fleet.redis.server().pid(), None));
         for replica in &fleet.replicas {
             let mut watch = Watch::new(replica.name.clone(), replica.pid, Some(per_gateway));
             watch.with_children = replica.with_children;

@@ -19,6 +19,7 @@ use std::collections::VecDeque;
 
 use futures_util::stream::{LocalBoxStream, StreamExt};
 use sse_gateway::config::Config;
+use ssegw_testkit::Standalone;
 use tokio_util::sync::CancellationToken;
 
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -33,68 +34,53 @@ pub fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("no free port")
-        .port()
+    ssegw_testkit::free_port().expect("no free port")
 }
 
-/// A `redis-server` child process; killed on drop.
+/// A `redis-server` on a free port (the testkit's `Standalone`); killed on drop.
 pub struct RedisServer {
     pub port: u16,
-    child: Child,
+    redis: Standalone,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
-        let port = free_port();
-        let server = RedisServer {
-            port,
-            child: spawn_redis(port),
-        };
-        server.wait_up();
-        server
+        let redis = Standalone::start().unwrap_or_else(|e| redis_failed(e));
+        RedisServer {
+            port: redis.server().port(),
+            redis,
+        }
     }
 
     /// Kills the server (SIGKILL): every connection to it drops at once.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.redis.server_mut().kill();
     }
 
     /// Starts an empty server again on the same port.
     pub fn restart(&mut self) {
-        self.kill();
-        self.child = spawn_redis(self.port);
-        self.wait_up();
+        self.redis
+            .server_mut()
+            .restart()
+            .unwrap_or_else(|e| redis_failed(e));
     }
 
     /// Freezes the server (SIGSTOP): connections stay open, nothing is answered.
     pub fn pause(&self) {
-        signal(self.child.id(), "STOP");
+        self.redis.server().pause().expect("SIGSTOP redis-server");
     }
 
     /// Resumes a paused server (SIGCONT).
     pub fn resume(&self) {
-        signal(self.child.id(), "CONT");
+        self.redis.server().resume().expect("SIGCONT redis-server");
     }
 
     pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
-    }
-
-    fn wait_up(&self) {
-        let client = self.client();
-        wait_until(&format!("redis-server on port {}", self.port), || {
-            client
-                .get_connection()
-                .and_then(|mut conn| redis::cmd("PING").query::<String>(&mut conn))
-                .is_ok()
-        });
+        self.redis.server().addr()
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        self.redis.url()
     }
 
     pub fn client(&self) -> redis::Client {
@@ -117,27 +103,13 @@ impl RedisServer {
     }
 }
 
-fn spawn_redis(port: u16) -> Child {
-    Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server is required for the integration tests (apt-get install redis-server)")
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// A missing `redis-server` fails the test, saying so, rather than skipping it.
+fn redis_failed(error: ssegw_testkit::Error) -> ! {
+    match error {
+        ssegw_testkit::Error::Spawn { .. } => panic!(
+            "redis-server is required for the integration tests (apt-get install redis-server): {error}"
+        ),
+        error => panic!("{error}"),
     }
 }
 
