@@ -253,7 +253,11 @@ fn read_row(reference: &mut Reference, commands: &[String], cells: &[Vec<Piece>]
 }
 
 /// Differences between one command's help and its part of the reference.
-fn compare(command: &str, help: &BTreeMap<String, Flag>, documented: &BTreeMap<String, Flag>) -> Vec<String> {
+fn compare(
+    command: &str,
+    help: &BTreeMap<String, Flag>,
+    documented: &BTreeMap<String, Flag>,
+) -> Vec<String> {
     let name = command_name(command);
     let mut problems = Vec::new();
     for (flag, in_help) in help {
@@ -297,7 +301,11 @@ fn flag_problems(helps: &BTreeMap<String, String>, reference: &Reference) -> Vec
         let documented = reference.commands.get(command).unwrap_or(&none);
         problems.extend(compare(command, &flags, documented));
     }
-    for command in reference.commands.keys().filter(|c| !helps.contains_key(*c)) {
+    for command in reference
+        .commands
+        .keys()
+        .filter(|c| !helps.contains_key(*c))
+    {
         problems.push(format!(
             "{REFERENCE} documents `{}`, which is no command of sse-gateway",
             command_name(command)
@@ -317,7 +325,9 @@ fn flag_problems(helps: &BTreeMap<String, String>, reference: &Reference) -> Vec
             ));
         }
         if !(variable.starts_with("SSEGW_") || variable.starts_with("OTEL_")) {
-            problems.push(format!("{REFERENCE} documents {variable}, no setting of sse-gateway"));
+            problems.push(format!(
+                "{REFERENCE} documents {variable}, no setting of sse-gateway"
+            ));
         }
     }
     problems
@@ -431,9 +441,8 @@ fn anchors(markdown: &str) -> BTreeSet<String> {
 fn links(markdown: &str) -> Vec<String> {
     Parser::new_ext(markdown, Options::ENABLE_TABLES)
         .filter_map(|event| match event {
-            Event::Start(Tag::Link { dest_url, .. }) | Event::Start(Tag::Image { dest_url, .. }) => {
-                Some(dest_url.to_string())
-            }
+            Event::Start(Tag::Link { dest_url, .. })
+            | Event::Start(Tag::Image { dest_url, .. }) => Some(dest_url.to_string()),
             _ => None,
         })
         .collect()
@@ -441,7 +450,12 @@ fn links(markdown: &str) -> Vec<String> {
 
 /// What is wrong with one link of `file` (a path under `root`), if anything. Links with a
 /// scheme (`https:`, `mailto:`) are not checked.
-fn broken(root: &Path, file: &Path, link: &str, read: &dyn Fn(&Path) -> Option<String>) -> Option<String> {
+fn broken(
+    root: &Path,
+    file: &Path,
+    link: &str,
+    read: &dyn Fn(&Path) -> Option<String>,
+) -> Option<String> {
     if link.contains("://") || link.starts_with("mailto:") {
         return None;
     }
@@ -569,8 +583,14 @@ fn slugs_follow_githubs_rules() {
         assert_eq!(anchors(markdown), expected, "{markdown}");
     };
     check("# HTTP/2 and TLS", &["http2-and-tls"]);
-    check("## The control event: `ssegw-gap`", &["the-control-event-ssegw-gap"]);
+    check(
+        "## The control event: `ssegw-gap`",
+        &["the-control-event-ssegw-gap"],
+    );
     check("# A\n# A\n# A", &["a", "a-1", "a-2"]);
     check("## `sse-gateway publish`", &["sse-gateway-publish"]);
-    check("### snake_case, (parens) & more!", &["snake_case-parens--more"]);
+    check(
+        "### snake_case, (parens) & more!",
+        &["snake_case-parens--more"],
+    );
 }
