@@ -170,11 +170,14 @@ fn read_reference(markdown: &str) -> Reference {
     for event in Parser::new_ext(markdown, Options::ENABLE_TABLES) {
         match event {
             Event::Start(Tag::Heading { level, .. }) => heading = Some((level as usize, vec![])),
-            Event::Code(code) if heading.is_some() => {
-                if &*code == "sse-gateway" || code.starts_with("sse-gateway ") {
-                    let sub = code.trim_start_matches("sse-gateway").trim().to_string();
-                    heading.as_mut().unwrap().1.push(sub);
-                }
+            // A heading's code spans that name commands; other code spans in a heading are
+            // not in a table row either, so the arm below ignores them.
+            Event::Code(code)
+                if heading.is_some()
+                    && (&*code == "sse-gateway" || code.starts_with("sse-gateway ")) =>
+            {
+                let sub = code.trim_start_matches("sse-gateway").trim().to_string();
+                heading.as_mut().unwrap().1.push(sub);
             }
             Event::End(TagEnd::Heading(_)) => {
                 let (level, commands) = heading.take().unwrap();
