@@ -4,7 +4,7 @@
 #   docker build -t sse-gateway .
 #   docker run --rm -p 8080:8080 -e SSEGW_REDIS_URL=redis://host:6379 --read-only sse-gateway
 #
-# Every flag of `sse-gateway --help` has an SSEGW_* environment variable; README "Configuration".
+# Every flag of `sse-gateway --help` has an SSEGW_* environment variable; docs/configuration.md.
 
 # cargo-chef splits the build in two: dependencies first (a layer that stays cached until
 # Cargo.toml or Cargo.lock change), then the workspace's own crates.

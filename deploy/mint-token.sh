@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Mints an HS256 token for sse-gateway with nothing but bash and openssl, for trying tokens out
-# (README "Authorization"). Production tokens come from your identity provider or backend.
+# (docs/authorization.md). Production tokens come from your identity provider or backend.
 #
 #   export SSEGW_JWT_SECRET=$(openssl rand -hex 32)    # the gateway reads the same variable
 #   deploy/mint-token.sh --subscribe 'orders.*' --publish orders.eu --ttl 10m
 #
-# Options (patterns are comma-separated, README "Topic patterns"):
+# Options (patterns are comma-separated, docs/authorization.md, "Topic patterns"):
 #   --subscribe PATTERNS   topics the token may subscribe to
 #   --publish PATTERNS     topics the token may publish to over HTTP
 #   --ttl DURATION         lifetime: seconds, or with s, m, h or d (default 1h)

@@ -1,16 +1,17 @@
-//! What the fuzz targets check against: the README grammar, restated independently of the
-//! parsers under test (as `gateway/tests/parsers.rs` does).
+//! What the fuzz targets check against: the grammar of docs/publishing.md and
+//! docs/subscribing.md, restated independently of the parsers under test (as
+//! `gateway/tests/parsers.rs` does).
 
 use ssegw_protocol::{cursor, TopicSet};
 
-/// README "Publish": 1 to 128 bytes of ASCII letters, digits and `- _ . : / @`.
+/// docs/publishing.md: 1 to 128 bytes of ASCII letters, digits and `- _ . : / @`.
 pub fn is_topic(s: &str) -> bool {
     (1..=128).contains(&s.len())
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.:/@".contains(&b))
 }
 
-/// README "Publish": 1 to 64 bytes of ASCII letters, digits and `- _ . :`, not starting with
+/// docs/publishing.md: 1 to 64 bytes of ASCII letters, digits and `- _ . :`, not starting with
 /// `ssegw`.
 pub fn is_event_type(s: &str) -> bool {
     (1..=64).contains(&s.len())

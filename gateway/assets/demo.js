@@ -49,7 +49,7 @@ let withToken = false;
 /// events.
 let listening = new Set();
 /// Multi-topic connections: each topic's position, decoded from the last cursor seen, so that
-/// the next cursor tells which topic moved (ids are cursors over all topics; see README).
+/// the next cursor tells which topic moved (ids are cursors over all topics; see docs/subscribing.md, "Event ids").
 let positions = null;
 
 const $ = (id) => document.getElementById(id);
@@ -374,7 +374,7 @@ function showProtocol() {
   $("protocol").textContent = protocol;
   $("protocol-note").textContent = protocol === "h2" || protocol === "h3"
     ? "event streams share one connection"
-    : protocol.startsWith("http/1") ? "at most six event streams per origin (see README: HTTP/2 and TLS)" : "";
+    : protocol.startsWith("http/1") ? "at most six event streams per origin (see docs/http2-and-tls.md)" : "";
 }
 
 function updateShell() {

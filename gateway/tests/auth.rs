@@ -897,8 +897,8 @@ fn tempdir(name: &str) -> PathBuf {
     dir
 }
 
-/// The README's way to mint a token (`deploy/mint-token.sh`, bash and openssl) makes tokens
-/// this gateway accepts, for subscribing and for publishing.
+/// The documented way to mint a token (docs/authorization.md, "Try it": `deploy/mint-token.sh`,
+/// bash and openssl) makes tokens this gateway accepts, for subscribing and for publishing.
 #[actix_web::test]
 async fn the_mint_script_makes_tokens_the_gateway_accepts() {
     let redis = RedisServer::start();

@@ -23,8 +23,8 @@ use serde_json::Value;
 const KUBERNETES_VERSIONS: [&str; 2] = ["1.29.0", "1.37.0"];
 /// Custom resources, checked against their own schema instead of Kubernetes'.
 const SERVICE_MONITOR: &str = "kind: ServiceMonitor";
-/// Settings the gateway reads from the environment that are no flags (README "Configuration"
-/// and "Observability").
+/// Settings the gateway reads from the environment that are no flags (docs/configuration.md,
+/// "Environment only").
 const ENV_ONLY: [&str; 4] = [
     "SSEGW_LOG",
     "SSEGW_LOG_FORMAT",

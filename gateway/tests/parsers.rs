@@ -1,7 +1,7 @@
 //! Properties of every parser that takes outside input: topics, event types, stream ids, cursors,
 //! channel messages, the `GET /events` query with `Last-Event-ID`, and the `POST /publish` body.
 //! For arbitrary and near-valid input alike: no panic, every rejection is a 400 or 413 naming
-//! what was wrong, every accepted value fits the README grammar or round-trips. No I/O.
+//! what was wrong, every accepted value fits the documented grammar or round-trips. No I/O.
 //! `fuzz/` runs the same invariants unbounded under cargo-fuzz.
 
 use std::collections::{BTreeSet, HashSet};
@@ -18,16 +18,17 @@ use ssegw_protocol::script::ChannelMessage;
 use ssegw_protocol::topic::TopicError;
 use ssegw_protocol::{StreamId, Topic, TopicSet};
 
-// The README grammar, restated independently of the parsers under test.
+// The grammar of docs/publishing.md and docs/subscribing.md, restated independently of the
+// parsers under test.
 
-/// README "Publish": 1 to 128 bytes of ASCII letters, digits and `- _ . : / @`.
+/// docs/publishing.md: 1 to 128 bytes of ASCII letters, digits and `- _ . : / @`.
 fn is_topic(s: &str) -> bool {
     (1..=128).contains(&s.len())
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.:/@".contains(&b))
 }
 
-/// README "Publish": 1 to 64 bytes of ASCII letters, digits and `- _ . :`, not starting with
+/// docs/publishing.md: 1 to 64 bytes of ASCII letters, digits and `- _ . :`, not starting with
 /// `ssegw`.
 fn is_event_type(s: &str) -> bool {
     (1..=64).contains(&s.len())
@@ -253,8 +254,8 @@ proptest! {
         }
     }
 
-    /// Any topic set (1 to 16 real names), any u64 positions; the text follows the README
-    /// format, read back here by an independent decoder.
+    /// Any topic set (1 to 16 real names), any u64 positions; the text follows the format of
+    /// docs/subscribing.md ("Event ids"), read back here by an independent decoder.
     #[test]
     fn cursor_round_trips_in_the_documented_format((set, positions) in set_and_positions(1..=16)) {
         let text = cursor::encode(&set, &positions);
