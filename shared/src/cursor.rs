@@ -1,7 +1,7 @@
 //! Resume cursors: the SSE event id of a connection, encoding its position in every topic it
 //! subscribes to, so one `Last-Event-ID` resumes all of them. Pure encoding, no I/O.
 //!
-//! Format (documented in README "Event ids"):
+//! Format (documented in docs/subscribing.md, "Event ids"):
 //! - one topic: the Redis stream id itself, `<ms>-<seq>`;
 //! - several topics: `<fp>.<base>.<p1>.<p2>...` where `fp` is four base-36 digits fingerprinting
 //!   the sorted topic set, `base` is the largest millisecond part in base 36, and each `p` is
