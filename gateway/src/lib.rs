@@ -70,7 +70,17 @@ pub async fn run(
             "no Redis configured (--redis-url / SSEGW_REDIS_URL): running as a single node on an \
              embedded in-memory bus; history is lost on restart and not shared with other replicas"
         ),
-        Bus::Redis(_) => tracing::info!("using Redis"),
+        Bus::Redis(_) => {
+            let target = config.bus.redis.as_ref().expect("a Redis bus has a target");
+            tracing::info!(address = target.address(), tls = ?target.tls(), "using Redis");
+            if target.tls() == Some(config::TlsMode::Unverified) {
+                tracing::warn!(
+                    address = target.address(),
+                    "--redis-tls-skip-verify: the Redis server's certificate is NOT verified; \
+                     anyone on the network path can read and change every event"
+                );
+            }
+        }
     }
     let protocols = match &config.transport {
         Transport::Http1 => "http/1.1",

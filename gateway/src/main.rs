@@ -26,7 +26,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(*args),
         Command::Publish(args) => {
             // awc needs an actix system (a local task set) to run its connection pool.
-            match actix_web::rt::System::new().block_on(sse_gateway::publisher::publish(args)) {
+            match actix_web::rt::System::new().block_on(sse_gateway::publisher::publish(*args)) {
                 Ok(id) => {
                     println!("{id}");
                     ExitCode::SUCCESS

@@ -7,7 +7,7 @@ use ssegw_protocol::{StreamId, Topic, Traceparent};
 use tracing::Instrument;
 
 use crate::bus::RedisBus;
-use crate::config::{check_redis_url, PublishArgs};
+use crate::config::PublishArgs;
 use crate::telemetry;
 
 /// Publishes the event in a `publish` span (exported when OTLP is configured), whose trace
@@ -31,11 +31,10 @@ async fn publish_in_span(
         .map(EventType::new)
         .transpose()
         .context("invalid event type")?;
-    match &args.redis_url {
-        Some(url) => {
-            check_redis_url(url)?;
+    match args.redis.target()? {
+        Some(target) => {
             let script = args.retention.script_settings()?;
-            let bus = RedisBus::connect(url, 2, args.redis_timeout, &script)?;
+            let bus = RedisBus::connect(&target, 2, args.redis_timeout, &script, true)?;
             Ok(bus
                 .publish(&topic, event.as_ref(), &args.data, traceparent.as_ref())
                 .await?)

@@ -4,6 +4,7 @@
 //! kills them on drop. Never a dependency of the gateway's normal build.
 
 mod server;
+mod tls;
 mod topology;
 
 use std::net::TcpListener;
@@ -12,12 +13,16 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 pub use server::{die_with_parent, Server, ServerOptions};
+pub use tls::{Authority, TlsOptions};
 pub use topology::Standalone;
 
 /// Why a server could not be started or controlled. A caller branches on `Spawn` to say the
 /// program is required; the other kinds are failures of a server that did start.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Certificates could not be made or written.
+    #[error("test certificates: {0}")]
+    Tls(String),
     #[error("no free port on 127.0.0.1: {0}")]
     Port(std::io::Error),
     #[error("cannot create the log file {}: {cause}", path.display())]

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{free_port, Error};
+use crate::{free_port, Error, TlsOptions};
 
 /// How a `Server` is started. `ServerOptions::default()` is a quiet `redis-server` that has
 /// 10 seconds to answer.
@@ -30,6 +30,10 @@ pub struct ServerOptions {
     pub die_with_parent: bool,
     /// Longest wait for the server to answer PING after a start or restart.
     pub ready_timeout: Duration,
+    /// Speak TLS only, with these certificates: the port is a `--tls-port`, and there is no
+    /// plain-text port. (ACL users, such as `--user default off`, go in `args`: a server that
+    /// answers PING with `NOAUTH` counts as up.)
+    pub tls: Option<TlsOptions>,
 }
 
 impl Default for ServerOptions {
@@ -40,6 +44,7 @@ impl Default for ServerOptions {
             log: None,
             die_with_parent: false,
             ready_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -81,9 +86,14 @@ impl Server {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
-    /// `redis://127.0.0.1:PORT`.
+    /// `redis://127.0.0.1:PORT`, or `rediss://` for a TLS server.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.options.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// The pid of the running process (after a kill, of the last one).
@@ -91,9 +101,13 @@ impl Server {
         self.pid
     }
 
-    /// Whether the server answers PING within `timeout` (which must not be zero). A paused
-    /// server accepts the connection but does not answer.
+    /// Whether the server answers PING within `timeout` (which must not be zero), with PONG
+    /// or, where ACL users are required, NOAUTH. A paused server accepts the connection but
+    /// does not answer. A TLS server is asked through `redis-cli --tls`.
     pub fn ping(&self, timeout: Duration) -> bool {
+        if let Some(tls) = &self.options.tls {
+            return self.ping_tls(tls, timeout);
+        }
         let answer = || -> std::io::Result<bool> {
             let mut stream = TcpStream::connect_timeout(&self.addr(), timeout)?;
             stream.set_read_timeout(Some(timeout))?;
@@ -101,9 +115,55 @@ impl Server {
             stream.write_all(b"PING\r\n")?;
             let mut answer = [0u8; 7];
             stream.read_exact(&mut answer)?;
-            Ok(&answer == b"+PONG\r\n")
+            Ok(&answer == b"+PONG\r\n" || &answer == b"-NOAUTH")
         };
         answer().unwrap_or(false)
+    }
+
+    fn ping_tls(&self, tls: &TlsOptions, timeout: Duration) -> bool {
+        let authority = &tls.authority;
+        let mut command = Command::new("redis-cli");
+        command
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "--tls",
+                "--cacert",
+            ])
+            .arg(&authority.ca);
+        if tls.require_client_cert {
+            command
+                .arg("--cert")
+                .arg(&authority.client_cert)
+                .arg("--key")
+                .arg(&authority.client_key);
+        }
+        let child = command
+            .arg("PING")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn();
+        let Ok(mut child) = child else {
+            return false;
+        };
+        // redis-cli 7.0 has no timeout of its own: a paused server would hold it forever.
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                let mut text = String::new();
+                if let Some(mut out) = child.stdout.take() {
+                    let _ = out.read_to_string(&mut text);
+                }
+                return text.starts_with("PONG") || text.starts_with("NOAUTH");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
     }
 
     /// Kills the server (SIGKILL): every connection to it drops at once. Does nothing when it
@@ -154,8 +214,22 @@ impl Server {
     fn spawn(&mut self, fresh_log: bool) -> Result<(), Error> {
         let options = &self.options;
         let mut command = Command::new(&options.binary);
+        match &options.tls {
+            None => command.args(["--port", &self.port.to_string()]),
+            Some(tls) => command
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(&tls.authority.server_cert)
+                .arg("--tls-key-file")
+                .arg(&tls.authority.server_key)
+                .arg("--tls-ca-cert-file")
+                .arg(&tls.authority.ca)
+                .args([
+                    "--tls-auth-clients",
+                    if tls.require_client_cert { "yes" } else { "no" },
+                ]),
+        };
         command
-            .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(&options.args)
             .stdin(Stdio::null());

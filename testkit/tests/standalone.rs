@@ -165,3 +165,42 @@ fn a_server_that_exits_at_once_fails_early_naming_its_log() {
     std::fs::remove_file(&log).unwrap();
     assert!(written.contains("no-such-directive"), "{written}");
 }
+
+#[test]
+fn a_tls_server_answers_over_tls_only_and_counts_as_up_behind_acl_users() {
+    let dir = std::env::temp_dir().join(format!("ssegw-testkit-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("redis.log");
+    let authority = ssegw_testkit::Authority::create(&dir, "t").unwrap();
+    let redis = Standalone::start_with(ServerOptions {
+        // One flag's words as separate arguments: redis-server joins them into the line.
+        args: "--user default off --user admin on >pw ~* &* +@all"
+            .split(' ')
+            .map(String::from)
+            .collect(),
+        log: Some(log.clone()),
+        tls: Some(ssegw_testkit::TlsOptions {
+            authority,
+            require_client_cert: true,
+        }),
+        ..ServerOptions::default()
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", std::fs::read_to_string(&log).unwrap_or_default()));
+    assert!(redis.url().starts_with("rediss://127.0.0.1:"));
+    assert!(redis.server().ping(SHORT));
+    // Plain text on the TLS port gets no Redis answer.
+    let mut plain = TcpStream::connect(redis.server().addr()).unwrap();
+    plain.set_read_timeout(Some(SHORT)).unwrap();
+    plain.write_all(b"PING\r\n").unwrap();
+    let mut line = String::new();
+    let _ = BufReader::new(plain).read_line(&mut line);
+    assert!(
+        !line.starts_with("+PONG") && !line.starts_with("-NOAUTH"),
+        "{line:?}"
+    );
+    redis.server().pause().unwrap();
+    assert!(!redis.server().ping(SHORT));
+    redis.server().resume().unwrap();
+    assert!(redis.server().ping(SHORT));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

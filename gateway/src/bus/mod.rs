@@ -58,8 +58,8 @@ impl Bus {
         interest: mpsc::UnboundedReceiver<Interest>,
         shutdown: CancellationToken,
     ) -> Result<Bus, BusError> {
-        Ok(match &config.redis_url {
-            Some(url) => Bus::Redis(RedisBus::start(url, config, hub, interest, shutdown)?),
+        Ok(match &config.redis {
+            Some(target) => Bus::Redis(RedisBus::start(target, config, hub, interest, shutdown)?),
             None => Bus::Memory(MemoryBus::start(config, hub, interest, shutdown)),
         })
     }

@@ -33,6 +33,17 @@ pub fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
     }
 }
 
+/// A new directory under the system's temporary one, named for the test.
+pub fn tempdir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "ssegw-{name}-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 pub fn free_port() -> u16 {
     ssegw_testkit::free_port().expect("no free port")
 }
@@ -185,6 +196,18 @@ impl GatewayProcess {
         env: &[(&str, &str)],
         log: Option<&std::path::Path>,
     ) -> GatewayProcess {
+        let process = GatewayProcess::launch(redis_url, flags, env, log);
+        process.wait_readyz(200);
+        process
+    }
+
+    /// Like `spawn`, without waiting until the replica is ready: for one that must not be.
+    pub fn launch(
+        redis_url: &str,
+        flags: &[&str],
+        env: &[(&str, &str)],
+        log: Option<&std::path::Path>,
+    ) -> GatewayProcess {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut command = Command::new(env!("CARGO_BIN_EXE_sse-gateway"));
         command
@@ -203,9 +226,7 @@ impl GatewayProcess {
                 );
         }
         let child = command.spawn().expect("start sse-gateway");
-        let process = GatewayProcess { addr, child };
-        process.wait_readyz(200);
-        process
+        GatewayProcess { addr, child }
     }
 
     pub fn pid(&self) -> u32 {

@@ -10,7 +10,7 @@ use redis::Value;
 use ssegw_protocol::script;
 use ssegw_protocol::{StreamId, Topic};
 
-use super::reply::{classify, malformed, parse_page};
+use super::reply::{classify, malformed, parse_page, unavailable};
 use crate::bus::{BusError, Page};
 
 /// `FCALL ssegw_read 1 <topic> <after> <count>`; without `after`, only the head is asked for.
@@ -29,15 +29,17 @@ pub(super) fn read_cmd(topic: &Topic, after: Option<StreamId>, count: usize) -> 
 pub(super) struct Commands {
     pub(super) pool: Pool,
     pub(super) library: Arc<str>,
+    /// `--redis-install-functions`: load the library when it is missing, or only say so.
+    pub(super) install_functions: bool,
     pub(super) timeout: Duration,
 }
 
 impl Commands {
     pub(super) async fn connection(&self) -> Result<deadpool_redis::Connection, BusError> {
-        self.pool
-            .get()
-            .await
-            .map_err(|e| BusError::Unavailable(e.to_string()))
+        self.pool.get().await.map_err(|e| match e {
+            deadpool_redis::PoolError::Backend(e) => unavailable(e),
+            other => BusError::Unavailable(other.to_string()),
+        })
     }
 
     /// Runs an `FCALL`, loading the library first if Redis lost it (a restart without
@@ -76,10 +78,26 @@ impl Commands {
         }
     }
 
+    /// Makes sure Redis has the function library: loads it (`FUNCTION LOAD REPLACE`), or,
+    /// with `--redis-install-functions false`, only checks that an administrator did.
     pub(super) async fn load_library(
         &self,
         conn: &mut deadpool_redis::Connection,
     ) -> Result<(), BusError> {
+        if !self.install_functions {
+            let mut cmd = redis::cmd("FUNCTION");
+            cmd.arg("LIST").arg("LIBRARYNAME").arg(script::LIBRARY_NAME);
+            let libraries: Vec<Value> = self.query(&cmd, conn).await?;
+            return match libraries.is_empty() {
+                false => Ok(()),
+                true => Err(BusError::Unavailable(format!(
+                    "the {} function library is not in Redis, and --redis-install-functions is \
+                     false: load it once with `sse-gateway script | redis-cli -x FUNCTION LOAD \
+                     REPLACE`",
+                    script::LIBRARY_NAME
+                ))),
+            };
+        }
         let mut cmd = redis::cmd("FUNCTION");
         cmd.arg("LOAD").arg("REPLACE").arg(&*self.library);
         self.query::<String>(&cmd, conn).await.map(drop)

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_redis::Runtime;
+use deadpool_redis::{Pool, Runtime};
 use redis::Value;
 use ssegw_protocol::frame::EventType;
 use ssegw_protocol::script::{self, ScriptSettings};
@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::single_flight::SingleFlight;
 use super::{BusError, Page};
-use crate::config::BusConfig;
+use crate::config::{BusConfig, RedisTarget};
 use crate::fanout::hub::{Hub, Interest};
 use commands::{read_cmd, Commands};
 use reply::{malformed, parse_page, unavailable};
@@ -48,20 +48,22 @@ type ReadResult = Result<Arc<Page>, BusError>;
 impl RedisBus {
     /// Starts the bus of a serving replica: command pool plus the pub/sub subscriber task.
     pub fn start(
-        url: &str,
+        target: &RedisTarget,
         config: &BusConfig,
         hub: Arc<Hub>,
         interest: mpsc::UnboundedReceiver<Interest>,
         shutdown: CancellationToken,
     ) -> Result<RedisBus, BusError> {
         let bus = RedisBus::connect(
-            url,
+            target,
             config.redis_pool_size,
             config.redis_timeout,
             &config.script,
+            config.install_functions,
         )?;
         let subscriber = Subscriber {
-            client: redis::Client::open(url).map_err(unavailable)?,
+            client: target.client().map_err(unavailable)?,
+            address: target.address().to_string(),
             commands: bus.commands.clone(),
             hub,
             interest,
@@ -76,14 +78,17 @@ impl RedisBus {
 
     /// A bus for publishing and reading only (the `publish` command); connects lazily.
     pub fn connect(
-        url: &str,
+        target: &RedisTarget,
         pool_size: usize,
         timeout: Duration,
         script: &ScriptSettings,
+        install_functions: bool,
     ) -> Result<RedisBus, BusError> {
-        let pool = deadpool_redis::Config::from_url(url)
-            .builder()
-            .map_err(|e| BusError::Unavailable(e.to_string()))?
+        // The manager straight from the connection info: deadpool-redis's own `Config` copies
+        // the address without its TLS parameters (the CA and the client certificate).
+        let manager = deadpool_redis::Manager::new(target.connection_info().clone())
+            .map_err(|e| BusError::Unavailable(e.to_string()))?;
+        let pool = Pool::builder(manager)
             .max_size(pool_size)
             // deadpool waits forever by default; a drained pool must fail like a dead Redis.
             .wait_timeout(Some(timeout))
@@ -96,6 +101,7 @@ impl RedisBus {
             commands: Commands {
                 pool,
                 library: script::function_library(script).into(),
+                install_functions,
                 timeout,
             },
             ready: Arc::new(AtomicBool::new(false)),

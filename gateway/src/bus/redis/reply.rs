@@ -15,7 +15,31 @@ pub(super) fn malformed() -> BusError {
 }
 
 pub(super) fn unavailable(e: redis::RedisError) -> BusError {
-    BusError::Unavailable(e.to_string())
+    BusError::Unavailable(explain(&e))
+}
+
+/// Redis's error, led by its cause in words an operator acts on: a wrong password, a missing
+/// permission (Redis's message names it), an untrusted certificate, an unreachable address.
+/// Neither the URL nor the password is part of any of them.
+pub(super) fn explain(e: &redis::RedisError) -> String {
+    let text = e.to_string();
+    let cause = match e.code() {
+        Some("WRONGPASS") => "authentication failed, wrong username or password",
+        Some("NOAUTH") => {
+            "Redis requires authentication: give a user and password (--redis-username, \
+             --redis-password-file, or in the URL)"
+        }
+        Some("NOPERM") => "permission denied: the Redis user lacks a permission",
+        _ if e.kind() == redis::ErrorKind::AuthenticationFailed => {
+            "authentication failed, wrong username or password"
+        }
+        _ if text.contains("certificate") || text.contains("UnknownIssuer") => {
+            "TLS: the Redis server's certificate is not trusted (check --redis-ca-file)"
+        }
+        _ if e.is_connection_refusal() => "Redis is unreachable",
+        _ => return text,
+    };
+    format!("{cause}: {text}")
 }
 
 /// Errors raised by the Lua library (`ERR ssegw: ...`) and missing functions are answers, not

@@ -35,6 +35,8 @@ const BACKFILL_PAGE: usize = 200;
 /// subscribes and backfills every topic the hub still serves.
 pub(super) struct Subscriber {
     pub(super) client: redis::Client,
+    /// `host:port` of the Redis, for the log (never the URL, which may hold a password).
+    pub(super) address: String,
     pub(super) commands: Commands,
     pub(super) hub: Arc<Hub>,
     pub(super) interest: mpsc::UnboundedReceiver<Interest>,
@@ -80,9 +82,9 @@ impl Subscriber {
             if self.ready.swap(false, Ordering::AcqRel) {
                 // Streams stay open: once the link is back, each topic is backfilled from
                 // the last event delivered.
-                tracing::warn!(%reason, topics = self.hub.topic_count(), "Redis link lost; not ready");
+                tracing::warn!(%reason, address = %self.address, topics = self.hub.topic_count(), "Redis link lost; not ready");
             } else {
-                tracing::warn!(%reason, "Redis unavailable");
+                tracing::warn!(%reason, address = %self.address, "Redis unavailable");
             }
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,

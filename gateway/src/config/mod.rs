@@ -12,6 +12,9 @@ use clap::{ArgAction, Args, Parser, Subcommand};
 use ssegw_protocol::script::ScriptSettings;
 use ssegw_protocol::{Scope, TopicPattern};
 
+mod redis;
+
+pub use self::redis::{RedisArgs, RedisTarget, TlsMode};
 use crate::auth::{AuthConfig, VerifyingKey};
 use crate::telemetry::TelemetryConfig;
 
@@ -34,7 +37,7 @@ pub enum Command {
     /// Run the gateway (the default when no subcommand is given).
     Serve(Box<ServeArgs>),
     /// Publish one event, through Redis when --redis-url is set, else through a gateway's HTTP API.
-    Publish(PublishArgs),
+    Publish(Box<PublishArgs>),
     /// Print the Redis Lua code: the function library, or with --eval the plain EVAL script.
     Script(ScriptArgs),
 }
@@ -44,10 +47,14 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "SSEGW_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
-    /// Redis URL (redis://[user:password@]host:port[/db]). Without it the gateway runs as a single
-    /// node with an embedded in-memory bus and history.
-    #[arg(long, env = "SSEGW_REDIS_URL")]
-    pub redis_url: Option<String>,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    /// Install the gateway's function library in Redis at start-up (FUNCTION LOAD), and again
+    /// when Redis lost it. `false` where the gateway's Redis user may not load functions: an
+    /// administrator loads them once (`sse-gateway script | redis-cli -x FUNCTION LOAD
+    /// REPLACE`), and a replica that finds them missing stays not ready and says so.
+    #[arg(long, env = "SSEGW_REDIS_INSTALL_FUNCTIONS", default_value = "true", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    pub redis_install_functions: bool,
     /// HTTP worker threads [default: number of CPUs].
     #[arg(long, env = "SSEGW_WORKERS")]
     pub workers: Option<usize>,
@@ -118,7 +125,7 @@ pub struct ServeArgs {
     pub auth: AuthArgs,
 }
 
-/// Who may subscribe and publish, and from which browser origins (README "Authorization").
+/// Who may subscribe and publish, and from which browser origins (docs/authorization.md).
 #[derive(Args, Debug, Clone)]
 pub struct AuthArgs {
     /// Topic patterns anyone may subscribe to without a token, comma-separated (`*` for all,
@@ -227,9 +234,9 @@ pub struct PublishArgs {
     /// Optional SSE event type.
     #[arg(long)]
     pub event: Option<String>,
-    /// Publish straight to this Redis.
-    #[arg(long, env = "SSEGW_REDIS_URL")]
-    pub redis_url: Option<String>,
+    /// Publish straight to this Redis (--redis-url and the other --redis-* settings).
+    #[command(flatten)]
+    pub redis: RedisArgs,
     /// Gateway base URL, used when no Redis URL is given.
     #[arg(long, env = "SSEGW_URL", default_value = "http://127.0.0.1:8080")]
     pub url: String,
@@ -320,7 +327,10 @@ impl StreamConfig {
 /// Which bus to use and how.
 #[derive(Debug, Clone)]
 pub struct BusConfig {
-    pub redis_url: Option<String>,
+    /// `None`: the embedded bus.
+    pub redis: Option<RedisTarget>,
+    /// Load the function library when it is missing (`--redis-install-functions`).
+    pub install_functions: bool,
     pub redis_pool_size: usize,
     pub redis_timeout: Duration,
     pub canary_interval: Duration,
@@ -360,13 +370,6 @@ impl RetentionArgs {
             max_data_bytes: self.max_event_bytes,
         })
     }
-}
-
-/// A Redis URL the client library accepts.
-pub fn check_redis_url(url: &str) -> Result<(), ConfigError> {
-    redis::Client::open(url)
-        .map(drop)
-        .map_err(|e| ConfigError(format!("--redis-url (SSEGW_REDIS_URL) {url:?}: {e}")))
 }
 
 impl AuthArgs {
@@ -506,9 +509,7 @@ fn is_origin(text: &str) -> bool {
 impl ServeArgs {
     pub fn into_config(self) -> Result<Config, ConfigError> {
         let script = self.retention.script_settings()?;
-        if let Some(url) = &self.redis_url {
-            check_redis_url(url)?;
-        }
+        let redis = self.redis.target()?;
         let workers = match self.workers {
             Some(n) => n,
             None => std::thread::available_parallelism().map_or(1, usize::from),
@@ -572,7 +573,8 @@ impl ServeArgs {
                 write_coalesce: self.write_coalesce,
             },
             bus: BusConfig {
-                redis_url: self.redis_url,
+                redis,
+                install_functions: self.redis_install_functions,
                 redis_pool_size: self.redis_pool_size,
                 redis_timeout: self.redis_timeout,
                 canary_interval: self.canary_interval,
@@ -783,7 +785,7 @@ mod tests {
         assert_eq!(config.bus.client_buffer, 128);
         assert_eq!(config.bus.canary_interval, Duration::from_secs(1));
         assert_eq!(config.bus.script, ScriptSettings::default());
-        assert_eq!(config.bus.redis_url, None);
+        assert!(config.bus.redis.is_none());
         assert!(config.pages);
         assert!(matches!(config.transport, Transport::Http1));
         assert_eq!(config.cors, CorsConfig::Off);
