@@ -385,7 +385,10 @@ fn assert_gateway_starts_with(origin: &str, settings: &[(String, String)]) {
     let help = run(Command::new(env!("CARGO_BIN_EXE_sse-gateway")).arg("--help"));
     for (key, _) in settings {
         assert!(
-            help.contains(&format!("[env: {key}=")) || ENV_ONLY.contains(&key.as_str()),
+            // `[env: KEY=value]`, or `[env: KEY]` for a setting whose value help hides.
+            help.contains(&format!("[env: {key}="))
+                || help.contains(&format!("[env: {key}]"))
+                || ENV_ONLY.contains(&key.as_str()),
             "{origin}: {key} is no setting of sse-gateway"
         );
     }
