@@ -302,6 +302,44 @@ async fn a_deleted_stream_is_lost_history_not_a_silent_gap() {
     assert_eq!((event.id, event.data), (fresh, "fresh".to_string()));
 }
 
+/// A failover can lose what the old primary acknowledged: a client saw event X there, and the
+/// promoted replica, which never had X, appended events past it. X lies within the stream's
+/// range yet was never in it: resuming from X is a `lost` gap, never a silent skip of the
+/// events around it.
+#[actix_web::test]
+async fn a_position_the_stream_never_held_is_lost_history() {
+    let cluster = Cluster::redis(&[]);
+    let redis = cluster.redis.as_ref().unwrap();
+    let redis_ms = || -> u64 {
+        let (secs, micros): (u64, u64) = redis.cmd(&redis::cmd("TIME")).unwrap();
+        secs * 1000 + micros / 1000
+    };
+    let kept = redis.fcall_publish("f", "kept", None);
+    // The event only the dead primary had: an id after `kept`, before what follows.
+    let kept_ms: u64 = kept.split('-').next().unwrap().parse().unwrap();
+    let seen_only_there = format!("{}-0", kept_ms + 1);
+    let until = kept_ms + 3;
+    while redis_ms() < until {
+        tokio::task::yield_now().await;
+    }
+    let after = redis.fcall_publish("f", "after the failover", None);
+    let mut s = Sse::open(cluster.replica(0), "topic=f", Some(&seen_only_there)).await;
+    assert_gap(&s.next().await, "f", "lost");
+    let replayed: Vec<(String, String)> = s
+        .take(2)
+        .await
+        .into_iter()
+        .map(|e| (e.id, e.data))
+        .collect();
+    assert_eq!(
+        replayed,
+        [
+            (kept, "kept".to_string()),
+            (after, "after the failover".to_string())
+        ]
+    );
+}
+
 /// Events written into Redis around the publish function (a raw `XADD` or `PUBLISH`) cannot
 /// forge SSE fields through the event type.
 #[actix_web::test]

@@ -131,6 +131,15 @@ local function read(keys, args)
       status = 'lost'
     end
   end
+  -- A position inside the retained range must be an event of this history (or the newest
+  -- trimmed one, or 0-0). One that is not was issued by another incarnation: a primary that
+  -- acknowledged events and died before its replica had them, whose promoted replica then
+  -- appended events of its own past them. Reading from it would skip those silently.
+  if status == 'ok' and after ~= '' and after ~= '0-0' and after ~= max_deleted
+      and cmp_id(after, last) <= 0 then
+    local at = redis.call('XRANGE', key, after, after)
+    if #at == 0 then status = 'lost' end
+  end
   local start = '-'
   if after ~= '' and status == 'ok' then start = '(' .. after end
   local entries = {}
