@@ -1,8 +1,13 @@
 //! ssegw-testkit: starts and controls real `redis-server` (or `valkey-server`) processes on free
 //! loopback ports, for the gateway's integration tests and the load tester's `--spawn`. A
-//! topology (`Standalone` now; Sentinel groups and clusters beside it) owns its `Server`s and
-//! kills them on drop. Never a dependency of the gateway's normal build.
+//! topology (`Standalone`, `Sentinel`; clusters beside them) owns its `Server`s and kills them
+//! on drop. Never a dependency of the gateway's normal build.
+//!
+//! The program is `redis-server` unless the environment variable `SSEGW_REDIS_SERVER` names
+//! another (a path, or a name on `PATH`), such as `valkey-server`: `./test` runs the
+//! Redis-backed suites a second time that way. It is read by `ServerOptions::default()`.
 
+mod resp;
 mod server;
 mod tls;
 mod topology;
@@ -12,9 +17,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::Duration;
 
-pub use server::{die_with_parent, Server, ServerOptions};
+pub use resp::{command, Connection, Reply, COMMAND_TIMEOUT};
+pub use server::{die_with_parent, Server, ServerOptions, SERVER_VARIABLE};
 pub use tls::{Authority, TlsOptions};
-pub use topology::Standalone;
+pub use topology::{Sentinel, SentinelOptions, Standalone};
 
 /// Why a server could not be started or controlled. A caller branches on `Spawn` to say the
 /// program is required; the other kinds are failures of a server that did start.
@@ -59,11 +65,52 @@ pub enum Error {
         pid: u32,
         cause: std::io::Error,
     },
+    /// A command could not be sent, or no well-formed reply came back in time.
+    #[error("{command} to {addr}: {cause}")]
+    Command {
+        addr: String,
+        /// The command's name only: its arguments may hold a password.
+        command: String,
+        cause: std::io::Error,
+    },
+    /// A server refused a command the topology needed, or answered it unexpectedly.
+    #[error("{command} to {addr} was answered {reply}")]
+    Refused {
+        addr: String,
+        command: String,
+        reply: String,
+    },
+    /// A topology did not reach a state it waits for (replicas linked, sentinels agreeing, a
+    /// new master) within its deadline; `last` says what was still missing.
+    #[error("waited {within:?} for {goal}, but {last}{}", see_dir(.logs.as_deref()))]
+    Timeout {
+        goal: String,
+        within: Duration,
+        last: String,
+        /// Where the topology's processes wrote their logs and configuration.
+        logs: Option<PathBuf>,
+    },
+    /// A sentinel named a master that is none of the group's data nodes.
+    #[error(
+        "sentinel {sentinel} names {master} as the master, which is not one of the group's nodes"
+    )]
+    UnknownMaster { sentinel: String, master: String },
+    #[error("cannot write {}: {cause}", path.display())]
+    Write {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
 }
 
 /// "; see LOG" when the server's output went to a file, for the end of an error message.
 fn see(log: Option<&Path>) -> String {
     log.map(|log| format!("; see {}", log.display()))
+        .unwrap_or_default()
+}
+
+/// "; logs in DIR" when a topology kept its directory, for the end of an error message.
+fn see_dir(dir: Option<&Path>) -> String {
+    dir.map(|dir| format!("; logs in {}", dir.display()))
         .unwrap_or_default()
 }
 

@@ -1,6 +1,6 @@
 //! `Server`: one `redis-server` process on a loopback port, and the controls a test needs over
-//! it: kill, restart empty, pause, resume, stop. It speaks no Redis protocol beyond PING; a
-//! test brings its own client.
+//! it: kill, restart empty, pause, resume, stop. It speaks no Redis protocol beyond PING (the
+//! client for the rest is `resp`).
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -12,12 +12,19 @@ use std::time::{Duration, Instant};
 
 use crate::{free_port, Error, TlsOptions};
 
-/// How a `Server` is started. `ServerOptions::default()` is a quiet `redis-server` that has
-/// 10 seconds to answer.
+/// The environment variable that names the server program in place of `redis-server`, such as
+/// `valkey-server` or a path to it.
+pub const SERVER_VARIABLE: &str = "SSEGW_REDIS_SERVER";
+
+/// How a `Server` is started. `ServerOptions::default()` is a quiet `redis-server` (or the
+/// program `SSEGW_REDIS_SERVER` names) that has 10 seconds to answer.
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
     /// The program: `redis-server`, or `valkey-server`, which takes the same flags.
     pub binary: String,
+    /// A configuration file, given as the first argument, before the flags: a sentinel's,
+    /// which the sentinel rewrites as it learns about the group.
+    pub config: Option<PathBuf>,
     /// Flags after the standard ones (`--port P --bind 127.0.0.1 --save "" --appendonly no`).
     pub args: Vec<String>,
     /// Where the server's stdout and stderr go: this file, created afresh at start and
@@ -37,9 +44,21 @@ pub struct ServerOptions {
 }
 
 impl Default for ServerOptions {
+    /// The defaults, with the program from the environment (`from_lookup`).
     fn default() -> ServerOptions {
+        ServerOptions::from_lookup(|name| std::env::var(name).ok())
+    }
+}
+
+impl ServerOptions {
+    /// The default options, with `binary` from `lookup(SERVER_VARIABLE)` when it is set and
+    /// not empty, and `redis-server` otherwise.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> ServerOptions {
         ServerOptions {
-            binary: "redis-server".into(),
+            binary: lookup(SERVER_VARIABLE)
+                .filter(|binary| !binary.is_empty())
+                .unwrap_or_else(|| "redis-server".into()),
+            config: None,
             args: Vec::new(),
             log: None,
             die_with_parent: false,
@@ -214,6 +233,9 @@ impl Server {
     fn spawn(&mut self, fresh_log: bool) -> Result<(), Error> {
         let options = &self.options;
         let mut command = Command::new(&options.binary);
+        if let Some(config) = &options.config {
+            command.arg(config);
+        }
         match &options.tls {
             None => command.args(["--port", &self.port.to_string()]),
             Some(tls) => command
@@ -330,5 +352,28 @@ pub fn die_with_parent(command: &mut Command, signal: libc::c_int) {
             }
             Ok(())
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_program_comes_from_the_environment_when_set() {
+        let check = |value: Option<&str>, expected: &str| {
+            let options = ServerOptions::from_lookup(|name| {
+                assert_eq!(name, "SSEGW_REDIS_SERVER");
+                value.map(String::from)
+            });
+            assert_eq!(options.binary, expected, "{value:?}");
+        };
+        check(None, "redis-server");
+        check(Some(""), "redis-server");
+        check(Some("valkey-server"), "valkey-server");
+        check(
+            Some("/opt/valkey/bin/valkey-server"),
+            "/opt/valkey/bin/valkey-server",
+        );
     }
 }
