@@ -321,7 +321,7 @@ fn settings_that_can_never_work_exit_2_before_binding() {
         ),
         (
             &["--redis-url", "redis://127.0.0.1:1", "--redis-ca-file", &ca],
-            "not a rediss:// URL",
+            "the connection is not TLS",
         ),
         (
             &[

@@ -31,6 +31,18 @@ pub enum BusError {
     /// The publish logic refused the event; the message says why.
     #[error("{0}")]
     Rejected(String),
+    /// The primary stored the event, but fewer replicas than `--publish-replicas` confirmed
+    /// it in time: a failover may yet lose it, and a retry may store it twice.
+    #[error(
+        "event {id} is stored on the Redis primary, but only {acknowledged} of {wanted} replicas \
+         confirmed it in time: it may or may not survive a failover, and publishing it again \
+         may store it twice"
+    )]
+    Unconfirmed {
+        id: StreamId,
+        acknowledged: u32,
+        wanted: u32,
+    },
 }
 
 /// A page of a topic's history, read after a position.

@@ -14,7 +14,7 @@ use ssegw_protocol::{Scope, TopicPattern};
 
 mod redis;
 
-pub use self::redis::{RedisArgs, RedisTarget, TlsMode};
+pub use self::redis::{Durability, RedisArgs, RedisTarget, SentinelTarget, TlsMode, Topology};
 use crate::auth::{AuthConfig, VerifyingKey};
 use crate::telemetry::TelemetryConfig;
 

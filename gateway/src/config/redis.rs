@@ -4,6 +4,7 @@
 //! Secrets never leave this module in text: `RedisTarget`'s `Debug` and `address` show none.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args};
@@ -17,10 +18,22 @@ use super::{check, ConfigError, Redacted};
 #[derive(Args, Debug, Clone)]
 pub struct RedisArgs {
     /// Redis URL: redis://[user:password@]host:port[/db], or rediss://... for TLS. Without it
-    /// the gateway runs as a single node with an embedded in-memory bus and history (and
-    /// `publish` goes through --url).
+    /// (and without --redis-sentinels) the gateway runs as a single node with an embedded
+    /// in-memory bus and history (and `publish` goes through --url).
     #[arg(long, env = "SSEGW_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<Redacted>,
+    /// Sentinels watching the Redis primary, comma-separated host:port: the gateway follows
+    /// the primary they name through failovers. Instead of --redis-url; needs
+    /// --redis-master-name.
+    #[arg(long, env = "SSEGW_REDIS_SENTINELS", value_delimiter = ',')]
+    pub redis_sentinels: Vec<String>,
+    /// The name the sentinels monitor the primary under (`sentinel monitor <name> ...`).
+    #[arg(long, env = "SSEGW_REDIS_MASTER_NAME")]
+    pub redis_master_name: Option<String>,
+    /// Speak TLS to the sentinels and the Redis nodes they name (with --redis-sentinels;
+    /// a --redis-url says it with rediss://).
+    #[arg(long, env = "SSEGW_REDIS_TLS", default_value = "false", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    pub redis_tls: bool,
     /// Redis ACL user, instead of one in the URL.
     #[arg(long, env = "SSEGW_REDIS_USERNAME")]
     pub redis_username: Option<String>,
@@ -28,31 +41,84 @@ pub struct RedisArgs {
     /// the URL.
     #[arg(long, env = "SSEGW_REDIS_PASSWORD_FILE")]
     pub redis_password_file: Option<PathBuf>,
+    /// The sentinels' own ACL user, where they require one (with --redis-sentinels).
+    #[arg(long, env = "SSEGW_REDIS_SENTINEL_USERNAME")]
+    pub redis_sentinel_username: Option<String>,
+    /// File holding the sentinels' own password, where they require one (with
+    /// --redis-sentinels).
+    #[arg(long, env = "SSEGW_REDIS_SENTINEL_PASSWORD_FILE")]
+    pub redis_sentinel_password_file: Option<PathBuf>,
     /// PEM file with the certificates that may sign the Redis server's certificate (rediss://
-    /// only). Without it, the system's roots are trusted.
+    /// or --redis-tls only). Without it, the system's roots are trusted.
     #[arg(long, env = "SSEGW_REDIS_CA_FILE")]
     pub redis_ca_file: Option<PathBuf>,
-    /// PEM file with a client certificate chain for mutual TLS with Redis (rediss:// only).
-    /// Needs --redis-client-key.
+    /// PEM file with a client certificate chain for mutual TLS with Redis (rediss:// or
+    /// --redis-tls only). Needs --redis-client-key.
     #[arg(long, env = "SSEGW_REDIS_CLIENT_CERT")]
     pub redis_client_cert: Option<PathBuf>,
     /// PEM file with the private key of --redis-client-cert.
     #[arg(long, env = "SSEGW_REDIS_CLIENT_KEY")]
     pub redis_client_key: Option<PathBuf>,
-    /// Accept any certificate from Redis, unverified (rediss:// only). For a test bench, never
-    /// for production: anyone on the path can read and change every event. Logged as a
-    /// warning at start-up.
+    /// Accept any certificate from Redis, unverified (rediss:// or --redis-tls only). For a
+    /// test bench, never for production: anyone on the path can read and change every event.
+    /// Logged as a warning at start-up.
     #[arg(long, env = "SSEGW_REDIS_TLS_SKIP_VERIFY", default_value = "false", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
     pub redis_tls_skip_verify: bool,
+    /// Answer a publish (HTTP and `publish`) only once this many Redis replicas have the
+    /// event (WAIT), so that a failover cannot lose it; past --publish-replicas-timeout the
+    /// answer is a 503 that says the event may or may not be stored. 0: on the primary's word.
+    #[arg(long, env = "SSEGW_PUBLISH_REPLICAS", default_value_t = 0)]
+    pub publish_replicas: u32,
+    /// Longest wait for --publish-replicas.
+    #[arg(long, env = "SSEGW_PUBLISH_REPLICAS_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub publish_replicas_timeout: Duration,
 }
 
-/// A checked Redis address with its credentials and TLS settings.
+/// How many replicas must have an event before a publish is answered, and how long to wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Durability {
+    pub replicas: u32,
+    pub timeout: Duration,
+}
+
+/// A checked Redis topology with its credentials and TLS settings.
 #[derive(Clone)]
 pub struct RedisTarget {
-    info: redis::ConnectionInfo,
-    /// `host:port` (or the socket path), with no credentials: what logs and errors name.
+    topology: Topology,
+    /// `--publish-replicas`, when above 0.
+    durability: Option<Durability>,
+    /// Where Redis is, with no credentials: what logs and errors name.
     address: String,
     tls: Option<TlsMode>,
+}
+
+/// How the gateway finds the Redis primary.
+#[derive(Clone)]
+pub enum Topology {
+    /// One address (`--redis-url`), whatever stands behind it.
+    Standalone(redis::ConnectionInfo),
+    /// Whichever node the sentinels name as the primary (`--redis-sentinels`).
+    Sentinel(SentinelTarget),
+}
+
+/// The sentinels, the name of the primary they watch, and how to reach the nodes they name.
+#[derive(Clone)]
+pub struct SentinelTarget {
+    pub master_name: String,
+    /// One per sentinel, with the sentinels' credentials and TLS.
+    pub sentinels: Vec<redis::ConnectionInfo>,
+    /// `host:port` of each sentinel, in the same order, for logs.
+    pub sentinel_addresses: Vec<String>,
+    /// The data nodes' credentials and database.
+    node_settings: redis::RedisConnectionInfo,
+    node_tls: Option<Tls>,
+}
+
+impl SentinelTarget {
+    /// How to connect to the data node at `host:port` (one the sentinels named).
+    pub fn node(&self, host: &str, port: u16) -> redis::RedisResult<redis::ConnectionInfo> {
+        connection_info(host, port, &self.node_settings, self.node_tls.as_ref())
+    }
 }
 
 /// How the server's certificate is checked.
@@ -63,9 +129,47 @@ pub enum TlsMode {
     Unverified,
 }
 
+/// TLS settings for every connection of a topology.
+#[derive(Clone)]
+struct Tls {
+    insecure: bool,
+    /// The CA and the client certificate, when given.
+    certificates: Option<TlsCertificates>,
+}
+
+/// The connection info for `host:port` with these settings, over TLS when `tls` is given.
+fn connection_info(
+    host: &str,
+    port: u16,
+    settings: &redis::RedisConnectionInfo,
+    tls: Option<&Tls>,
+) -> redis::RedisResult<redis::ConnectionInfo> {
+    let addr = match tls {
+        None => ConnectionAddr::Tcp(host.to_string(), port),
+        Some(tls) => ConnectionAddr::TcpTls {
+            host: host.to_string(),
+            port,
+            insecure: tls.insecure,
+            tls_params: None,
+        },
+    };
+    let info = addr
+        .into_connection_info()?
+        .set_redis_settings(settings.clone());
+    match tls.and_then(|t| t.certificates.clone()) {
+        Some(certificates) => Ok(redis::Client::build_with_tls(info, certificates)?
+            .get_connection_info()
+            .clone()),
+        None => Ok(info),
+    }
+}
+
 impl std::fmt::Debug for RedisTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let settings = self.info.redis_settings();
+        let settings = match &self.topology {
+            Topology::Standalone(info) => info.redis_settings(),
+            Topology::Sentinel(sentinel) => &sentinel.node_settings,
+        };
         f.debug_struct("RedisTarget")
             .field("address", &self.address)
             .field("tls", &self.tls)
@@ -76,17 +180,12 @@ impl std::fmt::Debug for RedisTarget {
 }
 
 impl RedisTarget {
-    /// What the connections are opened with (the credentials and TLS parameters included).
-    pub fn connection_info(&self) -> &redis::ConnectionInfo {
-        &self.info
+    pub fn topology(&self) -> &Topology {
+        &self.topology
     }
 
-    /// A client for one more connection to the same server.
-    pub fn client(&self) -> redis::RedisResult<redis::Client> {
-        redis::Client::open(self.info.clone())
-    }
-
-    /// `host:port`, never with credentials.
+    /// Where Redis is, never with credentials: `host:port`, or the master name and the
+    /// sentinels.
     pub fn address(&self) -> &str {
         &self.address
     }
@@ -94,143 +193,249 @@ impl RedisTarget {
     pub fn tls(&self) -> Option<TlsMode> {
         self.tls
     }
+
+    pub fn durability(&self) -> Option<Durability> {
+        self.durability
+    }
 }
 
 impl RedisArgs {
-    /// The Redis to use, or `None` without --redis-url. Reads the password and certificate
-    /// files.
+    /// The Redis to use, or `None` without --redis-url and --redis-sentinels. Reads the
+    /// password and certificate files.
     pub fn target(&self) -> Result<Option<RedisTarget>, ConfigError> {
-        let Some(Redacted(url)) = &self.redis_url else {
-            let given = [
-                ("--redis-username", self.redis_username.is_some()),
-                ("--redis-password-file", self.redis_password_file.is_some()),
+        let sentinels = !self.redis_sentinels.is_empty();
+        let needs_topology = |given: &[(&str, bool)]| -> Result<(), ConfigError> {
+            match given.iter().find(|(_, set)| *set) {
+                Some((flag, _)) => Err(ConfigError(format!(
+                    "{flag} is a setting of the Redis connection: give --redis-url \
+                     (SSEGW_REDIS_URL) or --redis-sentinels (SSEGW_REDIS_SENTINELS) too"
+                ))),
+                None => Ok(()),
+            }
+        };
+        let url =
+            match (&self.redis_url, sentinels) {
+                (Some(_), true) => return Err(ConfigError(
+                    "--redis-url (SSEGW_REDIS_URL) and --redis-sentinels (SSEGW_REDIS_SENTINELS) \
+                     are two ways to find Redis: give one of them"
+                        .into(),
+                )),
+                (None, false) => {
+                    needs_topology(&[
+                        ("--redis-username", self.redis_username.is_some()),
+                        ("--redis-password-file", self.redis_password_file.is_some()),
+                        ("--redis-ca-file", self.redis_ca_file.is_some()),
+                        ("--redis-client-cert", self.redis_client_cert.is_some()),
+                        ("--redis-client-key", self.redis_client_key.is_some()),
+                        ("--redis-tls-skip-verify", self.redis_tls_skip_verify),
+                        ("--redis-tls", self.redis_tls),
+                        ("--publish-replicas", self.publish_replicas > 0),
+                        ("--redis-master-name", self.redis_master_name.is_some()),
+                        (
+                            "--redis-sentinel-username",
+                            self.redis_sentinel_username.is_some(),
+                        ),
+                        (
+                            "--redis-sentinel-password-file",
+                            self.redis_sentinel_password_file.is_some(),
+                        ),
+                    ])?;
+                    return Ok(None);
+                }
+                (Some(Redacted(url)), false) => Some(url),
+                (None, true) => None,
+            };
+        if url.is_some() {
+            let sentinel_only = [
+                ("--redis-master-name", self.redis_master_name.is_some()),
+                ("--redis-tls", self.redis_tls),
+                (
+                    "--redis-sentinel-username",
+                    self.redis_sentinel_username.is_some(),
+                ),
+                (
+                    "--redis-sentinel-password-file",
+                    self.redis_sentinel_password_file.is_some(),
+                ),
+            ];
+            if let Some((flag, _)) = sentinel_only.iter().find(|(_, set)| *set) {
+                return Err(ConfigError(format!(
+                    "{flag} is a setting of --redis-sentinels; with --redis-url \
+                     (SSEGW_REDIS_URL) the URL says it (rediss:// for TLS)"
+                )));
+            }
+        }
+        // The parser's message never repeats the URL, which may hold a password.
+        let url_info = url
+            .map(|url| {
+                url.as_str().into_connection_info().map_err(|e| {
+                    ConfigError(format!(
+                        "--redis-url (SSEGW_REDIS_URL) is not a Redis URL \
+                         (redis://[user:password@]host:port[/db] or rediss://...): {}",
+                        e.detail().unwrap_or("it does not parse")
+                    ))
+                })
+            })
+            .transpose()?;
+        let mut settings = url_info
+            .as_ref()
+            .map_or_else(Default::default, |info| info.redis_settings().clone());
+        settings = credentials(
+            settings,
+            self.redis_username.as_deref(),
+            self.redis_password_file.as_deref(),
+            (
+                "--redis-username (SSEGW_REDIS_USERNAME)",
+                "--redis-password-file (SSEGW_REDIS_PASSWORD_FILE)",
+            ),
+        )?;
+        let tls = match &url_info {
+            Some(info) => match info.addr() {
+                ConnectionAddr::TcpTls { insecure, .. } => {
+                    check(
+                        !insecure,
+                        "--redis-url (SSEGW_REDIS_URL): skipping certificate verification takes \
+                         the explicit flag --redis-tls-skip-verify, not #insecure in the URL",
+                    )?;
+                    true
+                }
+                _ => false,
+            },
+            None => self.redis_tls,
+        };
+        let tls = if tls {
+            let certificates = self.tls_certificates()?;
+            let given = certificates.root_cert.is_some() || certificates.client_tls.is_some();
+            Some(Tls {
+                insecure: self.redis_tls_skip_verify,
+                certificates: given.then_some(certificates),
+            })
+        } else {
+            let tls_flags = [
                 ("--redis-ca-file", self.redis_ca_file.is_some()),
                 ("--redis-client-cert", self.redis_client_cert.is_some()),
                 ("--redis-client-key", self.redis_client_key.is_some()),
                 ("--redis-tls-skip-verify", self.redis_tls_skip_verify),
             ];
-            return match given.iter().find(|(_, set)| *set) {
-                Some((flag, _)) => Err(ConfigError(format!(
-                    "{flag} is a setting of the Redis connection: give --redis-url \
-                     (SSEGW_REDIS_URL) too"
-                ))),
-                None => Ok(None),
-            };
+            if let Some((flag, _)) = tls_flags.iter().find(|(_, set)| *set) {
+                return Err(ConfigError(format!(
+                    "{flag} is a TLS setting, and the connection is not TLS: a rediss:// \
+                     --redis-url, or --redis-tls with --redis-sentinels"
+                )));
+            }
+            None
         };
-        // The parser's message never repeats the URL, which may hold a password.
-        let mut info = url.as_str().into_connection_info().map_err(|e| {
+        let mode = tls.as_ref().map(|t| match t.insecure {
+            true => TlsMode::Unverified,
+            false => TlsMode::Verified,
+        });
+        let certificates_error = |e: redis::RedisError| {
             ConfigError(format!(
-                "--redis-url (SSEGW_REDIS_URL) is not a Redis URL \
-                 (redis://[user:password@]host:port[/db] or rediss://...): {}",
-                e.detail().unwrap_or("it does not parse")
+                "--redis-ca-file/--redis-client-cert/--redis-client-key: {}",
+                e.detail().unwrap_or("the certificates are not usable")
             ))
-        })?;
-        let mut settings = info.redis_settings().clone();
-        if let Some(user) = &self.redis_username {
-            check(
-                !user.is_empty(),
-                "--redis-username (SSEGW_REDIS_USERNAME) is empty",
-            )?;
-            settings = settings.set_username(user);
-        }
-        if let Some(path) = &self.redis_password_file {
-            let text = read(path, "--redis-password-file (SSEGW_REDIS_PASSWORD_FILE)")?;
-            let password = String::from_utf8(text)
-                .map_err(|_| {
-                    ConfigError(format!(
-                        "--redis-password-file (SSEGW_REDIS_PASSWORD_FILE) {}: not UTF-8 text",
-                        path.display()
-                    ))
-                })?
-                .trim_end_matches(['\r', '\n'])
-                .to_string();
-            check(
-                !password.is_empty(),
-                &format!(
-                    "--redis-password-file (SSEGW_REDIS_PASSWORD_FILE) {} is empty",
-                    path.display()
-                ),
-            )?;
-            settings = settings.set_password(password);
+        };
+        let (topology, address) =
+            match url_info {
+                Some(info) => {
+                    let (host, port) =
+                        match info.addr() {
+                            ConnectionAddr::Tcp(host, port)
+                            | ConnectionAddr::TcpTls { host, port, .. } => (host.clone(), *port),
+                            ConnectionAddr::Unix(path) => {
+                                check(
+                            tls.is_none(),
+                            "the --redis-* TLS settings need a rediss:// URL, not a Unix socket",
+                        )?;
+                                let info = info.clone().set_redis_settings(settings);
+                                return Ok(Some(RedisTarget {
+                                    address: path.display().to_string(),
+                                    topology: Topology::Standalone(info),
+                                    durability: self.durability()?,
+                                    tls: None,
+                                }));
+                            }
+                            _ => return Err(ConfigError(
+                                "--redis-url (SSEGW_REDIS_URL): a kind of address this build does \
+                             not support"
+                                    .into(),
+                            )),
+                        };
+                    let info = connection_info(&host, port, &settings, tls.as_ref())
+                        .map_err(certificates_error)?;
+                    (Topology::Standalone(info), format!("{host}:{port}"))
+                }
+                None => {
+                    let master_name = self.redis_master_name.clone().ok_or_else(|| {
+                        ConfigError(
+                            "--redis-sentinels (SSEGW_REDIS_SENTINELS) needs --redis-master-name \
+                         (SSEGW_REDIS_MASTER_NAME): the name the sentinels monitor the primary \
+                         under"
+                                .into(),
+                        )
+                    })?;
+                    check(
+                        !master_name.is_empty(),
+                        "--redis-master-name (SSEGW_REDIS_MASTER_NAME) is empty",
+                    )?;
+                    let sentinel_settings = credentials(
+                        Default::default(),
+                        self.redis_sentinel_username.as_deref(),
+                        self.redis_sentinel_password_file.as_deref(),
+                        (
+                            "--redis-sentinel-username (SSEGW_REDIS_SENTINEL_USERNAME)",
+                            "--redis-sentinel-password-file (SSEGW_REDIS_SENTINEL_PASSWORD_FILE)",
+                        ),
+                    )?;
+                    let mut sentinels = Vec::new();
+                    let mut sentinel_addresses = Vec::new();
+                    for address in &self.redis_sentinels {
+                        let (host, port) = host_port(address).ok_or_else(|| {
+                            ConfigError(format!(
+                                "--redis-sentinels (SSEGW_REDIS_SENTINELS): {address:?} is not \
+                             host:port"
+                            ))
+                        })?;
+                        sentinels.push(
+                            connection_info(&host, port, &sentinel_settings, tls.as_ref())
+                                .map_err(certificates_error)?,
+                        );
+                        sentinel_addresses.push(format!("{host}:{port}"));
+                    }
+                    let address = format!(
+                        "master {master_name} via sentinels {}",
+                        sentinel_addresses.join(",")
+                    );
+                    let target = SentinelTarget {
+                        master_name,
+                        sentinels,
+                        sentinel_addresses,
+                        node_settings: settings,
+                        node_tls: tls,
+                    };
+                    (Topology::Sentinel(target), address)
+                }
+            };
+        Ok(Some(RedisTarget {
+            topology,
+            address,
+            durability: self.durability()?,
+            tls: mode,
+        }))
+    }
+
+    fn durability(&self) -> Result<Option<Durability>, ConfigError> {
+        if self.publish_replicas == 0 {
+            return Ok(None);
         }
         check(
-            settings.username().is_none() || settings.password().is_some(),
-            "a Redis user needs a password: in the URL or in --redis-password-file \
-             (SSEGW_REDIS_PASSWORD_FILE)",
+            self.publish_replicas_timeout >= Duration::from_millis(1),
+            "--publish-replicas-timeout (SSEGW_PUBLISH_REPLICAS_TIMEOUT) must be at least 1ms",
         )?;
-        info = info.set_redis_settings(settings);
-        let (address, tls) = match info.addr().clone() {
-            ConnectionAddr::Tcp(host, port) => {
-                let tls_flags = [
-                    ("--redis-ca-file", self.redis_ca_file.is_some()),
-                    ("--redis-client-cert", self.redis_client_cert.is_some()),
-                    ("--redis-client-key", self.redis_client_key.is_some()),
-                    ("--redis-tls-skip-verify", self.redis_tls_skip_verify),
-                ];
-                if let Some((flag, _)) = tls_flags.iter().find(|(_, set)| *set) {
-                    return Err(ConfigError(format!(
-                        "{flag} is a TLS setting, and --redis-url (SSEGW_REDIS_URL) is not a \
-                         rediss:// URL"
-                    )));
-                }
-                (format!("{host}:{port}"), None)
-            }
-            ConnectionAddr::TcpTls {
-                host,
-                port,
-                insecure,
-                tls_params,
-            } => {
-                check(
-                    !insecure,
-                    "--redis-url (SSEGW_REDIS_URL): skipping certificate verification takes \
-                     the explicit flag --redis-tls-skip-verify, not #insecure in the URL",
-                )?;
-                let address = format!("{host}:{port}");
-                info = info.set_addr(ConnectionAddr::TcpTls {
-                    host,
-                    port,
-                    insecure: self.redis_tls_skip_verify,
-                    tls_params,
-                });
-                let certificates = self.tls_certificates()?;
-                if certificates.root_cert.is_some() || certificates.client_tls.is_some() {
-                    info = redis::Client::build_with_tls(info, certificates)
-                        .map_err(|e| {
-                            ConfigError(format!(
-                                "--redis-ca-file/--redis-client-cert/--redis-client-key: {}",
-                                e.detail().unwrap_or("the certificates are not usable")
-                            ))
-                        })?
-                        .get_connection_info()
-                        .clone();
-                }
-                let mode = if self.redis_tls_skip_verify {
-                    TlsMode::Unverified
-                } else {
-                    TlsMode::Verified
-                };
-                (address, Some(mode))
-            }
-            ConnectionAddr::Unix(path) => {
-                check(
-                    self.redis_ca_file.is_none()
-                        && self.redis_client_cert.is_none()
-                        && self.redis_client_key.is_none()
-                        && !self.redis_tls_skip_verify,
-                    "the --redis-* TLS settings need a rediss:// URL, not a Unix socket",
-                )?;
-                (path.display().to_string(), None)
-            }
-            _ => {
-                return Err(ConfigError(
-                    "--redis-url (SSEGW_REDIS_URL): a kind of address this build does not \
-                     support"
-                        .into(),
-                ))
-            }
-        };
-        Ok(Some(RedisTarget { info, address, tls }))
+        Ok(Some(Durability {
+            replicas: self.publish_replicas,
+            timeout: self.publish_replicas_timeout,
+        }))
     }
 
     /// The CA and client certificate files, read and parsed.
@@ -292,6 +497,53 @@ impl RedisArgs {
     }
 }
 
+/// `settings` with the user and password of these flags, when given; a user needs a
+/// password.
+fn credentials(
+    mut settings: redis::RedisConnectionInfo,
+    username: Option<&str>,
+    password_file: Option<&Path>,
+    (user_flag, password_flag): (&str, &str),
+) -> Result<redis::RedisConnectionInfo, ConfigError> {
+    if let Some(user) = username {
+        check(!user.is_empty(), &format!("{user_flag} is empty"))?;
+        settings = settings.set_username(user);
+    }
+    if let Some(path) = password_file {
+        let text = read(path, password_flag)?;
+        let password = String::from_utf8(text)
+            .map_err(|_| {
+                ConfigError(format!(
+                    "{password_flag} {}: not UTF-8 text",
+                    path.display()
+                ))
+            })?
+            .trim_end_matches(['\r', '\n'])
+            .to_string();
+        check(
+            !password.is_empty(),
+            &format!("{password_flag} {} is empty", path.display()),
+        )?;
+        settings = settings.set_password(password);
+    }
+    check(
+        settings.username().is_none() || settings.password().is_some(),
+        &format!("a Redis user needs a password: in the URL or in {password_flag}"),
+    )?;
+    Ok(settings)
+}
+
+/// `host:port` or `[v6]:port`.
+fn host_port(address: &str) -> Option<(String, u16)> {
+    let (host, port) = address.trim().rsplit_once(':')?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let port = port.parse().ok()?;
+    (!host.is_empty() && !host.contains('/')).then(|| (host.to_string(), port))
+}
+
 /// How many PEM certificates `pem` holds; an error for a malformed one.
 fn certificates(pem: &[u8]) -> Result<usize, String> {
     let mut count = 0;
@@ -323,6 +575,91 @@ mod tests {
         flags.redis.target().map_err(|e| e.to_string())
     }
 
+    fn standalone(target: &RedisTarget) -> &redis::ConnectionInfo {
+        match target.topology() {
+            Topology::Standalone(info) => info,
+            Topology::Sentinel(_) => panic!("not a standalone target"),
+        }
+    }
+
+    #[test]
+    fn sentinels_name_the_primary_and_their_settings_are_their_own() {
+        let sentinel = target(&[
+            "--redis-sentinels",
+            "10.0.0.1:26379,[::1]:26380",
+            "--redis-master-name",
+            "primary",
+            "--redis-username",
+            "gateway",
+            "--redis-url-never",
+        ]);
+        assert!(sentinel.is_err());
+        let dir =
+            std::env::temp_dir().join(format!("ssegw-sentinel-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("password");
+        std::fs::write(&file, "node-pw\n").unwrap();
+        let found = target(&[
+            "--redis-sentinels",
+            "10.0.0.1:26379,[::1]:26380",
+            "--redis-master-name",
+            "primary",
+            "--redis-username",
+            "gateway",
+            "--redis-password-file",
+            file.to_str().unwrap(),
+        ])
+        .unwrap()
+        .unwrap();
+        let Topology::Sentinel(sentinel) = found.topology() else {
+            panic!("not a sentinel target");
+        };
+        assert_eq!(sentinel.master_name, "primary");
+        assert_eq!(sentinel.sentinel_addresses, ["10.0.0.1:26379", "::1:26380"]);
+        // The node credentials go to the data nodes, not to the sentinels.
+        assert_eq!(sentinel.sentinels[0].redis_settings().password(), None);
+        let node = sentinel.node("10.0.0.9", 6380).unwrap();
+        assert_eq!(node.redis_settings().password(), Some("node-pw"));
+        assert!(matches!(node.addr(), ConnectionAddr::Tcp(host, 6380) if host == "10.0.0.9"));
+        assert!(!format!("{found:?}").contains("node-pw"));
+        assert_eq!(
+            found.address(),
+            "master primary via sentinels 10.0.0.1:26379,::1:26380"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        for (flags, expected) in [
+            (
+                &["--redis-sentinels", "a:1"][..],
+                "needs --redis-master-name",
+            ),
+            (
+                &[
+                    "--redis-sentinels",
+                    "a:1",
+                    "--redis-url",
+                    "redis://b:2",
+                    "--redis-master-name",
+                    "m",
+                ],
+                "give one of them",
+            ),
+            (
+                &["--redis-url", "redis://b:2", "--redis-master-name", "m"],
+                "setting of --redis-sentinels",
+            ),
+            (
+                &["--redis-sentinels", "nope", "--redis-master-name", "m"],
+                "is not host:port",
+            ),
+            (&["--redis-master-name", "m"], "give --redis-url"),
+            (&["--publish-replicas", "1"], "give --redis-url"),
+        ] {
+            let error = target(flags).unwrap_err();
+            assert!(error.contains(expected), "{flags:?}: {error}");
+        }
+    }
+
     #[test]
     fn credentials_come_from_the_url_or_the_flags_and_never_show() {
         let dir = std::env::temp_dir().join(format!("ssegw-redis-config-{}", std::process::id()));
@@ -333,7 +670,7 @@ mod tests {
         let from_url = target(&["--redis-url", "redis://alice:url-pw@10.0.0.1:6380/2"])
             .unwrap()
             .unwrap();
-        let settings = from_url.connection_info().redis_settings();
+        let settings = standalone(&from_url).redis_settings();
         assert_eq!(
             (settings.username(), settings.password(), settings.db()),
             (Some("alice"), Some("url-pw"), 2)
@@ -353,7 +690,7 @@ mod tests {
         ])
         .unwrap()
         .unwrap();
-        let settings = from_flags.connection_info().redis_settings();
+        let settings = standalone(&from_flags).redis_settings();
         assert_eq!(
             (settings.username(), settings.password()),
             (Some("gateway"), Some("fl4g-pw"))
@@ -379,7 +716,7 @@ mod tests {
         .unwrap();
         assert_eq!(unverified.tls(), Some(TlsMode::Unverified));
         assert!(matches!(
-            unverified.connection_info().addr(),
+            standalone(&unverified).addr(),
             ConnectionAddr::TcpTls { insecure: true, .. }
         ));
         assert!(target(&[]).unwrap().is_none());

@@ -102,6 +102,10 @@ impl From<BusError> for ApiError {
     fn from(e: BusError) -> ApiError {
         match e {
             BusError::Rejected(message) => ApiError::bad_request(message),
+            unconfirmed @ BusError::Unconfirmed { .. } => {
+                tracing::warn!(%unconfirmed, "publish not confirmed by enough replicas");
+                ApiError::unavailable(unconfirmed.to_string())
+            }
             BusError::Unavailable(detail) => {
                 tracing::warn!(%detail, "bus unavailable");
                 ApiError::unavailable("event store unavailable, retry later")

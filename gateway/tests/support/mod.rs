@@ -536,6 +536,15 @@ impl Sse {
         events
     }
 
+    /// Every event until none arrives for `quiet` (or the stream ends).
+    pub async fn drain(&mut self, quiet: Duration) -> Vec<Event> {
+        let mut events: Vec<Event> = self.pending.drain(..).collect();
+        while let Ok(Some(Ok(event))) = tokio::time::timeout(quiet, self.events.next()).await {
+            events.push(event);
+        }
+        events
+    }
+
     /// Asserts that no event arrives within `quiet`.
     pub async fn assert_quiet(&mut self, quiet: Duration) {
         assert!(
@@ -677,24 +686,40 @@ pub fn blocking_http_publish_as(
     data: &str,
     token: Option<&str>,
 ) -> String {
+    try_blocking_http_publish(addr, topic, data, token)
+        .unwrap_or_else(|reply| panic!("publish failed: {reply}"))
+}
+
+/// `POST /publish` over a blocking socket: the event's id, or the whole reply when it is not a
+/// 200 (or none came).
+pub fn try_blocking_http_publish(
+    addr: SocketAddr,
+    topic: &str,
+    data: &str,
+    token: Option<&str>,
+) -> Result<String, String> {
     use std::io::{Read, Write};
     let body = serde_json::json!({ "topic": topic, "data": data }).to_string();
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    let mut stream = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
     write!(
         stream,
         "POST /publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
-    .unwrap();
+    .map_err(|e| e.to_string())?;
     let mut reply = String::new();
-    stream.read_to_string(&mut reply).unwrap();
-    assert!(reply.starts_with("HTTP/1.1 200"), "publish failed: {reply}");
+    stream
+        .read_to_string(&mut reply)
+        .map_err(|e| e.to_string())?;
+    if !reply.starts_with("HTTP/1.1 200") {
+        return Err(reply);
+    }
     let json = &reply[reply.find("\r\n\r\n").expect("no body") + 4..];
     let value: serde_json::Value = serde_json::from_str(json).expect("publish reply");
-    value["id"].as_str().unwrap().to_string()
+    Ok(value["id"].as_str().unwrap().to_string())
 }
 
 impl Cluster {

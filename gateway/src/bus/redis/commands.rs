@@ -1,17 +1,21 @@
-//! `Commands`: the pool of command connections to Redis (deadpool), shared by the request
-//! handlers and the subscriber task: `FCALL`s with a timeout, the function library loaded again
-//! when Redis lost it, and pipelined reads of many topics. The only place that runs commands.
+//! `Commands`: the pool of command connections to the Redis primary (deadpool), shared by the
+//! request handlers and the subscriber task: `FCALL`s with a timeout, the function library
+//! loaded again when Redis lost it, and pipelined reads of many topics. The only place that runs
+//! commands. Errors that say the node may no longer be the primary tell the `Endpoint`, and the
+//! pool follows the primary it names.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_redis::Pool;
+use deadpool_redis::{Pool, Runtime};
 use redis::Value;
 use ssegw_protocol::script;
 use ssegw_protocol::{StreamId, Topic};
 
-use super::reply::{classify, malformed, parse_page, unavailable};
+use super::endpoint::Endpoint;
+use super::reply::{classify, explain, malformed, parse_page, unavailable};
 use crate::bus::{BusError, Page};
+use crate::config::Durability;
 
 /// `FCALL ssegw_read 1 <topic> <after> <count>`; without `after`, only the head is asked for.
 pub(super) fn read_cmd(topic: &Topic, after: Option<StreamId>, count: usize) -> redis::Cmd {
@@ -27,29 +31,181 @@ pub(super) fn read_cmd(topic: &Topic, after: Option<StreamId>, count: usize) -> 
 /// Command-connection work shared by request handlers and the subscriber task.
 #[derive(Clone)]
 pub(super) struct Commands {
-    pub(super) pool: Pool,
+    pub(super) pools: Arc<Pools>,
     pub(super) library: Arc<str>,
     /// `--redis-install-functions`: load the library when it is missing, or only say so.
     pub(super) install_functions: bool,
     pub(super) timeout: Duration,
 }
 
+/// The pool of connections to the current primary: built for the address the endpoint names,
+/// and built anew for another address once the endpoint's epoch says the primary may have
+/// moved (connections to the old one are dropped as their users return them).
+pub(super) struct Pools {
+    endpoint: Arc<Endpoint>,
+    size: usize,
+    timeout: Duration,
+    /// The pool, the address it connects to and the epoch it was checked at. Held only to
+    /// read or replace it, never across an `.await`.
+    current: std::sync::Mutex<Option<Current>>,
+    /// One caller at a time asks the endpoint for the primary; the others wait for its answer.
+    resolving: tokio::sync::Mutex<()>,
+}
+
+struct Current {
+    epoch: u64,
+    address: String,
+    pool: Pool,
+}
+
+impl Pools {
+    pub(super) fn new(endpoint: Arc<Endpoint>, size: usize, timeout: Duration) -> Pools {
+        Pools {
+            endpoint,
+            size,
+            timeout,
+            current: std::sync::Mutex::new(None),
+            resolving: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub(super) fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
+    }
+
+    fn checked(&self) -> Option<Pool> {
+        let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        current
+            .as_ref()
+            .filter(|c| c.epoch == self.endpoint.epoch())
+            .map(|c| c.pool.clone())
+    }
+
+    /// The pool for the primary as of the endpoint's current epoch.
+    async fn pool(&self) -> Result<Pool, BusError> {
+        if let Some(pool) = self.checked() {
+            return Ok(pool);
+        }
+        let _resolving = self.resolving.lock().await;
+        if let Some(pool) = self.checked() {
+            return Ok(pool);
+        }
+        let epoch = self.endpoint.epoch();
+        let info = self.endpoint.primary().await?;
+        let address = format!("{:?}", info.addr());
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        match current.as_mut() {
+            Some(same) if same.address == address => same.epoch = epoch,
+            _ => {
+                if current.is_some() {
+                    tracing::warn!(redis = %self.endpoint.address(), "following the primary to another node");
+                }
+                // The manager straight from the connection info: deadpool-redis's own `Config`
+                // copies the address without its TLS parameters (the CA, the client
+                // certificate).
+                let manager = deadpool_redis::Manager::new(info).map_err(unavailable)?;
+                let pool = Pool::builder(manager)
+                    .max_size(self.size)
+                    // deadpool waits forever by default; a drained pool must fail like a dead
+                    // Redis.
+                    .wait_timeout(Some(self.timeout))
+                    .create_timeout(Some(self.timeout))
+                    .recycle_timeout(Some(self.timeout))
+                    .runtime(Runtime::Tokio1)
+                    .build()
+                    .map_err(|e| BusError::Unavailable(e.to_string()))?;
+                *current = Some(Current {
+                    epoch,
+                    address,
+                    pool,
+                });
+            }
+        }
+        Ok(current.as_ref().expect("just set").pool.clone())
+    }
+}
+
 impl Commands {
     pub(super) async fn connection(&self) -> Result<deadpool_redis::Connection, BusError> {
-        self.pool.get().await.map_err(|e| match e {
-            deadpool_redis::PoolError::Backend(e) => unavailable(e),
+        let pool = self.pools.pool().await?;
+        pool.get().await.map_err(|e| match e {
+            deadpool_redis::PoolError::Backend(e) => {
+                self.suspect(&e);
+                unavailable(e)
+            }
             other => BusError::Unavailable(other.to_string()),
         })
     }
 
+    /// After an error that says the node may no longer be the primary (it is read-only now,
+    /// or unreachable), the endpoint asks the sentinels again.
+    fn suspect(&self, e: &redis::RedisError) {
+        if e.code() == Some("READONLY") {
+            self.pools.endpoint.moved("the node answered READONLY");
+        } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+            self.pools
+                .endpoint
+                .moved("the connection to the primary failed");
+        }
+    }
+
     /// Runs an `FCALL`, loading the library first if Redis lost it (a restart without
     /// persistence, `FUNCTION FLUSH`).
+    ///
+    /// A `READONLY` answer means the node was demoted and the call did nothing: it is sent once
+    /// more, to the primary the sentinels name now.
     pub(super) async fn fcall<T: redis::FromRedisValue>(
         &self,
         cmd: &redis::Cmd,
     ) -> Result<T, BusError> {
+        self.fcall_holding(cmd).await.map(|(_, value)| value)
+    }
+
+    /// `fcall`, returning the connection it ran on too.
+    async fn fcall_holding<T: redis::FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+    ) -> Result<(deadpool_redis::Connection, T), BusError> {
         let mut conn = self.connection().await?;
-        self.fcall_on(&mut conn, cmd).await
+        match self.fcall_on(&mut conn, cmd).await {
+            Err(BusError::Unavailable(reason)) if reason.contains("READONLY") => {
+                drop(conn);
+                let mut conn = self.connection().await?;
+                let value = self.fcall_on(&mut conn, cmd).await?;
+                Ok((conn, value))
+            }
+            other => other.map(|value| (conn, value)),
+        }
+    }
+
+    /// Runs the publish `FCALL`, then `WAIT`s on the same connection for `durability`'s
+    /// replicas; returns the id and how many replicas confirmed every write on the connection
+    /// so far. A demoted node's `READONLY` is retried as in `fcall`.
+    pub(super) async fn fcall_confirmed(
+        &self,
+        cmd: &redis::Cmd,
+        durability: Durability,
+    ) -> Result<(String, u32), BusError> {
+        let (mut conn, id): (_, String) = self.fcall_holding(cmd).await?;
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(durability.replicas)
+            .arg(durability.timeout.as_millis() as u64);
+        // WAIT answers by its own timeout; ours only guards against a Redis that stopped.
+        let confirmed = match tokio::time::timeout(
+            durability.timeout + self.timeout,
+            wait.query_async::<u32>(&mut conn),
+        )
+        .await
+        {
+            Ok(Ok(confirmed)) => confirmed,
+            Ok(Err(e)) => {
+                self.suspect(&e);
+                tracing::warn!(error = %explain(&e), "WAIT for replicas failed");
+                0
+            }
+            Err(_) => 0,
+        };
+        Ok((id, confirmed))
     }
 
     pub(super) async fn fcall_on<T: redis::FromRedisValue>(
@@ -72,8 +228,16 @@ impl Commands {
         conn: &mut deadpool_redis::Connection,
     ) -> Result<T, BusError> {
         match tokio::time::timeout(self.timeout, cmd.query_async(conn)).await {
-            Err(_) => Err(BusError::Unavailable("Redis did not answer in time".into())),
-            Ok(Err(e)) => Err(classify(e)),
+            Err(_) => {
+                self.pools
+                    .endpoint
+                    .moved("the primary did not answer in time");
+                Err(BusError::Unavailable("Redis did not answer in time".into()))
+            }
+            Ok(Err(e)) => {
+                self.suspect(&e);
+                Err(classify(e))
+            }
             Ok(Ok(value)) => Ok(value),
         }
     }
@@ -117,8 +281,16 @@ impl Commands {
         }
         let replies: Vec<Value> =
             match tokio::time::timeout(self.timeout, pipe.query_async(&mut conn)).await {
-                Err(_) => return Err(BusError::Unavailable("Redis did not answer in time".into())),
-                Ok(result) => result.map_err(classify)?,
+                Err(_) => {
+                    self.pools
+                        .endpoint
+                        .moved("the primary did not answer in time");
+                    return Err(BusError::Unavailable("Redis did not answer in time".into()));
+                }
+                Ok(result) => result.map_err(|e| {
+                    self.suspect(&e);
+                    classify(e)
+                })?,
             };
         replies
             .into_iter()

@@ -12,6 +12,7 @@
 //! topologies (Sentinel, Cluster) belong beside them here, behind the same `RedisBus`.
 
 mod commands;
+mod endpoint;
 mod reply;
 mod subscriber;
 
@@ -19,7 +20,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_redis::{Pool, Runtime};
 use redis::Value;
 use ssegw_protocol::frame::EventType;
 use ssegw_protocol::script::{self, ScriptSettings};
@@ -29,14 +29,17 @@ use tokio_util::sync::CancellationToken;
 
 use super::single_flight::SingleFlight;
 use super::{BusError, Page};
-use crate::config::{BusConfig, RedisTarget};
+use crate::config::{BusConfig, Durability, RedisTarget};
 use crate::fanout::hub::{Hub, Interest};
-use commands::{read_cmd, Commands};
-use reply::{malformed, parse_page, unavailable};
+use commands::{read_cmd, Commands, Pools};
+use endpoint::Endpoint;
+use reply::{malformed, parse_page};
 use subscriber::Subscriber;
 
 pub struct RedisBus {
     commands: Commands,
+    /// `--publish-replicas`: a publish waits for this many replicas.
+    durability: Option<Durability>,
     /// True while canaries make the round trip through Redis in time.
     ready: Arc<AtomicBool>,
     /// History reads under way: a caller asking the same page joins one (see `single_flight`).
@@ -46,7 +49,8 @@ pub struct RedisBus {
 type ReadResult = Result<Arc<Page>, BusError>;
 
 impl RedisBus {
-    /// Starts the bus of a serving replica: command pool plus the pub/sub subscriber task.
+    /// Starts the bus of a serving replica: command pool plus the pub/sub subscriber task
+    /// (and, with sentinels, the watch of their `+switch-master`).
     pub fn start(
         target: &RedisTarget,
         config: &BusConfig,
@@ -61,9 +65,10 @@ impl RedisBus {
             &config.script,
             config.install_functions,
         )?;
+        let endpoint = bus.commands.pools.endpoint().clone();
+        tokio::spawn(endpoint.clone().watch_switches(shutdown.clone()));
         let subscriber = Subscriber {
-            client: target.client().map_err(unavailable)?,
-            address: target.address().to_string(),
+            endpoint,
             commands: bus.commands.clone(),
             hub,
             interest,
@@ -84,22 +89,11 @@ impl RedisBus {
         script: &ScriptSettings,
         install_functions: bool,
     ) -> Result<RedisBus, BusError> {
-        // The manager straight from the connection info: deadpool-redis's own `Config` copies
-        // the address without its TLS parameters (the CA and the client certificate).
-        let manager = deadpool_redis::Manager::new(target.connection_info().clone())
-            .map_err(|e| BusError::Unavailable(e.to_string()))?;
-        let pool = Pool::builder(manager)
-            .max_size(pool_size)
-            // deadpool waits forever by default; a drained pool must fail like a dead Redis.
-            .wait_timeout(Some(timeout))
-            .create_timeout(Some(timeout))
-            .recycle_timeout(Some(timeout))
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|e| BusError::Unavailable(e.to_string()))?;
+        let endpoint = Arc::new(Endpoint::new(target.clone(), timeout));
         Ok(RedisBus {
+            durability: target.durability(),
             commands: Commands {
-                pool,
+                pools: Arc::new(Pools::new(endpoint, pool_size, timeout)),
                 library: script::function_library(script).into(),
                 install_functions,
                 timeout,
@@ -125,8 +119,25 @@ impl RedisBus {
         if let Some(traceparent) = traceparent {
             cmd.arg(traceparent.as_str());
         }
-        let id: String = self.commands.fcall(&cmd).await?;
-        StreamId::parse(&id).map_err(|_| BusError::Unavailable(format!("unexpected id {id:?}")))
+        let (id, confirmed): (String, Option<u32>) = match self.durability {
+            None => (self.commands.fcall(&cmd).await?, None),
+            Some(durability) => {
+                let (id, confirmed) = self.commands.fcall_confirmed(&cmd, durability).await?;
+                (id, Some(confirmed))
+            }
+        };
+        let id = StreamId::parse(&id)
+            .map_err(|_| BusError::Unavailable(format!("unexpected id {id:?}")))?;
+        match (self.durability, confirmed) {
+            (Some(durability), Some(acknowledged)) if acknowledged < durability.replicas => {
+                Err(BusError::Unconfirmed {
+                    id,
+                    acknowledged,
+                    wanted: durability.replicas,
+                })
+            }
+            _ => Ok(id),
+        }
     }
 
     /// Reads up to `count` events after `after` as Redis had them after `since`, sharing the

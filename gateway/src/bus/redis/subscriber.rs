@@ -13,11 +13,12 @@ use futures_util::StreamExt;
 use ssegw_protocol::frame::EventType;
 use ssegw_protocol::script::{self, ChannelMessage};
 use ssegw_protocol::Topic;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use super::commands::Commands;
+use super::endpoint::Endpoint;
 use super::reply::unavailable;
 use crate::bus::BusError;
 use crate::fanout::event::Event;
@@ -34,9 +35,8 @@ const BACKFILL_PAGE: usize = 200;
 /// dispatches every message to the hub, checks the link with canaries, and after a reconnect
 /// subscribes and backfills every topic the hub still serves.
 pub(super) struct Subscriber {
-    pub(super) client: redis::Client,
-    /// `host:port` of the Redis, for the log (never the URL, which may hold a password).
-    pub(super) address: String,
+    /// Where the primary is; the subscriber reconnects when its epoch moves.
+    pub(super) endpoint: Arc<Endpoint>,
     pub(super) commands: Commands,
     pub(super) hub: Arc<Hub>,
     pub(super) interest: mpsc::UnboundedReceiver<Interest>,
@@ -52,10 +52,14 @@ impl Subscriber {
         let mut backoff = Backoff::default();
         let mut connected_before = false;
         loop {
+            // The epoch this connection belongs to: a later move ends it.
+            let mut moves = self.endpoint.watch();
+            moves.mark_unchanged();
             let attempt = async {
                 let mut conn = self.commands.connection().await?;
                 self.commands.load_library(&mut conn).await?;
-                let pubsub = self.client.get_async_pubsub();
+                let primary = self.endpoint.primary().await?;
+                let pubsub = async { redis::Client::open(primary)?.get_async_pubsub().await };
                 match tokio::time::timeout(self.commands.timeout, pubsub).await {
                     Err(_) => Err(BusError::Unavailable("pub/sub connect timed out".into())),
                     Ok(result) => result.map_err(unavailable),
@@ -72,7 +76,7 @@ impl Subscriber {
                         stats.record(&stats.redis_reconnects);
                     }
                     connected_before = true;
-                    match self.serve(pubsub, &mut backoff).await {
+                    match self.serve(pubsub, &mut backoff, &mut moves).await {
                         None => return,
                         Some(reason) => reason,
                     }
@@ -82,9 +86,9 @@ impl Subscriber {
             if self.ready.swap(false, Ordering::AcqRel) {
                 // Streams stay open: once the link is back, each topic is backfilled from
                 // the last event delivered.
-                tracing::warn!(%reason, address = %self.address, topics = self.hub.topic_count(), "Redis link lost; not ready");
+                tracing::warn!(%reason, redis = %self.endpoint.address(), topics = self.hub.topic_count(), "Redis link lost; not ready");
             } else {
-                tracing::warn!(%reason, address = %self.address, "Redis unavailable");
+                tracing::warn!(%reason, redis = %self.endpoint.address(), "Redis unavailable");
             }
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
@@ -94,7 +98,12 @@ impl Subscriber {
     }
 
     /// Serves one pub/sub connection; returns why it ended, or `None` on shutdown.
-    async fn serve(&mut self, pubsub: redis::aio::PubSub, backoff: &mut Backoff) -> Option<String> {
+    async fn serve(
+        &mut self,
+        pubsub: redis::aio::PubSub,
+        backoff: &mut Backoff,
+        moves: &mut watch::Receiver<u64>,
+    ) -> Option<String> {
         let (mut sink, mut messages) = pubsub.split();
         let mut subscribed = HashSet::new();
         if let Err(e) = sink.subscribe(&self.canary_channel).await {
@@ -111,6 +120,9 @@ impl Subscriber {
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return None,
+                // The primary may be elsewhere now: reconnect to the one the sentinels name,
+                // and backfill every topic from there.
+                Ok(()) = moves.changed() => return Some("the primary may have moved".into()),
                 message = messages.next() => match message {
                     Some(message) if message.get_channel_name() == self.canary_channel => {
                         if let Some(rtt) = canary.arrived(message.get_payload_bytes()) {
@@ -141,9 +153,20 @@ impl Subscriber {
                     let commands = self.commands.clone();
                     let mut publish = redis::cmd("PUBLISH");
                     publish.arg(&self.canary_channel).arg(seq);
-                    // A failure shows as a canary that does not arrive.
+                    let endpoint = self.endpoint.clone();
+                    // A failure shows as a canary that does not arrive. With sentinels the
+                    // canary also asks its node's role: a demoted primary still relays
+                    // PUBLISH, and must not look healthy.
                     tokio::spawn(async move {
                         if let Ok(mut conn) = commands.connection().await {
+                            if endpoint.is_sentinel() {
+                                let role = commands.query::<Vec<redis::Value>>(&redis::cmd("ROLE"), &mut conn).await;
+                                let primary = matches!(role.as_deref(), Ok([redis::Value::BulkString(r), ..]) if r.as_slice() == b"master");
+                                if !primary {
+                                    endpoint.moved("the canary's node is not the primary");
+                                    return;
+                                }
+                            }
                             let _ = commands.query::<i64>(&publish, &mut conn).await;
                         }
                     });
