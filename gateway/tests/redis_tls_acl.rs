@@ -21,8 +21,8 @@ const PUBLISHER_PASSWORD: &str = "publisher-pw-3e7a";
 /// pool's `UNWATCH`, and as keys the topics' streams and the topics themselves (`FCALL`
 /// declares the topic as its key): here the tests' topics `orders` and `t`.
 const GATEWAY_ACL: &str = "resetkeys ~ssegw:s:* ~orders ~t resetchannels &ssegw:c:* \
-     &ssegw:canary:* -@all +fcall +fcall_ro +function|load +function|list +subscribe \
-     +unsubscribe +publish +ping +unwatch +xadd +xrange +xlen +xsetid +xinfo|stream +exists \
+     &ssegw:canary:* -@all +fcall +fcall_ro +function|load +subscribe +unsubscribe \
+     +publish +ping +unwatch +xadd +xrange +xlen +xsetid +xinfo|stream +exists \
      +expire +time";
 
 /// What a service that only publishes needs (docs/deploy.md, "Least privilege").

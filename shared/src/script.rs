@@ -11,6 +11,14 @@ use crate::trace::Traceparent;
 pub const LIBRARY_NAME: &str = "ssegw";
 pub const PUBLISH_FUNCTION: &str = "ssegw_publish";
 pub const READ_FUNCTION: &str = "ssegw_read";
+/// `FCALL ssegw_version 0`: the library's `LIBRARY_VERSION`.
+pub const VERSION_FUNCTION: &str = "ssegw_version";
+
+/// The function library's version, raised with every change of its functions. A newer
+/// library keeps answering the calls of older gateways (same function names and arguments),
+/// so during a rolling upgrade a gateway never replaces a newer library with its own older
+/// one. Version 1 was the library before `ssegw_version` existed.
+pub const LIBRARY_VERSION: u64 = 2;
 
 const CORE: &str = include_str!("../lua/core.lua");
 
@@ -46,7 +54,8 @@ fn settings_block(s: &ScriptSettings) -> String {
 pub fn function_library(settings: &ScriptSettings) -> String {
     format!(
         "#!lua name={LIBRARY_NAME}\n{}{CORE}\nredis.register_function('{PUBLISH_FUNCTION}', publish)\n\
-         redis.register_function{{function_name='{READ_FUNCTION}', callback=read, flags={{'no-writes'}}}}\n",
+         redis.register_function{{function_name='{READ_FUNCTION}', callback=read, flags={{'no-writes'}}}}\n\
+         redis.register_function{{function_name='{VERSION_FUNCTION}', callback=function() return {LIBRARY_VERSION} end, flags={{'no-writes'}}}}\n",
         settings_block(settings)
     )
 }

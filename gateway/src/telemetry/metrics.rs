@@ -111,6 +111,14 @@ impl Metrics {
             "Topics caught up from their streams after a pub/sub gap",
             |s| s.get(&s.backfills),
         );
+        let library = stats.clone();
+        meter
+            .u64_observable_gauge("ssegw.function_library.mismatch")
+            .with_description(
+                "1 while Redis holds another version of the ssegw function library than this replica's",
+            )
+            .with_callback(move |observer| observer.observe(library.library_mismatch() as u64, &[]))
+            .build();
         let closed = stats.clone();
         meter
             .u64_observable_counter("ssegw.connections.closed")

@@ -42,6 +42,10 @@ pub struct Stats {
     pub events_received: AtomicU64,
     /// Times the pub/sub link was established again after it was lost.
     pub redis_reconnects: AtomicU64,
+    /// The version of the `ssegw` function library found in Redis at the last (re)connect
+    /// (0: none, or one older than versions); differs from `LIBRARY_VERSION` during a rolling
+    /// upgrade.
+    pub redis_library: AtomicU64,
     /// Topics caught up from their streams after a reconnect.
     pub backfills: AtomicU64,
     /// Events written by a relay's sweep (`sweep`), counted in `delivered` too: the share of
@@ -81,6 +85,12 @@ impl Default for Stats {
 }
 
 impl Stats {
+    /// Whether Redis holds another version of the function library than this replica's.
+    pub fn library_mismatch(&self) -> bool {
+        let found = self.redis_library.load(Ordering::Relaxed);
+        found != 0 && found != ssegw_protocol::script::LIBRARY_VERSION
+    }
+
     /// Counters at zero; the histograms record into `meter`.
     pub fn new(meter: &Meter) -> Stats {
         let seconds = |name: &'static str, description: &'static str| {
@@ -109,6 +119,7 @@ impl Stats {
             gaps: AtomicU64::new(0),
             events_received: AtomicU64::new(0),
             redis_reconnects: AtomicU64::new(0),
+            redis_library: AtomicU64::new(0),
             backfills: AtomicU64::new(0),
             swept: AtomicU64::new(0),
             hot: Hot::default(),
@@ -225,6 +236,10 @@ impl Stats {
             "bytes_written": self.bytes_written(),
             "redis_reconnects": get(&self.redis_reconnects),
             "backfills": get(&self.backfills),
+            "function_library": {
+                "replica": ssegw_protocol::script::LIBRARY_VERSION,
+                "redis": get(&self.redis_library),
+            },
         })
     }
 }

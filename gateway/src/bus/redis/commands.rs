@@ -16,6 +16,7 @@ use super::endpoint::Endpoint;
 use super::reply::{classify, explain, malformed, parse_page, unavailable};
 use crate::bus::{BusError, Page};
 use crate::config::Durability;
+use crate::telemetry::stats::Stats;
 
 /// `FCALL ssegw_read 1 <topic> <after> <count>`; without `after`, only the head is asked for.
 pub(super) fn read_cmd(topic: &Topic, after: Option<StreamId>, count: usize) -> redis::Cmd {
@@ -35,6 +36,9 @@ pub(super) struct Commands {
     pub(super) library: Arc<str>,
     /// `--redis-install-functions`: load the library when it is missing, or only say so.
     pub(super) install_functions: bool,
+    /// Where the library version found in Redis is shown (`/status`, metrics); `None` for the
+    /// `publish` command.
+    pub(super) stats: Option<Arc<Stats>>,
     pub(super) timeout: Duration,
 }
 
@@ -248,23 +252,72 @@ impl Commands {
         &self,
         conn: &mut deadpool_redis::Connection,
     ) -> Result<(), BusError> {
-        if !self.install_functions {
-            let mut cmd = redis::cmd("FUNCTION");
-            cmd.arg("LIST").arg("LIBRARYNAME").arg(script::LIBRARY_NAME);
-            let libraries: Vec<Value> = self.query(&cmd, conn).await?;
-            return match libraries.is_empty() {
-                false => Ok(()),
-                true => Err(BusError::Unavailable(format!(
-                    "the {} function library is not in Redis, and --redis-install-functions is \
-                     false: load it once with `sse-gateway script | redis-cli -x FUNCTION LOAD \
-                     REPLACE`",
+        let found = self.library_version(conn).await?;
+        self.record_library(found.unwrap_or(0));
+        let ours = script::LIBRARY_VERSION;
+        match found {
+            Some(theirs) if theirs > ours => {
+                // A newer replica loaded it during a rolling upgrade; it answers our calls.
+                tracing::warn!(
+                    redis = theirs,
+                    replica = ours,
+                    "Redis has a newer ssegw function library than this replica: keeping it; \
+                     upgrade this replica"
+                );
+                return Ok(());
+            }
+            Some(theirs) if theirs == ours && !self.install_functions => return Ok(()),
+            _ if !self.install_functions => {
+                let what = match found {
+                    None => "is not in Redis".to_string(),
+                    Some(older) => {
+                        format!("in Redis is version {older}, older than this replica's {ours}")
+                    }
+                };
+                return Err(BusError::Unavailable(format!(
+                    "the {} function library {what}, and --redis-install-functions is false: \
+                     load this replica's once with `sse-gateway script | redis-cli -x FUNCTION \
+                     LOAD REPLACE`",
                     script::LIBRARY_NAME
-                ))),
-            };
+                )));
+            }
+            _ => {}
         }
         let mut cmd = redis::cmd("FUNCTION");
         cmd.arg("LOAD").arg("REPLACE").arg(&*self.library);
-        self.query::<String>(&cmd, conn).await.map(drop)
+        self.query::<String>(&cmd, conn).await?;
+        if found.is_some_and(|theirs| theirs < ours) {
+            tracing::info!(
+                from = found,
+                to = ours,
+                "upgraded the ssegw function library in Redis"
+            );
+        }
+        self.record_library(ours);
+        Ok(())
+    }
+
+    /// The version of the function library Redis has (`FCALL ssegw_version 0`): `None` when
+    /// it has none, or only one from before versions (1).
+    async fn library_version(
+        &self,
+        conn: &mut deadpool_redis::Connection,
+    ) -> Result<Option<u64>, BusError> {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(script::VERSION_FUNCTION).arg(0);
+        match self.query::<u64>(&cmd, conn).await {
+            Ok(version) => Ok(Some(version)),
+            Err(BusError::Rejected(message)) if message.contains("Function not found") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn record_library(&self, version: u64) {
+        if let Some(stats) = &self.stats {
+            stats
+                .redis_library
+                .store(version, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Reads several topics in one pipelined round trip: `count` events after each position,

@@ -58,13 +58,14 @@ impl RedisBus {
         interest: mpsc::UnboundedReceiver<Interest>,
         shutdown: CancellationToken,
     ) -> Result<RedisBus, BusError> {
-        let bus = RedisBus::connect(
+        let mut bus = RedisBus::connect(
             target,
             config.redis_pool_size,
             config.redis_timeout,
             &config.script,
             config.install_functions,
         )?;
+        bus.commands.stats = Some(hub.stats().clone());
         let endpoint = bus.commands.pools.endpoint().clone();
         tokio::spawn(endpoint.clone().watch_switches(shutdown.clone()));
         let subscriber = Subscriber {
@@ -96,6 +97,7 @@ impl RedisBus {
                 pools: Arc::new(Pools::new(endpoint, pool_size, timeout)),
                 library: script::function_library(script).into(),
                 install_functions,
+                stats: None,
                 timeout,
             },
             ready: Arc::new(AtomicBool::new(false)),
