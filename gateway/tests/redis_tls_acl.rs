@@ -222,6 +222,15 @@ async fn a_wrong_password_an_untrusted_ca_and_a_missing_permission_are_named() {
     let redis = SecureRedis::start(false, GATEWAY_ACL);
     let dir = tempdir("redis-causes");
 
+    // Nothing listens there (yet).
+    let mut flags = redis.flags(&redis.password_file(GATEWAY_PASSWORD));
+    let url = flags.iter().position(|f| f == "--redis-url").unwrap() + 1;
+    flags[url] = format!("rediss://127.0.0.1:{}", support::free_port());
+    let log = dir.join("unreachable.log");
+    let process = unready_replica(&flags, &log);
+    assert_not_ready_because(&process, &log, "Redis is unreachable");
+    drop(process);
+
     let wrong = redis.password_file("not-the-password");
     let log = dir.join("wrong-password.log");
     let process = unready_replica(&redis.flags(&wrong), &log);

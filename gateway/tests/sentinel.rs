@@ -340,3 +340,36 @@ async fn with_publish_replicas_a_killed_primary_loses_no_acknowledged_event() {
         assert!(data.contains(&sent.as_str()), "{sent} never arrived");
     }
 }
+
+/// Nodes and sentinels that require passwords of their own: the gateway logs in to each with
+/// its own, and delivers as usual.
+#[actix_web::test]
+async fn nodes_and_sentinels_with_passwords_of_their_own() {
+    let group = Sentinel::start(SentinelOptions {
+        password: Some("node-pw-51c".into()),
+        sentinel_password: Some("sentinel-pw-7d2".into()),
+        ..SentinelOptions::default()
+    })
+    .expect("a Sentinel group with passwords");
+    let dir = support::tempdir("sentinel-passwords");
+    let node = dir.join("node");
+    let sentinel = dir.join("sentinel");
+    std::fs::write(&node, "node-pw-51c\n").unwrap();
+    std::fs::write(&sentinel, "sentinel-pw-7d2\n").unwrap();
+    let (node, sentinel) = (node.display().to_string(), sentinel.display().to_string());
+    let flags = flags(
+        &group,
+        &[
+            "--redis-password-file",
+            &node,
+            "--redis-sentinel-password-file",
+            &sentinel,
+        ],
+    );
+    let gw = Gateway::start(&strs(&flags));
+    let mut sse = Sse::open(&gw, "topic=s0", None).await;
+    sse.baseline().await;
+    let id = try_blocking_http_publish(gw.addr, "s0", "behind passwords", None).unwrap();
+    let event = sse.next().await;
+    assert_eq!((event.id, event.data.as_str()), (id, "behind passwords"));
+}
