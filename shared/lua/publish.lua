@@ -137,11 +137,15 @@ local function read(keys, args)
   -- A position inside the retained range must be an event of this history (or the newest
   -- trimmed one, or 0-0). One that is not was issued by another incarnation: a primary that
   -- acknowledged events and died before its replica had them, whose promoted replica then
-  -- appended events of its own past them. Reading from it would skip those silently.
-  if status == 'ok' and after ~= '' and after ~= '0-0' and after ~= max_deleted
-      and cmp_id(after, last) <= 0 then
-    local at = redis.call('XRANGE', key, after, after)
-    if #at == 0 then status = 'lost' end
+  -- appended events of its own past them. Reading from it would skip those silently. The
+  -- read starts at the position itself, so checking it costs no extra call.
+  if status == 'ok' and after ~= '' and after ~= '0-0' and after ~= max_deleted then
+    local from = redis.call('XRANGE', key, after, '+', 'COUNT', count + 1)
+    if #from > 0 and cmp_id(from[1][1], after) == 0 then
+      table.remove(from, 1)
+      return {status, last, from}
+    end
+    status = 'lost'
   end
   local start = '-'
   if after ~= '' and status == 'ok' then start = '(' .. after end
