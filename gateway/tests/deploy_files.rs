@@ -3,7 +3,9 @@
 //! Prometheus Operator's), `docker-compose.yml` against Compose's, the Dockerfile and rendered
 //! manifests under static security checks (accepted findings are annotated where they occur),
 //! and the settings they pass to the gateway are ones the binary accepts, with grace periods
-//! longer than the drain. The Grafana dashboard's queries parse as PromQL and use only metrics
+//! longer than the drain; an overlay that names its Redis gets a ready gateway from them,
+//! against a local stand-in (TLS with an ACL user, or a Sentinel group) and stand-in files for
+//! its Secrets. The Grafana dashboard's queries parse as PromQL and use only metrics
 //! a running gateway serves.
 //!
 //! The Python tools, pinned in `.ci/deploy-tools.txt`, come from the virtualenv `.ci/run`
@@ -379,59 +381,271 @@ fn test_jwks(dir: &Path) -> PathBuf {
     file
 }
 
-/// Starts the gateway with these settings (on a free loopback port, with the embedded bus) and
-/// waits until it answers `/healthz`: bad settings would make it exit 2 first.
-fn assert_gateway_starts_with(origin: &str, settings: &[(String, String)]) {
+/// Every name is a setting of the gateway: a flag's variable in `--help`, or environment only.
+fn assert_settings_exist<'a>(origin: &str, names: impl IntoIterator<Item = &'a str>) {
     let help = run(Command::new(env!("CARGO_BIN_EXE_sse-gateway")).arg("--help"));
-    for (key, _) in settings {
+    for key in names {
         assert!(
             // `[env: KEY=value]`, or `[env: KEY]` for a setting whose value help hides.
             help.contains(&format!("[env: {key}="))
                 || help.contains(&format!("[env: {key}]"))
-                || ENV_ONLY.contains(&key.as_str()),
+                || ENV_ONLY.contains(&key),
             "{origin}: {key} is no setting of sse-gateway"
         );
     }
+}
+
+/// Starts the gateway with these settings (on a free loopback port, with the embedded bus) and
+/// waits until it answers `/healthz`: bad settings would make it exit 2 first.
+fn assert_gateway_starts_with(origin: &str, settings: &[(String, String)]) {
+    assert_settings_exist(origin, settings.iter().map(|(k, _)| k.as_str()));
+    // Their Redis is not here: without SSEGW_REDIS_URL the embedded bus stands in.
+    let embedded: Vec<(String, String)> = settings
+        .iter()
+        .filter(|(k, _)| k != "SSEGW_REDIS_URL")
+        .cloned()
+        .collect();
+    assert_gateway_answers(origin, &embedded, "/healthz");
+}
+
+/// Starts the gateway with these settings on a free loopback port and waits until `path`
+/// answers 200 (`/healthz`: it serves; `/readyz`: its Redis answers it too). Bad settings make
+/// it exit 2 first; any failure shows its log.
+fn assert_gateway_answers(origin: &str, settings: &[(String, String)], path: &str) {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], support::free_port()));
+    let log_dir = support::tempdir("deploy-settings");
+    let log = log_dir.join("gateway.log");
     let mut gateway = Command::new(env!("CARGO_BIN_EXE_sse-gateway"))
         .envs(
             settings
                 .iter()
-                .filter(|(k, _)| k != "SSEGW_LISTEN" && k != "SSEGW_REDIS_URL")
+                .filter(|(k, _)| k != "SSEGW_LISTEN")
                 .map(|(k, v)| (k.as_str(), v.as_str())),
         )
         .env("SSEGW_LISTEN", addr.to_string())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("start sse-gateway");
     let deadline = Instant::now() + support::WAIT;
-    while support::http_status(addr, "GET", "/healthz") != Some(200) {
-        if gateway.try_wait().unwrap().is_some() {
-            let output = gateway.wait_with_output().unwrap();
+    while support::http_status(addr, "GET", path) != Some(200) {
+        let exited = gateway.try_wait().unwrap();
+        if exited.is_some() || Instant::now() > deadline {
+            let _ = gateway.kill();
+            let status = gateway.wait().unwrap();
+            let what = match exited {
+                Some(_) => "refused its settings".to_string(),
+                None => format!("did not answer {path} 200 with its settings"),
+            };
             panic!(
-                "{origin}: sse-gateway refused its settings ({}): {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr)
+                "{origin}: sse-gateway {what} ({status}): {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
             );
         }
-        assert!(Instant::now() < deadline, "{origin}: sse-gateway not up");
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = gateway.kill();
     let _ = gateway.wait();
+    let _ = std::fs::remove_dir_all(&log_dir);
+}
+
+/// The overlays, by the name `render_all` gives them.
+const OVERLAYS: [&str; 4] = [
+    "k8s-overlays-managed-tls",
+    "k8s-overlays-production",
+    "k8s-overlays-sentinel",
+    "k8s-overlays-trial",
+];
+
+/// Where the pod mounts a Secret: the directory, the Secret, the files it projects there
+/// (`None`: one per key of the Secret) and whether the pod waits for the Secret.
+struct SecretMount {
+    path: String,
+    secret: String,
+    files: Option<Vec<String>>,
+    required: bool,
+}
+
+/// The Secrets the gateway container mounts; every one must be read-only.
+fn secret_mounts(origin: &str, pod: &Value) -> Vec<SecretMount> {
+    let none = Vec::new();
+    let volumes = pod["volumes"].as_array().unwrap_or(&none);
+    let mounts = pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap_or(&none);
+    mounts
+        .iter()
+        .filter_map(|mount| {
+            let volume = volumes.iter().find(|v| v["name"] == mount["name"])?;
+            let secret = volume["secret"].as_object()?;
+            let path = mount["mountPath"].as_str().unwrap().to_string();
+            let name = secret["secretName"].as_str().unwrap().to_string();
+            assert_eq!(
+                mount["readOnly"], true,
+                "{origin}: the Secret {name} is mounted writable at {path}"
+            );
+            Some(SecretMount {
+                path,
+                secret: name,
+                files: secret.get("items").map(|items| {
+                    items
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|i| i["path"].as_str().unwrap().to_string())
+                        .collect()
+                }),
+                // A Secret volume is required unless it says `optional: true`.
+                required: secret.get("optional") != Some(&Value::Bool(true)),
+            })
+        })
+        .collect()
+}
+
+/// The stand-in Redis's passwords: the overlay's ACL user's, the default user's (which the
+/// Sentinel group's nodes use among themselves) and the sentinels' own.
+const GATEWAY_PASSWORD: &str = "gateway-pw-6f1a";
+const ADMIN_PASSWORD: &str = "admin-pw-2c9e";
+const SENTINEL_PASSWORD: &str = "sentinel-pw-4d7b";
+
+/// A local Redis standing in for the one an overlay names, made to its settings: TLS (with a
+/// CA made here) for a `rediss://` URL, a Sentinel group under the overlay's master name with
+/// as many replicas as SSEGW_PUBLISH_REPLICAS waits for, the overlay's ACL user, and the
+/// sentinels' own password where the overlay gives one. A setting it cannot stand in for fails
+/// the test, naming it. Its servers stop on drop.
+struct RedisStandIn {
+    _standalone: Option<ssegw_testkit::Standalone>,
+    _sentinel: Option<ssegw_testkit::Sentinel>,
+    authority: Option<ssegw_testkit::Authority>,
+    /// The address setting, SSEGW_REDIS_URL or SSEGW_REDIS_SENTINELS, and its local value.
+    address: (&'static str, String),
+}
+
+impl RedisStandIn {
+    /// `None` when the settings name no Redis (the embedded bus stands in then).
+    fn start(origin: &str, settings: &[(String, String)], dir: &Path) -> Option<RedisStandIn> {
+        let get = |key: &str| {
+            settings
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        };
+        for unsupported in [
+            "SSEGW_REDIS_SENTINEL_USERNAME",
+            "SSEGW_REDIS_CLIENT_CERT",
+            "SSEGW_REDIS_TLS",
+        ] {
+            assert!(
+                get(unsupported).is_none(),
+                "{origin}: the test has no stand-in Redis for {unsupported} yet"
+            );
+        }
+        // The overlay's user, or (with a password but no user) the default user's password.
+        let user = get("SSEGW_REDIS_USERNAME").map(|user| {
+            format!("--user {user} on >{GATEWAY_PASSWORD} ~* &* +@all")
+                .split_whitespace()
+                .map(String::from)
+                .collect::<Vec<String>>()
+        });
+        let password = get("SSEGW_REDIS_PASSWORD_FILE").is_some();
+        if let Some(url) = get("SSEGW_REDIS_URL") {
+            let (scheme, rest) = url
+                .split_once("://")
+                .unwrap_or_else(|| panic!("{origin}: SSEGW_REDIS_URL={url} is no URL"));
+            let host = rest.split('/').next().unwrap();
+            assert!(
+                !host.contains('@'),
+                "{origin}: SSEGW_REDIS_URL holds credentials, in a ConfigMap"
+            );
+            let path = &rest[host.len()..];
+            let authority = (scheme == "rediss")
+                .then(|| ssegw_testkit::Authority::create(dir, "redis").expect("certificates"));
+            let mut args = Vec::new();
+            match (user, password) {
+                (Some(user), _) => {
+                    args.extend(["--user", "default", "off"].map(String::from));
+                    args.extend(user);
+                }
+                (None, true) => args.extend(["--requirepass".into(), GATEWAY_PASSWORD.into()]),
+                (None, false) => {}
+            }
+            let redis = ssegw_testkit::Standalone::start_with(ssegw_testkit::ServerOptions {
+                args,
+                tls: authority
+                    .clone()
+                    .map(|authority| ssegw_testkit::TlsOptions {
+                        authority,
+                        require_client_cert: false,
+                    }),
+                ..ssegw_testkit::ServerOptions::default()
+            })
+            .unwrap_or_else(|e| panic!("{origin}: a stand-in redis-server: {e}"));
+            let address = ("SSEGW_REDIS_URL", format!("{}{path}", redis.url()));
+            return Some(RedisStandIn {
+                _standalone: Some(redis),
+                _sentinel: None,
+                authority,
+                address,
+            });
+        }
+        get("SSEGW_REDIS_SENTINELS")?;
+        // A value that is no number is the gateway's to refuse.
+        let replicas: usize = get("SSEGW_PUBLISH_REPLICAS").map_or(0, |n| n.parse().unwrap_or(0));
+        let group = ssegw_testkit::Sentinel::start(ssegw_testkit::SentinelOptions {
+            master_name: get("SSEGW_REDIS_MASTER_NAME")
+                .unwrap_or_else(|| panic!("{origin}: sentinels but no SSEGW_REDIS_MASTER_NAME"))
+                .to_string(),
+            replicas: replicas.max(1),
+            password: match (&user, password) {
+                (None, false) => None,
+                (Some(_), _) => Some(ADMIN_PASSWORD.into()),
+                (None, true) => Some(GATEWAY_PASSWORD.into()),
+            },
+            sentinel_password: get("SSEGW_REDIS_SENTINEL_PASSWORD_FILE")
+                .map(|_| SENTINEL_PASSWORD.into()),
+            server: ssegw_testkit::ServerOptions {
+                args: user.unwrap_or_default(),
+                ..ssegw_testkit::ServerOptions::default()
+            },
+            ..ssegw_testkit::SentinelOptions::default()
+        })
+        .unwrap_or_else(|e| panic!("{origin}: a stand-in Sentinel group: {e}"));
+        let address = ("SSEGW_REDIS_SENTINELS", group.sentinel_addrs().join(","));
+        Some(RedisStandIn {
+            _standalone: None,
+            _sentinel: Some(group),
+            authority: None,
+            address,
+        })
+    }
+}
+
+/// What the file a setting names holds in the stand-in for its Secret.
+fn stand_in_file(origin: &str, key: &str, redis: Option<&RedisStandIn>, dir: &Path) -> Vec<u8> {
+    let tls = || {
+        redis
+            .and_then(|r| r.authority.as_ref())
+            .unwrap_or_else(|| panic!("{origin}: {key} without a rediss:// Redis"))
+    };
+    match key {
+        "SSEGW_JWT_JWKS" => std::fs::read(test_jwks(dir)).unwrap(),
+        "SSEGW_REDIS_PASSWORD_FILE" => format!("{GATEWAY_PASSWORD}\n").into_bytes(),
+        "SSEGW_REDIS_SENTINEL_PASSWORD_FILE" => format!("{SENTINEL_PASSWORD}\n").into_bytes(),
+        "SSEGW_REDIS_CA_FILE" => std::fs::read(&tls().ca).unwrap(),
+        _ => panic!("{origin}: the test has no stand-in for the file {key} names"),
+    }
 }
 
 #[test]
 fn the_settings_deployed_are_settings_the_gateway_accepts() {
     // Each overlay's ConfigMap as rendered: the base's settings with the overlay's merged in.
     let dir = scratch("settings");
-    let mut overlays = 0;
+    let mut overlays = Vec::new();
     for (name, file) in render_all(&dir) {
         if !name.starts_with("k8s-overlays-") {
             continue;
         }
-        overlays += 1;
+        overlays.push(name.clone());
         let docs = yaml_to_json(&std::fs::read_to_string(&file).unwrap());
         let config_map = docs
             .iter()
@@ -443,7 +657,7 @@ fn the_settings_deployed_are_settings_the_gateway_accepts() {
                         .starts_with("sse-gateway")
             })
             .unwrap_or_else(|| panic!("{name}: no sse-gateway ConfigMap"));
-        let mut settings: Vec<(String, String)> = config_map["data"]
+        let settings: Vec<(String, String)> = config_map["data"]
             .as_object()
             .unwrap()
             .iter()
@@ -455,19 +669,93 @@ fn the_settings_deployed_are_settings_the_gateway_accepts() {
                 .any(|(k, _)| k.starts_with("SSEGW_ANONYMOUS_") || k.starts_with("SSEGW_JWT_")),
             "{name}: sets no access rule, so the gateway would refuse to start"
         );
-        // Key files live in the Secret's mount; here a JWKS of a test key stands in.
-        for (key, value) in &mut settings {
+        assert_settings_exist(&name, settings.iter().map(|(k, _)| k.as_str()));
+
+        // The container's own `env` overrides the ConfigMap: it must not shadow a setting, nor
+        // add a Redis setting (a Secret's SSEGW_REDIS_URL) where the ConfigMap names the Redis.
+        let deployment = docs
+            .iter()
+            .find(|d| d["kind"] == "Deployment")
+            .unwrap_or_else(|| panic!("{name}: no Deployment"));
+        let pod = &deployment["spec"]["template"]["spec"];
+        let env: Vec<&str> = pod["containers"][0]["env"]
+            .as_array()
+            .map(|env| env.iter().map(|e| e["name"].as_str().unwrap()).collect())
+            .unwrap_or_default();
+        assert_settings_exist(&name, env.iter().copied());
+        for variable in &env {
+            assert!(
+                !settings.iter().any(|(k, _)| k == variable),
+                "{name}: the Deployment's env sets {variable}, overriding the ConfigMap's"
+            );
+        }
+        if settings
+            .iter()
+            .any(|(k, _)| k == "SSEGW_REDIS_URL" || k == "SSEGW_REDIS_SENTINELS")
+        {
+            assert!(
+                !env.iter().any(|v| v.starts_with("SSEGW_REDIS_")),
+                "{name}: the ConfigMap names the Redis, and the Deployment's env adds {env:?}"
+            );
+        }
+
+        // Files in a Secret's mount (keys, credentials, CAs) do not exist here: each setting
+        // that names one must name a file its Secret projects, from a Secret the pod requires,
+        // and stand-in files take their place (a JWKS of a test key, the stand-in Redis's
+        // password and CA). The Redis the overlay names is a local stand-in too.
+        let mounts = secret_mounts(&name, pod);
+        let redis = RedisStandIn::start(&name, &settings, &dir);
+        let files = dir.join(format!("{name}-files"));
+        std::fs::create_dir_all(&files).unwrap();
+        let mut local = settings.clone();
+        for (key, value) in &mut local {
             if key == "SSEGW_JWT_JWKS" {
                 assert!(
                     value.starts_with(JWT_MOUNT),
                     "{name}: {key}={value} is outside {JWT_MOUNT}"
                 );
-                *value = test_jwks(&dir).to_string_lossy().into_owned();
             }
+            if let Some(redis) = &redis {
+                if key == redis.address.0 {
+                    *value = redis.address.1.clone();
+                    continue;
+                }
+            }
+            let Some(mount) = mounts
+                .iter()
+                .find(|m| value.starts_with(&format!("{}/", m.path)))
+            else {
+                continue;
+            };
+            let file = &value[mount.path.len() + 1..];
+            assert!(
+                mount
+                    .files
+                    .as_ref()
+                    .is_none_or(|f| f.iter().any(|f| f == file)),
+                "{name}: {key}={value}, but the Secret {} mounted at {} projects only {:?}",
+                mount.secret,
+                mount.path,
+                mount.files
+            );
+            assert!(
+                mount.required,
+                "{name}: {key} reads the Secret {}, which the pod does not require",
+                mount.secret
+            );
+            let stand_in = files.join(key.to_lowercase());
+            std::fs::write(&stand_in, stand_in_file(&name, key, redis.as_ref(), &dir)).unwrap();
+            *value = stand_in.to_string_lossy().into_owned();
         }
-        assert_gateway_starts_with(&name, &settings);
+        if redis.is_some() {
+            // Ready: the gateway reached the stand-in with the overlay's user, password, TLS
+            // settings and master name, and installed its functions.
+            assert_gateway_answers(&name, &local, "/readyz");
+        } else {
+            assert_gateway_starts_with(&name, &local);
+        }
     }
-    assert_eq!(overlays, 2, "the trial and production overlays");
+    assert_eq!(overlays, OVERLAYS, "the overlays");
     let mount = std::fs::read_to_string(repo().join("k8s/base/deployment.yaml")).unwrap();
     assert!(
         mount.contains(&format!("mountPath: {JWT_MOUNT}")),
