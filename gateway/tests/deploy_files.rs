@@ -19,27 +19,13 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::{repo, ENV_ONLY};
 
 /// Kubernetes versions the manifests must be valid for: the oldest supported here and the
 /// newest the validator knows.
 const KUBERNETES_VERSIONS: [&str; 2] = ["1.29.0", "1.37.0"];
 /// Custom resources, checked against their own schema instead of Kubernetes'.
 const SERVICE_MONITOR: &str = "kind: ServiceMonitor";
-/// Settings the gateway reads from the environment that are no flags (docs/configuration.md,
-/// "Environment only").
-const ENV_ONLY: [&str; 4] = [
-    "SSEGW_LOG",
-    "SSEGW_LOG_FORMAT",
-    "OTEL_EXPORTER_OTLP_ENDPOINT",
-    "OTEL_SERVICE_NAME",
-];
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
 
 fn tools_dir() -> PathBuf {
     match std::env::var_os("SSEGW_DEPLOY_TOOLS") {

@@ -3,29 +3,17 @@
 //! `#anchor` in the markdown files resolves. Markdown is parsed with pulldown-cmark, offline;
 //! lychee is not used: it is a network link checker, far more than relative links need.
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use pulldown_cmark::{Event, Options, Parser, Tag, TagEnd};
+use support::{repo, ENV_ONLY};
 
 /// The reference the flag check reads.
 const REFERENCE: &str = "docs/configuration.md";
-/// Settings the gateway reads from the environment alone (as in `deploy_files.rs`); the
-/// reference must document each of them.
-const ENV_ONLY: [&str; 4] = [
-    "SSEGW_LOG",
-    "SSEGW_LOG_FORMAT",
-    "OTEL_EXPORTER_OTLP_ENDPOINT",
-    "OTEL_SERVICE_NAME",
-];
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
 
 /// A command as the reference's headings name it: `sse-gateway`, `sse-gateway publish`, ...
 fn command_name(subcommand: &str) -> String {

@@ -33,6 +33,23 @@ pub fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
     }
 }
 
+/// Settings the gateway reads from the environment alone, with no flag (docs/configuration.md,
+/// "Environment only").
+pub const ENV_ONLY: [&str; 4] = [
+    "SSEGW_LOG",
+    "SSEGW_LOG_FORMAT",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_SERVICE_NAME",
+];
+
+/// The repository's root.
+pub fn repo() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
 /// A new directory under the system's temporary one, named for the test.
 pub fn tempdir(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!(
