@@ -141,7 +141,7 @@ local function read(keys, args)
   -- read starts at the position itself, so checking it costs no extra call.
   if status == 'ok' and after ~= '' and after ~= '0-0' and after ~= max_deleted then
     local from = redis.call('XRANGE', key, after, '+', 'COUNT', count + 1)
-    if #from > 0 and cmp_id(from[1][1], after) == 0 then
+    if #from > 0 and (from[1][1] == after or cmp_id(from[1][1], after) == 0) then
       table.remove(from, 1)
       return {status, last, from}
     end
