@@ -1,12 +1,18 @@
-//! A small blocking RESP2 client: a command goes out as an array of bulk strings, and a reply
-//! comes back as a `Reply`. Enough for a topology to watch its nodes and for a test to poke at
-//! one; not a client library (no pipelining, no RESP3, no pub/sub).
+//! A small blocking RESP2 client, over TCP or TLS: a command goes out as an array of bulk
+//! strings, and a reply comes back as a `Reply`. Enough for a topology to watch its nodes and
+//! for a test to poke at one; not a client library (no pipelining, no RESP3, no pub/sub).
 
-use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::Error;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+
+use crate::{Error, TlsOptions};
 
 /// How long `command` waits to connect, and then for each read and write.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
@@ -66,38 +72,83 @@ impl Reply {
 /// it allows).
 pub struct Connection {
     addr: String,
-    reader: BufReader<TcpStream>,
+    reader: BufReader<Stream>,
+}
+
+/// What a `Connection` reads and writes: the socket, or a TLS session over it.
+enum Stream {
+    Plain(TcpStream),
+    /// Boxed: a TLS session is a hundred times the size of a socket.
+    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(stream) => stream.read(buf),
+            Stream::Tls(stream) => stream.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(stream) => stream.write(buf),
+            Stream::Tls(stream) => stream.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Stream::Plain(stream) => stream.flush(),
+            Stream::Tls(stream) => stream.flush(),
+        }
+    }
 }
 
 impl Connection {
     /// Connects to `addr` ("127.0.0.1:6379"); `timeout` bounds the connect and then every read
     /// and write.
     pub fn open(addr: &str, timeout: Duration) -> Result<Connection, Error> {
-        let failed = |cause| Error::Command {
-            addr: addr.to_string(),
-            command: "(connect)".into(),
-            cause,
-        };
-        let socket: SocketAddr = addr
-            .to_socket_addrs()
-            .map_err(failed)?
-            .next()
-            .ok_or_else(|| failed(std::io::Error::new(ErrorKind::InvalidInput, "no address")))?;
-        let stream = TcpStream::connect_timeout(&socket, timeout).map_err(failed)?;
-        stream.set_read_timeout(Some(timeout)).map_err(failed)?;
-        stream.set_write_timeout(Some(timeout)).map_err(failed)?;
-        stream.set_nodelay(true).map_err(failed)?;
+        let stream = connect(addr, timeout)?;
         Ok(Connection {
             addr: addr.to_string(),
-            reader: BufReader::new(stream),
+            reader: BufReader::new(Stream::Plain(stream)),
+        })
+    }
+
+    /// Like `open`, to a server that speaks TLS only: trusting `tls.authority`'s CA, and
+    /// presenting its client certificate when `tls.require_client_cert`. The handshake happens
+    /// with the first command, within its timeout, and a failed one is that command's `Err`.
+    pub fn open_tls(addr: &str, timeout: Duration, tls: &TlsOptions) -> Result<Connection, Error> {
+        let config = client_config(tls)?;
+        let stream = connect(addr, timeout)?;
+        let ip = stream
+            .peer_addr()
+            .map_err(|cause| Error::Command {
+                addr: addr.to_string(),
+                command: "(connect)".into(),
+                cause,
+            })?
+            .ip();
+        // The test certificates name 127.0.0.1 (and localhost), so the address is the name.
+        let session = ClientConnection::new(config, ServerName::IpAddress(ip.into()))
+            .map_err(|e| Error::Tls(format!("a TLS session to {addr}: {e}")))?;
+        Ok(Connection {
+            addr: addr.to_string(),
+            reader: BufReader::new(Stream::Tls(Box::new(StreamOwned::new(session, stream)))),
         })
     }
 
     /// Sends one command and reads its reply. A refusal (`-ERR …`) is `Ok(Reply::Error)`;
     /// `Err` is a failure to send or to read a well-formed reply in time.
     pub fn command(&mut self, args: &[&str]) -> Result<Reply, Error> {
-        let exchange = |reader: &mut BufReader<TcpStream>| {
-            reader.get_mut().write_all(&encode(args))?;
+        let exchange = |reader: &mut BufReader<Stream>| {
+            let stream = reader.get_mut();
+            stream.write_all(&encode(args))?;
+            // TLS holds back what it has not sent yet.
+            stream.flush()?;
             read_reply(reader)
         };
         exchange(&mut self.reader).map_err(|cause| Error::Command {
@@ -125,6 +176,60 @@ impl Connection {
 /// the reply: `redis-cli -p PORT args…` without redis-cli. A refusal is `Ok(Reply::Error)`.
 pub fn command(addr: &str, args: &[&str]) -> Result<Reply, Error> {
     Connection::open(addr, COMMAND_TIMEOUT)?.command(args)
+}
+
+/// A TCP connection to `addr` with `timeout` for the connect, and then for every read and
+/// write.
+fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, Error> {
+    let failed = |cause| Error::Command {
+        addr: addr.to_string(),
+        command: "(connect)".into(),
+        cause,
+    };
+    let socket: SocketAddr = addr
+        .to_socket_addrs()
+        .map_err(failed)?
+        .next()
+        .ok_or_else(|| failed(std::io::Error::new(ErrorKind::InvalidInput, "no address")))?;
+    let stream = TcpStream::connect_timeout(&socket, timeout).map_err(failed)?;
+    stream.set_read_timeout(Some(timeout)).map_err(failed)?;
+    stream.set_write_timeout(Some(timeout)).map_err(failed)?;
+    stream.set_nodelay(true).map_err(failed)?;
+    Ok(stream)
+}
+
+/// A TLS client that trusts only `tls.authority`'s CA and, when the server requires one,
+/// presents the authority's client certificate. The ring provider is named here rather than
+/// installed for the process, so that a test's own choice is left alone.
+fn client_config(tls: &TlsOptions) -> Result<Arc<ClientConfig>, Error> {
+    let authority = &tls.authority;
+    let unreadable =
+        |path: &Path, e: &dyn std::fmt::Display| Error::Tls(format!("{}: {e}", path.display()));
+    let mut roots = RootCertStore::empty();
+    for cert in
+        CertificateDer::pem_file_iter(&authority.ca).map_err(|e| unreadable(&authority.ca, &e))?
+    {
+        let cert = cert.map_err(|e| unreadable(&authority.ca, &e))?;
+        roots.add(cert).map_err(|e| unreadable(&authority.ca, &e))?;
+    }
+    let builder =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::Tls(e.to_string()))?
+            .with_root_certificates(roots);
+    let config = if tls.require_client_cert {
+        let certs = CertificateDer::pem_file_iter(&authority.client_cert)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| unreadable(&authority.client_cert, &e))?;
+        let key = PrivateKeyDer::from_pem_file(&authority.client_key)
+            .map_err(|e| unreadable(&authority.client_key, &e))?;
+        builder
+            .with_client_auth_cert(certs, key)
+            .map_err(|e| unreadable(&authority.client_cert, &e))?
+    } else {
+        builder.with_no_client_auth()
+    };
+    Ok(Arc::new(config))
 }
 
 /// A command as the server reads it: an array of bulk strings.

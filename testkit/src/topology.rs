@@ -1,6 +1,7 @@
 //! Redis topologies a test or the load tester runs against, each owning its `Server`s: a
 //! `Standalone` server, and a `Sentinel` group (a master, replicas and the sentinels watching
-//! them). Clusters belong beside them, built from the same `Server` and `ServerOptions`.
+//! them), in plain text or entirely over TLS. Clusters belong beside them, built from the same
+//! `Server` and `ServerOptions`.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -66,9 +67,13 @@ pub struct SentinelOptions {
     /// The sentinels require this password of clients and of each other (`requirepass` on the
     /// sentinels). One word.
     pub sentinel_password: Option<String>,
-    /// The program, the per-start `ready_timeout`, `die_with_parent`, and `args` for the data
-    /// nodes (ACL users, say). `config` and `log` are the group's own (each process logs into
-    /// the group's directory), and `tls` must be `None`: a group speaks plain text.
+    /// The program, the per-start `ready_timeout`, `die_with_parent`, `args` for the data
+    /// nodes (ACL users, say), and `tls`: with it, every data node and every sentinel speaks TLS
+    /// only, the nodes to each other (`tls-replication`) and the sentinels to the nodes and to
+    /// each other, each presenting the authority's server certificate as a client too; the
+    /// group's own `command` speaks TLS to them. (Valkey's wheel has no TLS: set `binary` to
+    /// `redis-server`.) `config` and `log` are the group's own (each process logs into the
+    /// group's directory).
     pub server: ServerOptions,
     /// Shortens the sentinels' own periods with `SENTINEL DEBUG` as each starts: INFO from
     /// each node every second (not 10), hello messages every half second (not 2), so the old
@@ -126,17 +131,13 @@ impl Sentinel {
     /// each process's log, is kept; the error names it where it can.
     ///
     /// Panics unless there is at least one sentinel and the quorum is between 1 and their
-    /// number, or when `server.tls` is set.
+    /// number.
     pub fn start(options: SentinelOptions) -> Result<Sentinel, Error> {
         assert!(
             (1..=options.sentinels).contains(&options.quorum),
             "a Sentinel group needs a quorum of 1 to {} sentinels, not {}",
             options.sentinels,
             options.quorum
-        );
-        assert!(
-            options.server.tls.is_none(),
-            "a Sentinel group speaks plain text only"
         );
         static GROUPS: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
@@ -259,12 +260,15 @@ impl Sentinel {
                 port.to_string(),
             ]);
         }
+        if self.options.server.tls.is_some() {
+            // A replica reaches its master over TLS, announcing its TLS port.
+            args.extend(["--tls-replication".to_string(), "yes".to_string()]);
+        }
         args.extend(self.options.server.args.iter().cloned());
         Server::start(ServerOptions {
             config: None,
             args,
             log: Some(self.dir.join(format!("node-{index}.log"))),
-            tls: None,
             ..self.options.server.clone()
         })
     }
@@ -299,11 +303,16 @@ impl Sentinel {
             path: path.clone(),
             cause,
         })?;
+        let mut args = vec!["--sentinel".to_string()];
+        if options.server.tls.is_some() {
+            // A sentinel reaches the nodes and the other sentinels over TLS, and announces its
+            // TLS port to the others.
+            args.extend(["--tls-replication".to_string(), "yes".to_string()]);
+        }
         Server::start(ServerOptions {
             config: Some(path),
-            args: vec!["--sentinel".into()],
+            args,
             log: Some(self.dir.join(format!("sentinel-{index}.log"))),
-            tls: None,
             ..options.server.clone()
         })
     }
@@ -413,8 +422,21 @@ impl Sentinel {
         self.command_within(addr, args, COMMAND_TIMEOUT)
     }
 
+    /// A connection to any process of the group, for several commands in a row: over TLS in a
+    /// TLS group, and authenticated with the password its kind requires, if any.
+    pub fn connect(&self, addr: &str) -> Result<Connection, Error> {
+        self.connect_within(addr, COMMAND_TIMEOUT)
+    }
+
     fn command_within(&self, addr: &str, args: &[&str], timeout: Duration) -> Result<Reply, Error> {
-        let mut connection = Connection::open(addr, timeout)?;
+        self.connect_within(addr, timeout)?.command(args)
+    }
+
+    fn connect_within(&self, addr: &str, timeout: Duration) -> Result<Connection, Error> {
+        let mut connection = match &self.options.server.tls {
+            None => Connection::open(addr, timeout)?,
+            Some(tls) => Connection::open_tls(addr, timeout, tls)?,
+        };
         let password = if self.sentinel_addrs().iter().any(|s| s == addr) {
             &self.options.sentinel_password
         } else {
@@ -423,7 +445,7 @@ impl Sentinel {
         if let Some(password) = password {
             connection.auth(password)?;
         }
-        connection.command(args)
+        Ok(connection)
     }
 
     /// Forces a failover (`SENTINEL FAILOVER`) and waits until every sentinel that answers

@@ -1,11 +1,12 @@
 //! A real Sentinel group (a master, replicas, three sentinels) from `Sentinel`: it starts with
 //! every sentinel agreeing on the master; `failover()` moves the master and keeps the data; a
-//! killed master is replaced; passwords are required where configured; drop cleans up.
+//! killed master is replaced; passwords are required where configured; a group speaks TLS
+//! only when asked, and fails over all the same; drop cleans up.
 
 use std::net::TcpStream;
 use std::time::Duration;
 
-use ssegw_testkit::{Connection, Reply, Sentinel, SentinelOptions, COMMAND_TIMEOUT};
+use ssegw_testkit::{Authority, Reply, Sentinel, SentinelOptions, ServerOptions, TlsOptions};
 
 fn start(options: SentinelOptions) -> Sentinel {
     Sentinel::start(options).unwrap_or_else(|e| panic!("a Sentinel group did not start: {e}"))
@@ -21,8 +22,8 @@ fn bulk(text: &str) -> Reply {
 
 /// Sets `key` on the master at `addr` and waits until `replicas` replicas have it. (`WAIT`
 /// counts acknowledgements of the writes made on its own connection.)
-fn write_everywhere(addr: &str, key: &str, value: &str, replicas: i64) {
-    let mut master = Connection::open(addr, COMMAND_TIMEOUT).unwrap();
+fn write_everywhere(group: &Sentinel, addr: &str, key: &str, value: &str, replicas: i64) {
+    let mut master = group.connect(addr).unwrap();
     assert_eq!(master.command(&["SET", key, value]).unwrap(), ok());
     assert_eq!(
         master
@@ -72,7 +73,7 @@ fn a_started_group_has_one_master_that_every_sentinel_names() {
         );
     }
     // A write on the master reaches the replicas.
-    write_everywhere(&master, "k", "v", 2);
+    write_everywhere(&group, &master, "k", "v", 2);
     for replica in &group.servers()[1..] {
         let addr = format!("127.0.0.1:{}", replica.port());
         assert_eq!(group.command(&addr, &["GET", "k"]).unwrap(), bulk("v"));
@@ -83,7 +84,7 @@ fn a_started_group_has_one_master_that_every_sentinel_names() {
 fn failover_makes_a_replica_the_master_with_the_data_and_the_old_master_its_replica() {
     let group = start(SentinelOptions::default());
     let old = group.master_addr().unwrap();
-    write_everywhere(&old, "k", "before", 1);
+    write_everywhere(&group, &old, "k", "before", 1);
     let new = group.failover().unwrap();
     assert_ne!(new, old);
     assert_eq!(group.master_addr().unwrap(), new);
@@ -92,7 +93,7 @@ fn failover_makes_a_replica_the_master_with_the_data_and_the_old_master_its_repl
     assert_eq!(role(&group, &old), "slave");
     assert_eq!(group.command(&new, &["GET", "k"]).unwrap(), bulk("before"));
     // The old master now follows the new one.
-    write_everywhere(&new, "k", "after", 1);
+    write_everywhere(&group, &new, "k", "after", 1);
     assert_eq!(group.command(&old, &["GET", "k"]).unwrap(), bulk("after"));
 }
 
@@ -155,4 +156,56 @@ fn a_dropped_group_is_killed_and_its_directory_removed() {
         );
     }
     assert!(!dir.exists(), "{}", dir.display());
+}
+
+#[test]
+fn a_tls_group_speaks_tls_only_replicates_and_fails_over() {
+    let dir =
+        std::env::temp_dir().join(format!("ssegw-testkit-sentinel-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let authority = Authority::create(&dir, "group").unwrap();
+    let group = start(SentinelOptions {
+        server: ServerOptions {
+            // Always redis-server: `./test` runs this file again with SSEGW_REDIS_SERVER naming
+            // Valkey's wheel, which is built without TLS.
+            binary: "redis-server".into(),
+            tls: Some(TlsOptions {
+                authority,
+                require_client_cert: true,
+            }),
+            ..ServerOptions::default()
+        },
+        ..SentinelOptions::default()
+    });
+    let old = group.master_addr().unwrap();
+    assert_eq!(old, format!("127.0.0.1:{}", group.servers()[0].port()));
+    let port = group.servers()[0].port().to_string();
+    for sentinel in group.sentinel_addrs() {
+        let reply = group
+            .command(&sentinel, &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", "ssegw"])
+            .unwrap();
+        assert_eq!(
+            reply,
+            Reply::Array(vec![bulk("127.0.0.1"), bulk(&port)]),
+            "{sentinel}"
+        );
+    }
+    // Plain text gets no Redis answer from a node or a sentinel.
+    for addr in [&old, &group.sentinel_addrs()[0]] {
+        let reply = ssegw_testkit::Connection::open(addr, Duration::from_secs(2))
+            .and_then(|mut plain| plain.command(&["PING"]));
+        assert!(reply.is_err(), "{addr} answered plain text: {reply:?}");
+    }
+    // Replication runs over TLS, and so does everything a failover takes.
+    write_everywhere(&group, &old, "k", "before", 1);
+    let new = group.failover().unwrap();
+    assert_ne!(new, old);
+    assert_eq!(group.master_addr().unwrap(), new);
+    assert_eq!(role(&group, &new), "master");
+    assert_eq!(role(&group, &old), "slave");
+    assert_eq!(group.command(&new, &["GET", "k"]).unwrap(), bulk("before"));
+    write_everywhere(&group, &new, "k", "after", 1);
+    assert_eq!(group.command(&old, &["GET", "k"]).unwrap(), bulk("after"));
+    drop(group);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
