@@ -888,13 +888,7 @@ fn base64_url(bytes: Vec<u8>) -> String {
 }
 
 fn tempdir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "ssegw-auth-{name}-{}-{}",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    support::tempdir(&format!("auth-{name}"))
 }
 
 /// The documented way to mint a token (docs/authorization.md, "Try it": `deploy/mint-token.sh`,

@@ -221,12 +221,7 @@ async fn a_publish_and_its_deliveries_are_traced_over_otlp() {
     let redis = RedisServer::start();
     let receiver = OtlpReceiver::start();
     let endpoint = receiver.endpoint();
-    let dir = std::env::temp_dir().join(format!(
-        "ssegw-otel-{}-{}",
-        std::process::id(),
-        fastrand::u32(..)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = support::tempdir("otel");
     let log = dir.join("publisher.log");
     let env = |service: &'static str, log: &'static str| {
         vec![

@@ -7,9 +7,10 @@
 //! fails, streams stay open; after reconnecting, every topic is subscribed again and backfilled
 //! from its stream after the last event delivered, so nothing Redis still holds is missed.
 //!
-//! `commands` holds the command connections, `subscriber` the pub/sub connection and its
-//! canary, `reply` reads Redis's answers. Each connects to one standalone server today; other
-//! topologies (Sentinel, Cluster) belong beside them here, behind the same `RedisBus`.
+//! `endpoint` names the primary (one address, or whichever node the sentinels name),
+//! `commands` holds the command connections to it, `subscriber` the pub/sub connection and its
+//! canary, `reply` reads Redis's answers. A Cluster belongs beside them here, behind the same
+//! `RedisBus`.
 
 mod commands;
 mod endpoint;
