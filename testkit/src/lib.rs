@@ -1,12 +1,13 @@
 //! ssegw-testkit: starts and controls real `redis-server` (or `valkey-server`) processes on free
 //! loopback ports, for the gateway's integration tests and the load tester's `--spawn`. A
-//! topology (`Standalone`, `Sentinel`; clusters beside them) owns its `Server`s and kills them
-//! on drop. Never a dependency of the gateway's normal build.
+//! topology (`Standalone`, `Sentinel`, `Cluster`) owns its `Server`s and kills them on drop.
+//! Never a dependency of the gateway's normal build.
 //!
 //! The program is `redis-server` unless the environment variable `SSEGW_REDIS_SERVER` names
 //! another (a path, or a name on `PATH`), such as `valkey-server`: `./test` runs the
 //! Redis-backed suites a second time that way. It is read by `ServerOptions::default()`.
 
+mod cluster;
 mod resp;
 mod server;
 mod tls;
@@ -17,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::Duration;
 
+pub use cluster::{slot_of, Cluster, ClusterOptions, SLOTS};
 pub use resp::{command, Connection, Reply, COMMAND_TIMEOUT};
 pub use server::{die_with_parent, Server, ServerOptions, SERVER_VARIABLE};
 pub use tls::{Authority, TlsOptions};
@@ -95,6 +97,9 @@ pub enum Error {
         "sentinel {sentinel} names {master} as the master, which is not one of the group's nodes"
     )]
     UnknownMaster { sentinel: String, master: String },
+    /// A cluster has no live replica of the primary asked about.
+    #[error("no node of the cluster is a replica of {primary}")]
+    NoReplica { primary: String },
     #[error("cannot write {}: {cause}", path.display())]
     Write {
         path: PathBuf,

@@ -141,6 +141,11 @@ impl Connection {
         })
     }
 
+    /// The address it was opened to, "127.0.0.1:PORT".
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
     /// Sends one command and reads its reply. A refusal (`-ERR …`) is `Ok(Reply::Error)`;
     /// `Err` is a failure to send or to read a well-formed reply in time.
     pub fn command(&mut self, args: &[&str]) -> Result<Reply, Error> {

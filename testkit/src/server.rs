@@ -86,7 +86,12 @@ pub struct Server {
 impl Server {
     /// Starts a server on a free port and waits until it answers PING.
     pub(crate) fn start(options: ServerOptions) -> Result<Server, Error> {
-        let port = free_port().map_err(Error::Port)?;
+        Server::start_on(options, free_port().map_err(Error::Port)?)
+    }
+
+    /// Starts a server on `port`, which the caller chose (a cluster node needs `port + 10000`
+    /// free as well), and waits until it answers PING.
+    pub(crate) fn start_on(options: ServerOptions, port: u16) -> Result<Server, Error> {
         let mut server = Server {
             options,
             port,

@@ -1,7 +1,7 @@
 //! Redis topologies a test or the load tester runs against, each owning its `Server`s: a
 //! `Standalone` server, and a `Sentinel` group (a master, replicas and the sentinels watching
-//! them), in plain text or entirely over TLS. Clusters belong beside them, built from the same
-//! `Server` and `ServerOptions`.
+//! them), in plain text or entirely over TLS. `Cluster` is beside them, in `cluster.rs`, built
+//! from the same `Server` and `ServerOptions`.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
