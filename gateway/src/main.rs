@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use sse_gateway::config::{Cli, Command, ServeArgs};
 use sse_gateway::telemetry::{self, TelemetryConfig};
-use ssegw_protocol::script;
+use ssegw_protocol::script::{self, ScriptSettings};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
@@ -37,20 +37,28 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Script(args) => match args.retention.script_settings() {
-            Ok(settings) if args.eval => {
-                print!("{}", script::publish_eval_script(&settings));
-                ExitCode::SUCCESS
+        Command::Script(args) => {
+            match args
+                .retention
+                .script_settings()
+                .map(|settings| ScriptSettings {
+                    sharded: args.sharded,
+                    ..settings
+                }) {
+                Ok(settings) if args.eval => {
+                    print!("{}", script::publish_eval_script(&settings));
+                    ExitCode::SUCCESS
+                }
+                Ok(settings) => {
+                    print!("{}", script::function_library(&settings));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("sse-gateway: {e}");
+                    ExitCode::from(2)
+                }
             }
-            Ok(settings) => {
-                print!("{}", script::function_library(&settings));
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("sse-gateway: {e}");
-                ExitCode::from(2)
-            }
-        },
+        }
     }
 }
 

@@ -7,13 +7,12 @@
 
 mod support;
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ssegw_testkit::{Authority, Reply, Sentinel, SentinelOptions, ServerOptions, TlsOptions};
+use ssegw_testkit::{Authority, Sentinel, SentinelOptions, ServerOptions, TlsOptions};
+use support::failover::{self, check_client, watch_readiness, Publisher};
 use support::{try_blocking_http_publish, wait_until, Gateway, Sse};
 
 const TOPICS: [&str; 3] = ["s0", "s1", "s2"];
@@ -44,72 +43,6 @@ fn strs(flags: &[String]) -> Vec<&str> {
     flags.iter().map(String::as_str).collect()
 }
 
-/// A publisher thread: one event at a time, over HTTP, topics and replicas in turn, until
-/// stopped. Keeps what was acknowledged (topic, id, data) and every refusal's reply.
-#[derive(Default)]
-struct Publisher {
-    acked: Mutex<Vec<(String, String, String)>>,
-    refused: Mutex<Vec<String>>,
-    stop: AtomicBool,
-}
-
-impl Publisher {
-    fn start(replicas: Vec<SocketAddr>) -> (Arc<Publisher>, std::thread::JoinHandle<()>) {
-        let publisher = Arc::new(Publisher::default());
-        let running = publisher.clone();
-        let thread = std::thread::spawn(move || {
-            let mut n = 0usize;
-            while !running.stop.load(Ordering::Acquire) {
-                let topic = TOPICS[n % TOPICS.len()];
-                let data = format!("{topic}-{n}");
-                match try_blocking_http_publish(replicas[n % replicas.len()], topic, &data, None) {
-                    Ok(id) => running.acked.lock().unwrap().push((topic.into(), id, data)),
-                    Err(reply) => running.refused.lock().unwrap().push(reply),
-                }
-                n += 1;
-                std::thread::sleep(Duration::from_millis(15));
-            }
-        });
-        (publisher, thread)
-    }
-
-    fn acked(&self) -> usize {
-        self.acked.lock().unwrap().len()
-    }
-
-    /// Waits until `more` publishes past the current count were acknowledged.
-    fn wait_for(&self, more: usize, what: &str) {
-        let target = self.acked() + more;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.acked() < target {
-            assert!(
-                Instant::now() < deadline,
-                "publishes did not succeed {what}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-/// Polls each replica's `/readyz` until stopped; remembers which were ever not ready.
-fn watch_readiness(
-    replicas: Vec<SocketAddr>,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<Vec<bool>> {
-    std::thread::spawn(move || {
-        let mut unready = vec![false; replicas.len()];
-        while !stop.load(Ordering::Acquire) {
-            for (i, addr) in replicas.iter().enumerate() {
-                if support::http_status(*addr, "GET", "/readyz") != Some(200) {
-                    unready[i] = true;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        unready
-    })
-}
-
 /// The topic's stream on the current primary: (id, data) in order.
 fn stream(group: &Sentinel, topic: &str) -> Vec<(String, String)> {
     let primary = group.master_addr().unwrap();
@@ -117,89 +50,7 @@ fn stream(group: &Sentinel, topic: &str) -> Vec<(String, String)> {
     let reply = group
         .command(&primary, &["XRANGE", &key, "-", "+"])
         .unwrap();
-    let text = |r: &Reply| {
-        String::from_utf8_lossy(match r {
-            Reply::Bulk(bytes) => bytes,
-            other => panic!("not a bulk string: {other:?}"),
-        })
-        .into_owned()
-    };
-    reply
-        .as_array()
-        .expect("XRANGE answers an array")
-        .iter()
-        .map(|entry| {
-            let parts = entry.as_array().unwrap();
-            let fields = parts[1].as_array().unwrap();
-            let data = fields
-                .chunks(2)
-                .find(|pair| text(&pair[0]) == "d")
-                .map(|pair| text(&pair[1]))
-                .unwrap();
-            (text(&parts[0]), data)
-        })
-        .collect()
-}
-
-/// What one client of `topic` received, checked against what was acknowledged and what the
-/// primary holds in the end: in order, no duplicates between gaps, nothing acknowledged and
-/// kept missing, and anything acknowledged but lost either received or announced by a `lost`
-/// gap.
-fn check_client(
-    who: &str,
-    events: &[eventsource_stream::Event],
-    topic: &str,
-    acked: &[(String, String)],
-    kept: &[(String, String)],
-) {
-    let mut segments: Vec<Vec<(String, String)>> = vec![Vec::new()];
-    for event in events {
-        if event.event == "ssegw-gap" {
-            assert!(event.data.contains("\"lost\""), "{who}: {}", event.data);
-            segments.push(Vec::new());
-        } else {
-            segments
-                .last_mut()
-                .unwrap()
-                .push((event.id.clone(), event.data.clone()));
-        }
-    }
-    let order = |id: &str| -> (u64, u64) {
-        let (ms, seq) = id.split_once('-').unwrap();
-        (ms.parse().unwrap(), seq.parse().unwrap())
-    };
-    for segment in &segments {
-        for pair in segment.windows(2) {
-            assert!(
-                order(&pair[0].0) < order(&pair[1].0),
-                "{who}: {topic} out of order or twice: {:?} then {:?}",
-                pair[0],
-                pair[1]
-            );
-        }
-    }
-    let received: Vec<&(String, String)> = segments.iter().flatten().collect();
-    let gapped = segments.len() > 1;
-    for event in acked {
-        let got = received.contains(&event);
-        if kept.contains(event) {
-            assert!(
-                got,
-                "{who}: acknowledged {event:?} of {topic} never arrived"
-            );
-        } else {
-            assert!(
-                got || gapped,
-                "{who}: acknowledged {event:?} of {topic} was lost in the failover without a gap"
-            );
-        }
-    }
-    for event in &received {
-        assert!(
-            acked.contains(event) || kept.contains(event),
-            "{who}: {event:?} of {topic} was never published"
-        );
-    }
+    failover::entries(&reply)
 }
 
 #[actix_web::test]
@@ -216,7 +67,7 @@ async fn replicas_follow_the_primary_through_a_failover_and_a_kill() {
             clients.push((format!("client of {topic} on {name}"), topic, sse));
         }
     }
-    let (publisher, publishing) = Publisher::start(vec![a.addr, b.addr]);
+    let (publisher, publishing) = Publisher::start(&TOPICS, vec![a.addr, b.addr]);
     publisher.wait_for(20, "before the failover");
 
     let promoted = group.failover().expect("SENTINEL FAILOVER");
@@ -239,21 +90,12 @@ async fn replicas_follow_the_primary_through_a_failover_and_a_kill() {
         [true, true],
         "readiness never dropped"
     );
-    publisher.stop.store(true, Ordering::Release);
-    publishing.join().unwrap();
+    let by_topic = publisher.finish(publishing);
 
     // Publishes while there was no primary were refused cleanly, saying to retry.
     for reply in publisher.refused.lock().unwrap().iter() {
         assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
         assert!(reply.contains("\"error\""), "{reply}");
-    }
-    let acked = publisher.acked.lock().unwrap().clone();
-    let mut by_topic: BTreeMap<&str, Vec<(String, String)>> = BTreeMap::new();
-    for (topic, id, data) in &acked {
-        by_topic
-            .entry(topic.as_str())
-            .or_default()
-            .push((id.clone(), data.clone()));
     }
     for (who, topic, mut sse) in clients {
         let events = sse.drain(Duration::from_millis(1500)).await;
@@ -305,7 +147,7 @@ async fn with_publish_replicas_a_killed_primary_loses_no_acknowledged_event() {
     );
     assert!(reply.contains("only 0 of 1 replicas"), "{reply}");
 
-    let (publisher, publishing) = Publisher::start(vec![gw.addr]);
+    let (publisher, publishing) = Publisher::start(&TOPICS, vec![gw.addr]);
     publisher.wait_for(30, "before the kill");
     let old = group.master_addr().unwrap();
     group.master_mut().unwrap().kill();

@@ -1,8 +1,8 @@
 -- sse-gateway: the publish and resume-read logic that runs inside Redis.
--- The settings (MAXLEN, TTL_SECONDS, MAX_DATA_BYTES) are prepended by whoever loads this file:
+-- The settings (MAXLEN, TTL_SECONDS, MAX_DATA_BYTES, SHARDED) are prepended by whoever loads this file:
 -- the gateway at start-up (FUNCTION LOAD REPLACE) or lua/publish.lua for EVAL.
--- Keys and channels carry the topic as a Redis Cluster hash tag, so the topic passed as the
--- single key argument hashes to the same slot as every key built from it.
+-- Keys and channels carry the topic as a Redis Cluster hash tag, so the key argument (the topic
+-- or its stream key) hashes to the same slot as every key built from it.
 
 local function err(msg)
   return redis.error_reply('ERR ssegw: ' .. msg)
@@ -16,6 +16,14 @@ end
 
 local function stream_key(topic)
   return 'ssegw:s:{' .. topic .. '}'
+end
+
+-- The single key of a call is the topic's stream key (`ssegw:s:{topic}`), or the topic itself.
+-- Both route to the topic's slot, but only the stream key is a real key: while Redis Cluster
+-- migrates the slot, it sends a call to the node that holds its declared key, so only a call
+-- that declares the stream key runs where the stream is.
+local function topic_of(key)
+  return string.match(key, '^ssegw:s:{(.*)}$') or key
 end
 
 local function parse_id(id)
@@ -36,7 +44,7 @@ end
 -- publishes) and publishes it on the topic's channel, atomically. A W3C traceparent, when given,
 -- travels with the event so that deliveries can be traced back to the publish.
 local function publish(keys, args)
-  local topic, data, event, traceparent = keys[1], args[1], args[2], args[3]
+  local topic, data, event, traceparent = topic_of(keys[1]), args[1], args[2], args[3]
   local bad = check_topic(topic)
   if bad then return bad end
   if data == nil or #data == 0 then
@@ -91,7 +99,13 @@ local function publish(keys, args)
   local header = 'i' .. id .. '\n'
   if event then header = header .. 'e' .. event .. '\n' end
   if traceparent then header = header .. 't' .. traceparent .. '\n' end
-  redis.call('PUBLISH', 'ssegw:c:{' .. topic .. '}', header .. '\n' .. data)
+  -- In a cluster, a sharded channel keeps the event within its topic's shard (the channel
+  -- hashes to the topic's slot); a global one would cross the whole cluster's bus.
+  if SHARDED then
+    redis.call('SPUBLISH', 'ssegw:c:{' .. topic .. '}', header .. '\n' .. data)
+  else
+    redis.call('PUBLISH', 'ssegw:c:{' .. topic .. '}', header .. '\n' .. data)
+  end
   return id
 end
 
@@ -99,7 +113,7 @@ end
 -- status is 'ok', or 'trimmed' / 'lost' when events after `after` are no longer retained; then
 -- the entries start at the oldest retained event. `after` = '' reads from the oldest event.
 local function read(keys, args)
-  local topic, after, count = keys[1], args[1], tonumber(args[2])
+  local topic, after, count = topic_of(keys[1]), args[1], tonumber(args[2])
   local bad = check_topic(topic)
   if bad then return bad end
   if after == nil or (after ~= '' and not parse_id(after)) or not count or count < 0 then

@@ -13,12 +13,17 @@ pub const PUBLISH_FUNCTION: &str = "ssegw_publish";
 pub const READ_FUNCTION: &str = "ssegw_read";
 /// `FCALL ssegw_version 0`: the library's `LIBRARY_VERSION`.
 pub const VERSION_FUNCTION: &str = "ssegw_version";
+/// `FCALL ssegw_channels 0`: `"sharded"` when the library publishes with `SPUBLISH` (for Redis
+/// Cluster), `"global"` when with `PUBLISH`. Missing in libraries before version 3, which
+/// publish with `PUBLISH`.
+pub const CHANNELS_FUNCTION: &str = "ssegw_channels";
 
 /// The function library's version, raised with every change of its functions. A newer
 /// library keeps answering the calls of older gateways (same function names and arguments),
 /// so during a rolling upgrade a gateway never replaces a newer library with its own older
-/// one. Version 1 was the library before `ssegw_version` existed.
-pub const LIBRARY_VERSION: u64 = 2;
+/// one. Version 1 was the library before `ssegw_version` existed; version 3 added sharded
+/// channels (`ssegw_channels`).
+pub const LIBRARY_VERSION: u64 = 3;
 
 const CORE: &str = include_str!("../lua/core.lua");
 
@@ -31,6 +36,21 @@ pub struct ScriptSettings {
     pub ttl_secs: u64,
     /// Largest `data` accepted, in bytes.
     pub max_data_bytes: usize,
+    /// Publish on sharded channels (`SPUBLISH`), for Redis Cluster: each event then travels
+    /// only within its topic's shard, not over the whole cluster's bus. Subscribers must use
+    /// `SSUBSCRIBE`.
+    pub sharded: bool,
+}
+
+impl ScriptSettings {
+    /// What `ssegw_channels` answers for a library with these settings.
+    pub fn channels(&self) -> &'static str {
+        if self.sharded {
+            "sharded"
+        } else {
+            "global"
+        }
+    }
 }
 
 impl Default for ScriptSettings {
@@ -39,14 +59,15 @@ impl Default for ScriptSettings {
             max_len: 1000,
             ttl_secs: 86_400,
             max_data_bytes: 65_536,
+            sharded: false,
         }
     }
 }
 
 fn settings_block(s: &ScriptSettings) -> String {
     format!(
-        "local MAXLEN = {}\nlocal TTL_SECONDS = {}\nlocal MAX_DATA_BYTES = {}\n",
-        s.max_len, s.ttl_secs, s.max_data_bytes
+        "local MAXLEN = {}\nlocal TTL_SECONDS = {}\nlocal MAX_DATA_BYTES = {}\nlocal SHARDED = {}\n",
+        s.max_len, s.ttl_secs, s.max_data_bytes, s.sharded
     )
 }
 
@@ -55,8 +76,10 @@ pub fn function_library(settings: &ScriptSettings) -> String {
     format!(
         "#!lua name={LIBRARY_NAME}\n{}{CORE}\nredis.register_function('{PUBLISH_FUNCTION}', publish)\n\
          redis.register_function{{function_name='{READ_FUNCTION}', callback=read, flags={{'no-writes'}}}}\n\
-         redis.register_function{{function_name='{VERSION_FUNCTION}', callback=function() return {LIBRARY_VERSION} end, flags={{'no-writes'}}}}\n",
-        settings_block(settings)
+         redis.register_function{{function_name='{VERSION_FUNCTION}', callback=function() return {LIBRARY_VERSION} end, flags={{'no-writes'}}}}\n\
+         redis.register_function{{function_name='{CHANNELS_FUNCTION}', callback=function() return '{}' end, flags={{'no-writes'}}}}\n",
+        settings_block(settings),
+        settings.channels()
     )
 }
 

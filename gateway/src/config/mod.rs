@@ -14,7 +14,9 @@ use ssegw_protocol::{Scope, TopicPattern};
 
 mod redis;
 
-pub use self::redis::{Durability, RedisArgs, RedisTarget, SentinelTarget, TlsMode, Topology};
+pub use self::redis::{
+    ClusterTarget, Durability, RedisArgs, RedisTarget, SentinelTarget, TlsMode, Topology,
+};
 use crate::auth::{AuthConfig, VerifyingKey};
 use crate::telemetry::TelemetryConfig;
 
@@ -254,6 +256,10 @@ pub struct ScriptArgs {
     /// Print the plain script for `EVAL <script> 1 <topic> <data> [<event>]`.
     #[arg(long)]
     pub eval: bool,
+    /// Publish on sharded channels (SPUBLISH), as gateways started with --redis-cluster
+    /// expect: for Redis Cluster.
+    #[arg(long)]
+    pub sharded: bool,
     #[command(flatten)]
     pub retention: RetentionArgs,
 }
@@ -368,6 +374,7 @@ impl RetentionArgs {
             max_len: self.history_max_len,
             ttl_secs: self.history_ttl.as_secs(),
             max_data_bytes: self.max_event_bytes,
+            sharded: false,
         })
     }
 }

@@ -27,11 +27,16 @@ pub struct RedisArgs {
     /// --redis-master-name.
     #[arg(long, env = "SSEGW_REDIS_SENTINELS", value_delimiter = ',')]
     pub redis_sentinels: Vec<String>,
+    /// Redis Cluster nodes to start from, comma-separated host:port (any few of them: the
+    /// rest are discovered). Live delivery uses sharded pub/sub, so Redis 7.0 or later.
+    /// Instead of --redis-url and --redis-sentinels.
+    #[arg(long, env = "SSEGW_REDIS_CLUSTER", value_delimiter = ',')]
+    pub redis_cluster: Vec<String>,
     /// The name the sentinels monitor the primary under (`sentinel monitor <name> ...`).
     #[arg(long, env = "SSEGW_REDIS_MASTER_NAME")]
     pub redis_master_name: Option<String>,
-    /// Speak TLS to the sentinels and the Redis nodes they name (with --redis-sentinels;
-    /// a --redis-url says it with rediss://).
+    /// Speak TLS to the sentinels and the Redis nodes they name (with --redis-sentinels), or
+    /// to the cluster's nodes (with --redis-cluster); a --redis-url says it with rediss://.
     #[arg(long, env = "SSEGW_REDIS_TLS", default_value = "false", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
     pub redis_tls: bool,
     /// Redis ACL user, instead of one in the URL.
@@ -99,6 +104,39 @@ pub enum Topology {
     Standalone(redis::ConnectionInfo),
     /// Whichever node the sentinels name as the primary (`--redis-sentinels`).
     Sentinel(SentinelTarget),
+    /// The primaries of a Redis Cluster, found from these nodes (`--redis-cluster`).
+    Cluster(ClusterTarget),
+}
+
+/// The nodes a cluster is found from, and how to reach any node of it.
+#[derive(Clone)]
+pub struct ClusterTarget {
+    /// One per node given, with the credentials and TLS.
+    pub seeds: Vec<redis::ConnectionInfo>,
+    /// `host:port` of each node given, in the same order, for logs.
+    pub seed_addresses: Vec<String>,
+    /// The nodes' credentials.
+    node_settings: redis::RedisConnectionInfo,
+    node_tls: Option<Tls>,
+}
+
+impl ClusterTarget {
+    /// How to connect to the node at `host:port` (one the cluster named).
+    pub fn node(&self, host: &str, port: u16) -> redis::RedisResult<redis::ConnectionInfo> {
+        connection_info(host, port, &self.node_settings, self.node_tls.as_ref())
+    }
+
+    /// The credentials every node is reached with.
+    pub fn settings(&self) -> &redis::RedisConnectionInfo {
+        &self.node_settings
+    }
+
+    /// `Some(insecure)` when the nodes speak TLS; the CA and client certificate, when given.
+    pub fn tls(&self) -> Option<(bool, Option<TlsCertificates>)> {
+        self.node_tls
+            .as_ref()
+            .map(|tls| (tls.insecure, tls.certificates.clone()))
+    }
 }
 
 /// The sentinels, the name of the primary they watch, and how to reach the nodes they name.
@@ -169,6 +207,7 @@ impl std::fmt::Debug for RedisTarget {
         let settings = match &self.topology {
             Topology::Standalone(info) => info.redis_settings(),
             Topology::Sentinel(sentinel) => &sentinel.node_settings,
+            Topology::Cluster(cluster) => &cluster.node_settings,
         };
         f.debug_struct("RedisTarget")
             .field("address", &self.address)
@@ -204,51 +243,32 @@ impl RedisArgs {
     /// password and certificate files.
     pub fn target(&self) -> Result<Option<RedisTarget>, ConfigError> {
         let sentinels = !self.redis_sentinels.is_empty();
-        let needs_topology = |given: &[(&str, bool)]| -> Result<(), ConfigError> {
-            match given.iter().find(|(_, set)| *set) {
-                Some((flag, _)) => Err(ConfigError(format!(
-                    "{flag} is a setting of the Redis connection: give --redis-url \
-                     (SSEGW_REDIS_URL) or --redis-sentinels (SSEGW_REDIS_SENTINELS) too"
-                ))),
-                None => Ok(()),
-            }
-        };
-        let url =
-            match (&self.redis_url, sentinels) {
-                (Some(_), true) => return Err(ConfigError(
-                    "--redis-url (SSEGW_REDIS_URL) and --redis-sentinels (SSEGW_REDIS_SENTINELS) \
-                     are two ways to find Redis: give one of them"
-                        .into(),
-                )),
-                (None, false) => {
-                    needs_topology(&[
-                        ("--redis-username", self.redis_username.is_some()),
-                        ("--redis-password-file", self.redis_password_file.is_some()),
-                        ("--redis-ca-file", self.redis_ca_file.is_some()),
-                        ("--redis-client-cert", self.redis_client_cert.is_some()),
-                        ("--redis-client-key", self.redis_client_key.is_some()),
-                        ("--redis-tls-skip-verify", self.redis_tls_skip_verify),
-                        ("--redis-tls", self.redis_tls),
-                        ("--publish-replicas", self.publish_replicas > 0),
-                        ("--redis-master-name", self.redis_master_name.is_some()),
-                        (
-                            "--redis-sentinel-username",
-                            self.redis_sentinel_username.is_some(),
-                        ),
-                        (
-                            "--redis-sentinel-password-file",
-                            self.redis_sentinel_password_file.is_some(),
-                        ),
-                    ])?;
-                    return Ok(None);
-                }
-                (Some(Redacted(url)), false) => Some(url),
-                (None, true) => None,
-            };
-        if url.is_some() {
-            let sentinel_only = [
-                ("--redis-master-name", self.redis_master_name.is_some()),
+        let cluster = !self.redis_cluster.is_empty();
+        let given: Vec<&str> = [
+            ("--redis-url (SSEGW_REDIS_URL)", self.redis_url.is_some()),
+            ("--redis-sentinels (SSEGW_REDIS_SENTINELS)", sentinels),
+            ("--redis-cluster (SSEGW_REDIS_CLUSTER)", cluster),
+        ]
+        .into_iter()
+        .filter_map(|(flag, set)| set.then_some(flag))
+        .collect();
+        if given.len() > 1 {
+            return Err(ConfigError(format!(
+                "{} are different ways to find Redis: give one of them",
+                given.join(" and ")
+            )));
+        }
+        if given.is_empty() {
+            let settings = [
+                ("--redis-username", self.redis_username.is_some()),
+                ("--redis-password-file", self.redis_password_file.is_some()),
+                ("--redis-ca-file", self.redis_ca_file.is_some()),
+                ("--redis-client-cert", self.redis_client_cert.is_some()),
+                ("--redis-client-key", self.redis_client_key.is_some()),
+                ("--redis-tls-skip-verify", self.redis_tls_skip_verify),
                 ("--redis-tls", self.redis_tls),
+                ("--publish-replicas", self.publish_replicas > 0),
+                ("--redis-master-name", self.redis_master_name.is_some()),
                 (
                     "--redis-sentinel-username",
                     self.redis_sentinel_username.is_some(),
@@ -258,12 +278,40 @@ impl RedisArgs {
                     self.redis_sentinel_password_file.is_some(),
                 ),
             ];
+            return match settings.iter().find(|(_, set)| *set) {
+                Some((flag, _)) => Err(ConfigError(format!(
+                    "{flag} is a setting of the Redis connection: give --redis-url \
+                     (SSEGW_REDIS_URL), --redis-sentinels (SSEGW_REDIS_SENTINELS) or \
+                     --redis-cluster (SSEGW_REDIS_CLUSTER) too"
+                ))),
+                None => Ok(None),
+            };
+        }
+        let url = self.redis_url.as_ref().map(|Redacted(url)| url);
+        let sentinel_only = [
+            ("--redis-master-name", self.redis_master_name.is_some()),
+            (
+                "--redis-sentinel-username",
+                self.redis_sentinel_username.is_some(),
+            ),
+            (
+                "--redis-sentinel-password-file",
+                self.redis_sentinel_password_file.is_some(),
+            ),
+        ];
+        if !sentinels {
             if let Some((flag, _)) = sentinel_only.iter().find(|(_, set)| *set) {
                 return Err(ConfigError(format!(
-                    "{flag} is a setting of --redis-sentinels; with --redis-url \
-                     (SSEGW_REDIS_URL) the URL says it (rediss:// for TLS)"
+                    "{flag} is a setting of --redis-sentinels (SSEGW_REDIS_SENTINELS)"
                 )));
             }
+        }
+        if url.is_some() && self.redis_tls {
+            return Err(ConfigError(
+                "--redis-tls is a setting of --redis-sentinels and --redis-cluster; with \
+                 --redis-url (SSEGW_REDIS_URL) the URL says it (rediss:// for TLS)"
+                    .into(),
+            ));
         }
         // The parser's message never repeats the URL, which may hold a password.
         let url_info = url
@@ -320,7 +368,7 @@ impl RedisArgs {
             if let Some((flag, _)) = tls_flags.iter().find(|(_, set)| *set) {
                 return Err(ConfigError(format!(
                     "{flag} is a TLS setting, and the connection is not TLS: a rediss:// \
-                     --redis-url, or --redis-tls with --redis-sentinels"
+                     --redis-url, or --redis-tls with --redis-sentinels or --redis-cluster"
                 )));
             }
             None
@@ -364,6 +412,31 @@ impl RedisArgs {
                     let info = connection_info(&host, port, &settings, tls.as_ref())
                         .map_err(certificates_error)?;
                     (Topology::Standalone(info), format!("{host}:{port}"))
+                }
+                None if cluster => {
+                    let mut seeds = Vec::new();
+                    let mut seed_addresses = Vec::new();
+                    for address in &self.redis_cluster {
+                        let (host, port) = host_port(address).ok_or_else(|| {
+                            ConfigError(format!(
+                                "--redis-cluster (SSEGW_REDIS_CLUSTER): {address:?} is not \
+                                 host:port"
+                            ))
+                        })?;
+                        seeds.push(
+                            connection_info(&host, port, &settings, tls.as_ref())
+                                .map_err(certificates_error)?,
+                        );
+                        seed_addresses.push(format!("{host}:{port}"));
+                    }
+                    let address = format!("cluster via {}", seed_addresses.join(","));
+                    let target = ClusterTarget {
+                        seeds,
+                        seed_addresses,
+                        node_settings: settings,
+                        node_tls: tls,
+                    };
+                    (Topology::Cluster(target), address)
                 }
                 None => {
                     let master_name = self.redis_master_name.clone().ok_or_else(|| {

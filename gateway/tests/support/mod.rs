@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod failover;
 pub mod nginx;
 pub mod otlp;
 pub mod proxy;
@@ -286,6 +287,20 @@ impl Drop for GatewayProcess {
     }
 }
 
+/// With `SSEGW_TEST_LOG` set (a filter such as `sse_gateway=debug`), the in-process replicas
+/// log to the test's output: for finding out why a test failed.
+fn test_log() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Ok(filter) = std::env::var("SSEGW_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
 /// One gateway replica served by `sse_gateway::run` on its own runtime thread.
 pub struct Gateway {
     pub addr: SocketAddr,
@@ -305,6 +320,7 @@ impl Gateway {
     /// Starts a replica without waiting for it: for listeners the plain-HTTP readiness probe
     /// cannot reach (TLS). Connections wait in the listen queue until it serves.
     pub fn start_unchecked(flags: &[&str]) -> Gateway {
+        test_log();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let config = Config::from_flags(with_test_defaults(flags)).expect("test config");

@@ -13,17 +13,20 @@ use ssegw_protocol::script;
 use ssegw_protocol::{StreamId, Topic};
 
 use super::endpoint::Endpoint;
+use super::library::{self, Library};
 use super::reply::{classify, explain, malformed, parse_page, unavailable};
 use crate::bus::{BusError, Page};
 use crate::config::Durability;
 use crate::telemetry::stats::Stats;
 
-/// `FCALL ssegw_read 1 <topic> <after> <count>`; without `after`, only the head is asked for.
+/// `FCALL ssegw_read 1 ssegw:s:{<topic>} <after> <count>`; without `after`, only the head is
+/// asked for. The stream key, not the topic, is the declared key: during a cluster slot
+/// migration, Redis runs the call where the stream is.
 pub(super) fn read_cmd(topic: &Topic, after: Option<StreamId>, count: usize) -> redis::Cmd {
     let mut cmd = redis::cmd("FCALL");
     cmd.arg(script::READ_FUNCTION)
         .arg(1)
-        .arg(topic.as_str())
+        .arg(script::stream_key(topic))
         .arg(after.map_or(String::new(), |id| id.to_string()))
         .arg(count);
     cmd
@@ -34,6 +37,8 @@ pub(super) fn read_cmd(topic: &Topic, after: Option<StreamId>, count: usize) -> 
 pub(super) struct Commands {
     pub(super) pools: Arc<Pools>,
     pub(super) library: Arc<str>,
+    /// What `ssegw_channels` answers for `library`.
+    pub(super) channels: &'static str,
     /// `--redis-install-functions`: load the library when it is missing, or only say so.
     pub(super) install_functions: bool,
     /// Where the library version found in Redis is shown (`/status`, metrics); `None` for the
@@ -252,64 +257,22 @@ impl Commands {
         &self,
         conn: &mut deadpool_redis::Connection,
     ) -> Result<(), BusError> {
-        let found = self.library_version(conn).await?;
-        self.record_library(found.unwrap_or(0));
-        let ours = script::LIBRARY_VERSION;
-        match found {
-            Some(theirs) if theirs > ours => {
-                // A newer replica loaded it during a rolling upgrade; it answers our calls.
-                tracing::warn!(
-                    redis = theirs,
-                    replica = ours,
-                    "Redis has a newer ssegw function library than this replica: keeping it; \
-                     upgrade this replica"
-                );
-                return Ok(());
+        let library = Library {
+            code: &self.library,
+            channels: self.channels,
+            install: self.install_functions,
+        };
+        // One command at a time on `conn`: the closure borrows it for each.
+        let conn = tokio::sync::Mutex::new(conn);
+        let run = |cmd: redis::Cmd| {
+            let conn = &conn;
+            async move {
+                let mut conn = conn.lock().await;
+                self.query::<Value>(&cmd, &mut conn).await
             }
-            Some(theirs) if theirs == ours && !self.install_functions => return Ok(()),
-            _ if !self.install_functions => {
-                let what = match found {
-                    None => "is not in Redis".to_string(),
-                    Some(older) => {
-                        format!("in Redis is version {older}, older than this replica's {ours}")
-                    }
-                };
-                return Err(BusError::Unavailable(format!(
-                    "the {} function library {what}, and --redis-install-functions is false: \
-                     load this replica's once with `sse-gateway script | redis-cli -x FUNCTION \
-                     LOAD REPLACE`",
-                    script::LIBRARY_NAME
-                )));
-            }
-            _ => {}
-        }
-        let mut cmd = redis::cmd("FUNCTION");
-        cmd.arg("LOAD").arg("REPLACE").arg(&*self.library);
-        self.query::<String>(&cmd, conn).await?;
-        if found.is_some_and(|theirs| theirs < ours) {
-            tracing::info!(
-                from = found,
-                to = ours,
-                "upgraded the ssegw function library in Redis"
-            );
-        }
-        self.record_library(ours);
-        Ok(())
-    }
-
-    /// The version of the function library Redis has (`FCALL ssegw_version 0`): `None` when
-    /// it has none, or only one from before versions (1).
-    async fn library_version(
-        &self,
-        conn: &mut deadpool_redis::Connection,
-    ) -> Result<Option<u64>, BusError> {
-        let mut cmd = redis::cmd("FCALL");
-        cmd.arg(script::VERSION_FUNCTION).arg(0);
-        match self.query::<u64>(&cmd, conn).await {
-            Ok(version) => Ok(Some(version)),
-            Err(BusError::Rejected(message)) if message.contains("Function not found") => Ok(None),
-            Err(e) => Err(e),
-        }
+        };
+        let record = |version| self.record_library(version);
+        library::ensure(&library, self.pools.endpoint.address(), run, record).await
     }
 
     fn record_library(&self, version: u64) {

@@ -48,6 +48,9 @@ impl Endpoint {
         match self.target.topology() {
             Topology::Standalone(info) => Ok(info.clone()),
             Topology::Sentinel(sentinel) => self.ask_sentinels(sentinel).await,
+            Topology::Cluster(_) => Err(BusError::Unavailable(
+                "a cluster has no single primary".into(),
+            )),
         }
     }
 

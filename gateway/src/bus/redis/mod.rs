@@ -12,8 +12,10 @@
 //! canary, `reply` reads Redis's answers. A Cluster belongs beside them here, behind the same
 //! `RedisBus`.
 
+mod cluster;
 mod commands;
 mod endpoint;
+mod library;
 mod reply;
 mod subscriber;
 
@@ -30,15 +32,17 @@ use tokio_util::sync::CancellationToken;
 
 use super::single_flight::SingleFlight;
 use super::{BusError, Page};
-use crate::config::{BusConfig, Durability, RedisTarget};
+use crate::config::{BusConfig, Durability, RedisTarget, Topology};
 use crate::fanout::hub::{Hub, Interest};
+use cluster::subscriber::ClusterSubscriber;
+use cluster::ClusterCommands;
 use commands::{read_cmd, Commands, Pools};
 use endpoint::Endpoint;
 use reply::{malformed, parse_page};
 use subscriber::Subscriber;
 
 pub struct RedisBus {
-    commands: Commands,
+    backend: Backend,
     /// `--publish-replicas`: a publish waits for this many replicas.
     durability: Option<Durability>,
     /// True while canaries make the round trip through Redis in time.
@@ -49,9 +53,17 @@ pub struct RedisBus {
 
 type ReadResult = Result<Arc<Page>, BusError>;
 
+/// Where commands go.
+enum Backend {
+    /// One primary: a fixed address, or the one the sentinels name.
+    Single(Commands),
+    /// The primaries of a Redis Cluster, each topic on the one owning its slot.
+    Cluster(Arc<ClusterCommands>),
+}
+
 impl RedisBus {
-    /// Starts the bus of a serving replica: command pool plus the pub/sub subscriber task
-    /// (and, with sentinels, the watch of their `+switch-master`).
+    /// Starts the bus of a serving replica: command connections plus the pub/sub subscriber
+    /// task (and, with sentinels, the watch of their `+switch-master`).
     pub fn start(
         target: &RedisTarget,
         config: &BusConfig,
@@ -66,20 +78,38 @@ impl RedisBus {
             &config.script,
             config.install_functions,
         )?;
-        bus.commands.stats = Some(hub.stats().clone());
-        let endpoint = bus.commands.pools.endpoint().clone();
-        tokio::spawn(endpoint.clone().watch_switches(shutdown.clone()));
-        let subscriber = Subscriber {
-            endpoint,
-            commands: bus.commands.clone(),
-            hub,
-            interest,
-            ready: bus.ready.clone(),
-            canary_channel: format!("ssegw:canary:{}", uuid::Uuid::new_v4()),
-            canary_interval: config.canary_interval,
-            shutdown,
-        };
-        tokio::spawn(subscriber.run());
+        let replica = uuid::Uuid::new_v4();
+        match &mut bus.backend {
+            Backend::Single(commands) => {
+                commands.stats = Some(hub.stats().clone());
+                let endpoint = commands.pools.endpoint().clone();
+                tokio::spawn(endpoint.clone().watch_switches(shutdown.clone()));
+                let subscriber = Subscriber {
+                    endpoint,
+                    commands: commands.clone(),
+                    hub,
+                    interest,
+                    ready: bus.ready.clone(),
+                    canary_channel: format!("ssegw:canary:{replica}"),
+                    canary_interval: config.canary_interval,
+                    shutdown,
+                };
+                tokio::spawn(subscriber.run());
+            }
+            Backend::Cluster(commands) => {
+                Arc::get_mut(commands).expect("not shared yet").stats = Some(hub.stats().clone());
+                let subscriber = ClusterSubscriber {
+                    commands: commands.clone(),
+                    hub,
+                    interest,
+                    ready: bus.ready.clone(),
+                    replica: replica.to_string(),
+                    canary_interval: config.canary_interval,
+                    shutdown,
+                };
+                tokio::spawn(subscriber.run());
+            }
+        }
         Ok(bus)
     }
 
@@ -91,16 +121,36 @@ impl RedisBus {
         script: &ScriptSettings,
         install_functions: bool,
     ) -> Result<RedisBus, BusError> {
-        let endpoint = Arc::new(Endpoint::new(target.clone(), timeout));
+        let backend = match target.topology() {
+            Topology::Cluster(cluster) => {
+                // A cluster's events travel on sharded channels, within their topic's shard.
+                let script = ScriptSettings {
+                    sharded: true,
+                    ..*script
+                };
+                Backend::Cluster(Arc::new(ClusterCommands::new(
+                    cluster.clone(),
+                    script::function_library(&script).into(),
+                    script.channels(),
+                    install_functions,
+                    timeout,
+                )?))
+            }
+            Topology::Standalone(_) | Topology::Sentinel(_) => {
+                let endpoint = Arc::new(Endpoint::new(target.clone(), timeout));
+                Backend::Single(Commands {
+                    pools: Arc::new(Pools::new(endpoint, pool_size, timeout)),
+                    library: script::function_library(script).into(),
+                    channels: script.channels(),
+                    install_functions,
+                    stats: None,
+                    timeout,
+                })
+            }
+        };
         Ok(RedisBus {
             durability: target.durability(),
-            commands: Commands {
-                pools: Arc::new(Pools::new(endpoint, pool_size, timeout)),
-                library: script::function_library(script).into(),
-                install_functions,
-                stats: None,
-                timeout,
-            },
+            backend,
             ready: Arc::new(AtomicBool::new(false)),
             reads: SingleFlight::new(),
         })
@@ -116,17 +166,28 @@ impl RedisBus {
         let mut cmd = redis::cmd("FCALL");
         cmd.arg(script::PUBLISH_FUNCTION)
             .arg(1)
-            .arg(topic.as_str())
+            // The stream key: during a cluster slot migration, Redis runs the call where the
+            // stream is (see `read_cmd`).
+            .arg(script::stream_key(topic))
             .arg(data)
             .arg(event.map_or("", EventType::as_str));
         if let Some(traceparent) = traceparent {
             cmd.arg(traceparent.as_str());
         }
-        let (id, confirmed): (String, Option<u32>) = match self.durability {
-            None => (self.commands.fcall(&cmd).await?, None),
-            Some(durability) => {
-                let (id, confirmed) = self.commands.fcall_confirmed(&cmd, durability).await?;
+        let (id, confirmed): (String, Option<u32>) = match (&self.backend, self.durability) {
+            (Backend::Single(commands), None) => (commands.fcall(&cmd).await?, None),
+            (Backend::Single(commands), Some(durability)) => {
+                let (id, confirmed) = commands.fcall_confirmed(&cmd, durability).await?;
                 (id, Some(confirmed))
+            }
+            (Backend::Cluster(commands), None) => {
+                let mut conn = commands.connection().await?;
+                let id = commands.fcall(&mut conn, topic, &cmd).await?;
+                (text_reply(id)?, None)
+            }
+            (Backend::Cluster(commands), Some(durability)) => {
+                let (id, confirmed) = commands.fcall_confirmed(topic, &cmd, durability).await?;
+                (text_reply(id)?, Some(confirmed))
             }
         };
         let id = StreamId::parse(&id)
@@ -152,18 +213,40 @@ impl RedisBus {
         count: usize,
         since: std::time::Instant,
     ) -> ReadResult {
-        let connect = || async { self.commands.connection().await.map_err(Err) };
-        let query = |mut conn: deadpool_redis::Connection| async move {
-            let cmd = read_cmd(topic, Some(after), count);
-            let reply: Value = self.commands.fcall_on(&mut conn, &cmd).await?;
-            parse_page(reply).map(Arc::new).ok_or_else(malformed)
-        };
         let key = (topic.clone(), after, count);
-        self.reads.run(key, since, connect, query).await
+        match &self.backend {
+            Backend::Single(commands) => {
+                let connect = || async { commands.connection().await.map_err(Err) };
+                let query = |mut conn: deadpool_redis::Connection| async move {
+                    let cmd = read_cmd(topic, Some(after), count);
+                    let reply: Value = commands.fcall_on(&mut conn, &cmd).await?;
+                    parse_page(reply).map(Arc::new).ok_or_else(malformed)
+                };
+                self.reads.run(key, since, connect, query).await
+            }
+            Backend::Cluster(commands) => {
+                let connect = || async { commands.connection().await.map_err(Err) };
+                let query = |mut conn| async move {
+                    let cmd = read_cmd(topic, Some(after), count);
+                    let reply = commands.fcall(&mut conn, topic, &cmd).await?;
+                    parse_page(reply).map(Arc::new).ok_or_else(malformed)
+                };
+                self.reads.run(key, since, connect, query).await
+            }
+        }
     }
 
     /// True while the last canary came back in time: the replica receives what is published.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+}
+
+/// The id a publish answered, as text.
+fn text_reply(value: Value) -> Result<String, BusError> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes).map_err(|_| malformed()),
+        Value::SimpleString(text) => Ok(text),
+        other => Err(BusError::Unavailable(format!("unexpected reply {other:?}"))),
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use ssegw_protocol::frame::EventType;
 use ssegw_protocol::script::{self, ChannelMessage};
-use ssegw_protocol::Topic;
+use ssegw_protocol::{StreamId, Topic};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::commands::Commands;
 use super::endpoint::Endpoint;
 use super::reply::unavailable;
-use crate::bus::BusError;
+use crate::bus::{BusError, Page};
 use crate::fanout::event::Event;
 use crate::fanout::hub::{Channel, Hub, Interest};
 
@@ -179,16 +179,8 @@ impl Subscriber {
         let Some(topic) = script::topic_of_channel(message.get_channel_name()) else {
             return;
         };
-        // Messages come from the publish function, which checks them; anything else on the
-        // channel was sent around it.
-        let message = ChannelMessage::parse(message.get_payload_bytes())
-            .ok()
-            .and_then(|m| {
-                let event = m.event.map(EventType::new).transpose().ok()?;
-                Some(Event::new(m.id, event.as_ref(), m.data).traced(m.traceparent))
-            });
-        match message {
-            Some(event) => self.hub.dispatch(&topic, Arc::new(event)),
+        match event_of(message.get_payload_bytes()) {
+            Some(event) => self.hub.dispatch(&topic, event),
             None => tracing::warn!(%topic, "ignoring malformed channel message"),
         }
     }
@@ -252,50 +244,94 @@ impl Subscriber {
             sink.subscribe(names).await.map_err(unavailable)?;
         }
         subscribed.extend(channels.iter().map(|c| c.topic.clone()));
-        // Read after subscribing: whatever is published from now on also arrives as a message.
-        let (delivering, fresh): (Vec<_>, Vec<_>) =
-            channels.into_iter().partition(|c| c.is_ready());
-        for batch in fresh.chunks(READ_BATCH) {
-            let requests: Vec<_> = batch.iter().map(|c| (&c.topic, None)).collect();
-            let pages = self.commands.read_many(&requests, 0).await?;
-            for (channel, page) in batch.iter().zip(pages) {
-                channel.set_ready(page.head);
-            }
-        }
-        self.backfill(delivering).await
+        catch_up(&self.hub, &self.commands, channels).await
     }
+}
 
-    /// Dispatches what each channel missed: the events after its latest position, or a gap
-    /// marker and the retained history when those events are gone.
-    async fn backfill(&self, mut pending: Vec<Arc<Channel>>) -> Result<(), BusError> {
-        let stats = self.hub.stats();
-        stats.add(&stats.backfills, pending.len() as u64);
-        while !pending.is_empty() {
-            let mut unfinished = Vec::new();
-            for batch in pending.chunks(READ_BATCH) {
-                let requests: Vec<_> = batch.iter().map(|c| (&c.topic, Some(c.latest()))).collect();
-                let pages = self.commands.read_many(&requests, BACKFILL_PAGE).await?;
-                for (channel, page) in batch.iter().zip(pages) {
-                    if let Some(reason) = page.gap {
-                        tracing::warn!(topic = %channel.topic, reason = reason.as_str(), "history lost while the link was down");
-                        channel.dispatch_gap(reason);
-                    }
-                    if page.entries.len() == BACKFILL_PAGE {
-                        unfinished.push(channel.clone());
-                    }
-                    let fresh = channel.dispatch_all(page.entries);
-                    self.hub.received(channel, &fresh);
-                }
-            }
-            pending = unfinished;
-        }
-        Ok(())
+/// The event in a channel message. Messages come from the publish function, which checks
+/// them; anything else on the channel was sent around it, and is `None`.
+pub(super) fn event_of(payload: &[u8]) -> Option<Arc<Event>> {
+    let message = ChannelMessage::parse(payload).ok()?;
+    let event = message.event.map(EventType::new).transpose().ok()?;
+    Some(Arc::new(
+        Event::new(message.id, event.as_ref(), message.data).traced(message.traceparent),
+    ))
+}
+
+/// Reads several topics' history in one go: what `catch_up` needs of a topology.
+pub(super) trait ReadMany {
+    /// `count` events after each position, or only the head where no position is given.
+    fn read_many(
+        &self,
+        requests: &[(&Topic, Option<StreamId>)],
+        count: usize,
+    ) -> impl std::future::Future<Output = Result<Vec<Page>, BusError>> + Send;
+}
+
+impl ReadMany for Commands {
+    fn read_many(
+        &self,
+        requests: &[(&Topic, Option<StreamId>)],
+        count: usize,
+    ) -> impl std::future::Future<Output = Result<Vec<Page>, BusError>> + Send {
+        Commands::read_many(self, requests, count)
     }
+}
+
+/// Brings channels just subscribed up to date, reading after subscribing so that whatever is
+/// published from then on also arrives as a message: a new channel learns its stream's head
+/// and turns ready; a channel that was already delivering (before a reconnect, a failover, a
+/// slot move) is backfilled from its latest position.
+pub(super) async fn catch_up(
+    hub: &Hub,
+    reader: &impl ReadMany,
+    channels: Vec<Arc<Channel>>,
+) -> Result<(), BusError> {
+    let (delivering, fresh): (Vec<_>, Vec<_>) = channels.into_iter().partition(|c| c.is_ready());
+    for batch in fresh.chunks(READ_BATCH) {
+        let requests: Vec<_> = batch.iter().map(|c| (&c.topic, None)).collect();
+        let pages = reader.read_many(&requests, 0).await?;
+        for (channel, page) in batch.iter().zip(pages) {
+            channel.set_ready(page.head);
+        }
+    }
+    backfill(hub, reader, delivering).await
+}
+
+/// Dispatches what each channel missed: the events after its latest position, or a gap marker
+/// and the retained history when those events are gone.
+async fn backfill(
+    hub: &Hub,
+    reader: &impl ReadMany,
+    mut pending: Vec<Arc<Channel>>,
+) -> Result<(), BusError> {
+    let stats = hub.stats();
+    stats.add(&stats.backfills, pending.len() as u64);
+    while !pending.is_empty() {
+        let mut unfinished = Vec::new();
+        for batch in pending.chunks(READ_BATCH) {
+            let requests: Vec<_> = batch.iter().map(|c| (&c.topic, Some(c.latest()))).collect();
+            let pages = reader.read_many(&requests, BACKFILL_PAGE).await?;
+            for (channel, page) in batch.iter().zip(pages) {
+                if let Some(reason) = page.gap {
+                    tracing::warn!(topic = %channel.topic, reason = reason.as_str(), "history lost while the link was down");
+                    channel.dispatch_gap(reason);
+                }
+                if page.entries.len() == BACKFILL_PAGE {
+                    unfinished.push(channel.clone());
+                }
+                let fresh = channel.dispatch_all(page.entries);
+                hub.received(channel, &fresh);
+            }
+        }
+        pending = unfinished;
+    }
+    Ok(())
 }
 
 /// The canary schedule: one in flight at a time; the next leaves an interval after the last
 /// arrived.
-struct Canary {
+pub(super) struct Canary {
     /// Until the next send, or while one is in flight, until it is overdue.
     timer: Pin<Box<Sleep>>,
     in_flight: bool,
@@ -341,19 +377,19 @@ impl Canary {
 
 /// Exponential backoff with jitter, from 100 ms up to 5 s.
 #[derive(Default)]
-struct Backoff {
+pub(super) struct Backoff {
     attempt: u32,
 }
 
 impl Backoff {
-    fn next_delay(&mut self) -> Duration {
+    pub(super) fn next_delay(&mut self) -> Duration {
         let cap =
             Duration::from_millis(100 * 2u64.pow(self.attempt.min(6))).min(Duration::from_secs(5));
         self.attempt += 1;
         cap.mul_f64(0.5 + fastrand::f64() / 2.0)
     }
 
-    fn reset(&mut self) {
+    pub(super) fn reset(&mut self) {
         self.attempt = 0;
     }
 }

@@ -1,0 +1,412 @@
+//! Redis Cluster: the command path (`ClusterCommands`, over redis-rs's cluster connection,
+//! which follows `MOVED`/`ASK` and failovers for commands) and the slot map the subscriber
+//! routes topics by. The subscriber (`subscriber`) keeps its own sharded pub/sub connections,
+//! one per primary, apart from these command connections: redis-rs's cluster pub/sub loses
+//! channels on slot moves and takes an unsolicited `sunsubscribe` for a command's reply.
+//!
+//! A topic's stream (`ssegw:s:{topic}`), its channel (`ssegw:c:{topic}`) and the topic itself
+//! (the key `FCALL` declares) hash to one slot: the topic's own, through its hash tag.
+
+pub(super) mod subscriber;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::Value;
+use ssegw_protocol::{StreamId, Topic};
+
+use super::commands::read_cmd;
+use super::library::{self, Library};
+use super::reply::{classify, malformed, parse_page, unavailable};
+use crate::bus::{BusError, Page};
+use crate::config::{ClusterTarget, Durability};
+use crate::telemetry::stats::Stats;
+
+/// Redis Cluster's number of hash slots.
+pub(super) const SLOTS: u16 = 16384;
+
+/// The slot of a key: CRC16 of its hash tag (the part between the first `{` and the next `}`,
+/// when not empty) or of the whole key, modulo 16384.
+pub(super) fn slot(key: &[u8]) -> u16 {
+    let tagged = key
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            rest.iter()
+                .position(|&b| b == b'}')
+                .filter(|&close| close > 0)
+                .map(|close| &rest[..close])
+        })
+        .unwrap_or(key);
+    crc16::State::<crc16::XMODEM>::calculate(tagged) % SLOTS
+}
+
+/// The slot of a topic: its keys and channel carry it as their hash tag.
+pub(super) fn topic_slot(topic: &Topic) -> u16 {
+    slot(topic.as_str().as_bytes())
+}
+
+/// A primary's address, `host:port` as the cluster announces it.
+pub(super) type NodeAddr = String;
+
+/// Which primary serves each slot, as one node of the cluster answered `CLUSTER SLOTS`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct SlotMap {
+    /// `(first slot, last slot, primary)`, sorted by first slot.
+    ranges: Vec<(u16, u16, NodeAddr)>,
+}
+
+impl SlotMap {
+    /// The primary that serves `slot`, when any does.
+    pub(super) fn owner(&self, slot: u16) -> Option<&NodeAddr> {
+        let index = self.ranges.partition_point(|(first, _, _)| *first <= slot);
+        let (first, last, node) = self.ranges.get(index.checked_sub(1)?)?;
+        (*first <= slot && slot <= *last).then_some(node)
+    }
+
+    /// Every primary that serves at least one slot, once each.
+    pub(super) fn primaries(&self) -> Vec<NodeAddr> {
+        let mut primaries: Vec<NodeAddr> = self.ranges.iter().map(|(_, _, n)| n.clone()).collect();
+        primaries.sort();
+        primaries.dedup();
+        primaries
+    }
+
+    /// True when every slot has a primary: otherwise some topics have nowhere to live.
+    pub(super) fn covers_all(&self) -> bool {
+        let mut next = 0u32;
+        for (first, last, _) in &self.ranges {
+            if u32::from(*first) != next {
+                return false;
+            }
+            next = u32::from(*last) + 1;
+        }
+        next == u32::from(SLOTS)
+    }
+
+    /// Parses a `CLUSTER SLOTS` reply: `[[first, last, [host, port, id, ...], replicas...], ...]`.
+    fn parse(reply: Value) -> Option<SlotMap> {
+        let Value::Array(entries) = reply else {
+            return None;
+        };
+        let mut ranges = Vec::new();
+        for entry in entries {
+            let Value::Array(parts) = entry else {
+                return None;
+            };
+            let (Some(Value::Int(first)), Some(Value::Int(last)), Some(Value::Array(primary))) =
+                (parts.first(), parts.get(1), parts.get(2))
+            else {
+                return None;
+            };
+            let host = match primary.first()? {
+                Value::BulkString(host) => String::from_utf8(host.clone()).ok()?,
+                Value::SimpleString(host) => host.clone(),
+                _ => return None,
+            };
+            let Value::Int(port) = primary.get(1)? else {
+                return None;
+            };
+            let first = u16::try_from(*first).ok().filter(|s| *s < SLOTS)?;
+            let last = u16::try_from(*last)
+                .ok()
+                .filter(|s| *s < SLOTS && *s >= first)?;
+            ranges.push((first, last, format!("{host}:{port}")));
+        }
+        ranges.sort();
+        Some(SlotMap { ranges })
+    }
+}
+
+/// `host` and `port` of a `host:port` the cluster announced (the host may be an IPv6 address).
+pub(super) fn split_addr(addr: &str) -> Option<(&str, u16)> {
+    let (host, port) = addr.rsplit_once(':')?;
+    Some((host, port.parse().ok()?))
+}
+
+/// Commands to a Redis Cluster: `FCALL`s routed by their topic, the function library loaded on
+/// each primary, and the slot map. The connection is made on first use and follows the cluster
+/// from then on.
+pub(super) struct ClusterCommands {
+    pub(super) target: ClusterTarget,
+    client: ClusterClient,
+    /// Made on first use; redis-rs reconnects its node connections under it.
+    conn: tokio::sync::OnceCell<ClusterConnection>,
+    pub(super) library: Arc<str>,
+    /// What `ssegw_channels` answers for `library`: `"sharded"`.
+    pub(super) channels: &'static str,
+    pub(super) install_functions: bool,
+    /// Where the library version found is shown (`/status`, metrics); `None` for `publish`.
+    pub(super) stats: Option<Arc<Stats>>,
+    pub(super) timeout: Duration,
+}
+
+impl ClusterCommands {
+    pub(super) fn new(
+        target: ClusterTarget,
+        library: Arc<str>,
+        channels: &'static str,
+        install_functions: bool,
+        timeout: Duration,
+    ) -> Result<ClusterCommands, BusError> {
+        let mut builder = ClusterClient::builder(target.seeds.clone())
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            // Retries within one call follow MOVED/ASK and a failover in progress; the call's
+            // own deadline (`timeout`) bounds them all.
+            .retries(8)
+            .min_retry_wait(50)
+            .max_retry_wait(500);
+        if let Some((insecure, certificates)) = target.tls() {
+            builder = builder.tls(if insecure {
+                redis::TlsMode::Insecure
+            } else {
+                redis::TlsMode::Secure
+            });
+            if let Some(certificates) = certificates {
+                builder = builder.certs(certificates);
+            }
+        }
+        let client = builder.build().map_err(unavailable)?;
+        Ok(ClusterCommands {
+            target,
+            client,
+            conn: tokio::sync::OnceCell::new(),
+            library,
+            channels,
+            install_functions,
+            stats: None,
+            timeout,
+        })
+    }
+
+    /// The cluster connection, made now if it was not.
+    pub(super) async fn connection(&self) -> Result<ClusterConnection, BusError> {
+        let conn = self
+            .conn
+            .get_or_try_init(|| async {
+                match tokio::time::timeout(self.timeout, self.client.get_async_connection()).await {
+                    Err(_) => Err(BusError::Unavailable(
+                        "no node of the cluster answered in time".into(),
+                    )),
+                    Ok(result) => result.map_err(unavailable),
+                }
+            })
+            .await?;
+        Ok(conn.clone())
+    }
+
+    /// Runs one command, to `routing` or where its key routes it, within the Redis timeout.
+    pub(super) async fn run(
+        &self,
+        conn: &mut ClusterConnection,
+        cmd: redis::Cmd,
+        routing: Option<RoutingInfo>,
+    ) -> Result<Value, BusError> {
+        let call = async {
+            match routing {
+                Some(routing) => conn.route_command(cmd, routing).await,
+                None => cmd.query_async::<Value>(conn).await,
+            }
+        };
+        match tokio::time::timeout(self.timeout, call).await {
+            Err(_) => Err(BusError::Unavailable(
+                "the Redis cluster did not answer in time".into(),
+            )),
+            Ok(Err(e)) => Err(classify(e)),
+            Ok(Ok(Value::ServerError(e))) => Err(classify(e.into())),
+            Ok(Ok(value)) => Ok(value),
+        }
+    }
+
+    /// Runs an `FCALL` on `topic`'s primary, loading the library there first when that
+    /// primary has none (a new primary, one restarted empty).
+    pub(super) async fn fcall(
+        &self,
+        conn: &mut ClusterConnection,
+        topic: &Topic,
+        cmd: &redis::Cmd,
+    ) -> Result<Value, BusError> {
+        match self.run(conn, cmd.clone(), None).await {
+            Err(BusError::Rejected(message)) if message.contains("Function not found") => {
+                let route = Route::new(topic_slot(topic), SlotAddr::Master);
+                let node = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+                self.load_library(conn, node, &format!("the primary of {topic}"))
+                    .await?;
+                self.run(conn, cmd.clone(), None).await
+            }
+            other => other,
+        }
+    }
+
+    /// Runs the publish `FCALL`, then `WAIT`s on the topic's primary for `durability`'s
+    /// replicas; returns the id and how many replicas confirmed. The cluster connection talks
+    /// to that primary over one connection, so the `WAIT` covers the `FCALL`'s write.
+    pub(super) async fn fcall_confirmed(
+        &self,
+        topic: &Topic,
+        cmd: &redis::Cmd,
+        durability: Durability,
+    ) -> Result<(Value, u32), BusError> {
+        let mut conn = self.connection().await?;
+        let id = self.fcall(&mut conn, topic, cmd).await?;
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(durability.replicas)
+            .arg(durability.timeout.as_millis() as u64);
+        // WAIT is sent to every primary unless routed: only the topic's counts.
+        let route = Route::new(topic_slot(topic), SlotAddr::Master);
+        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+        let confirmed = match tokio::time::timeout(
+            durability.timeout + self.timeout,
+            conn.route_command(wait, routing),
+        )
+        .await
+        {
+            Ok(Ok(Value::Int(confirmed))) => u32::try_from(confirmed).unwrap_or(0),
+            Ok(Ok(other)) => {
+                tracing::warn!(reply = ?other, "WAIT for replicas answered oddly");
+                0
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %super::reply::explain(&e), "WAIT for replicas failed");
+                0
+            }
+            Err(_) => 0,
+        };
+        Ok((id, confirmed))
+    }
+
+    /// Makes sure the node `node` routes to has the library (see `library::ensure`).
+    pub(super) async fn load_library(
+        &self,
+        conn: &ClusterConnection,
+        node: RoutingInfo,
+        name: &str,
+    ) -> Result<(), BusError> {
+        let library = Library {
+            code: &self.library,
+            channels: self.channels,
+            install: self.install_functions,
+        };
+        let run = |cmd: redis::Cmd| {
+            let mut conn = conn.clone();
+            let node = node.clone();
+            async move { self.run(&mut conn, cmd, Some(node)).await }
+        };
+        let record = |version| {
+            if let Some(stats) = &self.stats {
+                stats
+                    .redis_library
+                    .store(version, std::sync::atomic::Ordering::Relaxed);
+            }
+        };
+        library::ensure(&library, name, run, record).await
+    }
+
+    /// Loads (or checks) the library on the primary at `addr`.
+    pub(super) async fn load_library_on(&self, addr: &str) -> Result<(), BusError> {
+        let (host, port) = split_addr(addr)
+            .ok_or_else(|| BusError::Unavailable(format!("not host:port: {addr}")))?;
+        let conn = self.connection().await?;
+        let node = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+            host: host.to_string(),
+            port,
+        });
+        self.load_library(&conn, node, addr).await
+    }
+
+    /// The slot map, as one node of the cluster sees it now.
+    pub(super) async fn slot_map(&self) -> Result<SlotMap, BusError> {
+        let mut conn = self.connection().await?;
+        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary);
+        let reply = self
+            .run(
+                &mut conn,
+                redis::cmd("CLUSTER").arg("SLOTS").clone(),
+                Some(routing),
+            )
+            .await?;
+        SlotMap::parse(reply).ok_or_else(malformed)
+    }
+
+    /// Reads several topics at once (each on its own primary, concurrently): `count` events
+    /// after each position, or only the head where no position is given.
+    pub(super) async fn read_many(
+        &self,
+        requests: &[(&Topic, Option<StreamId>)],
+        count: usize,
+    ) -> Result<Vec<Page>, BusError> {
+        let conn = self.connection().await?;
+        let reads = requests.iter().map(|(topic, after)| {
+            let mut conn = conn.clone();
+            async move {
+                let reply = self
+                    .fcall(&mut conn, topic, &read_cmd(topic, *after, count))
+                    .await?;
+                parse_page(reply).ok_or_else(malformed)
+            }
+        });
+        join_all(reads).await.into_iter().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_match_redis() {
+        // Values from `CLUSTER KEYSLOT` on Redis 7.0.
+        for (key, expected) in [
+            ("foo", 12182),
+            ("bar", 5061),
+            ("hello", 866),
+            ("{user1000}.following", 3443),
+            ("{user1000}.followers", 3443),
+            ("foo{}{bar}", 8363),
+            ("foo{{bar}}zap", 4015),
+            ("foo{bar}{zap}", 5061),
+        ] {
+            assert_eq!(slot(key.as_bytes()), expected, "{key}");
+        }
+        let topic = Topic::new("orders.eu").unwrap();
+        let stream = ssegw_protocol::script::stream_key(&topic);
+        let channel = ssegw_protocol::script::channel(&topic);
+        assert_eq!(topic_slot(&topic), slot(stream.as_bytes()));
+        assert_eq!(topic_slot(&topic), slot(channel.as_bytes()));
+    }
+
+    #[test]
+    fn slot_maps_answer_owners_and_coverage() {
+        let int = Value::Int;
+        let node = |port| {
+            Value::Array(vec![
+                Value::BulkString(b"127.0.0.1".to_vec()),
+                int(port),
+                Value::BulkString(b"id".to_vec()),
+            ])
+        };
+        let reply = Value::Array(vec![
+            Value::Array(vec![int(5461), int(10922), node(7001), node(7004)]),
+            Value::Array(vec![int(0), int(5460), node(7000)]),
+            Value::Array(vec![int(10923), int(16383), node(7002)]),
+        ]);
+        let map = SlotMap::parse(reply).unwrap();
+        assert!(map.covers_all());
+        assert_eq!(map.owner(0).unwrap(), "127.0.0.1:7000");
+        assert_eq!(map.owner(5461).unwrap(), "127.0.0.1:7001");
+        assert_eq!(map.owner(16383).unwrap(), "127.0.0.1:7002");
+        assert_eq!(map.primaries().len(), 3);
+        let partial = SlotMap {
+            ranges: vec![(0, 5460, "a:1".into()), (10923, 16383, "c:3".into())],
+        };
+        assert!(!partial.covers_all());
+        assert_eq!(partial.owner(6000), None);
+        assert_eq!(SlotMap::parse(Value::Int(1)), None);
+    }
+}

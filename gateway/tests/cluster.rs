@@ -1,0 +1,276 @@
+//! Redis Cluster (3 primaries, 3 replicas, real processes): topics on every shard, clients on
+//! two gateway replicas, multi-topic connections and resume cursors across shards, publishing
+//! from a cluster-aware `redis-cli -c`; then, with a publisher running all along, in turn: the
+//! SIGKILL of a primary, `CLUSTER FAILOVER` on a replica, the migration of a hot topic's slot,
+//! and a node added with a slot moved to it. Every client gets every acknowledged event exactly
+//! once and in order (no gap: `--publish-replicas 1`); readiness drops while a shard is
+//! unreachable, and only then.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ssegw_testkit::{slot_of, Cluster as RedisCluster, ClusterOptions, Reply};
+use support::failover::{self, check_client, watch_readiness, Publisher};
+use support::{try_blocking_http_publish, wait_until, Gateway, Sse};
+
+fn start_cluster() -> RedisCluster {
+    RedisCluster::start(ClusterOptions::default())
+        .expect("a 6-node cluster of redis-server processes")
+}
+
+/// The gateway's flags for this cluster, plus `extra`.
+fn flags(cluster: &RedisCluster, extra: &[&str]) -> Vec<String> {
+    let mut flags: Vec<String> = [
+        "--redis-cluster",
+        &cluster.seeds()[..2].join(","),
+        "--redis-timeout",
+        "1s",
+        "--canary-interval",
+        "100ms",
+    ]
+    .map(String::from)
+    .to_vec();
+    flags.extend(extra.iter().map(|f| f.to_string()));
+    flags
+}
+
+fn strs(flags: &[String]) -> Vec<&str> {
+    flags.iter().map(String::as_str).collect()
+}
+
+/// `per_primary` topics on each primary, in the order of the primaries: `c<n>` names whose
+/// slots fall there.
+fn topics_on_every_primary(cluster: &RedisCluster, per_primary: usize) -> Vec<(String, String)> {
+    let primaries = cluster.primaries().unwrap();
+    let mut topics = Vec::new();
+    for primary in &primaries {
+        let mine = (0..)
+            .map(|n| format!("c{n}"))
+            .filter(|topic| cluster.owner_of_slot(slot_of(topic)).unwrap() == *primary)
+            .take(per_primary);
+        topics.extend(mine.map(|topic| (topic, primary.clone())));
+    }
+    topics
+}
+
+/// The topic's stream on the primary that owns it now: (id, data) in order.
+fn stream(cluster: &RedisCluster, topic: &str) -> Vec<(String, String)> {
+    let owner = cluster.owner_of_slot(slot_of(topic)).unwrap();
+    let key = format!("ssegw:s:{{{topic}}}");
+    let reply = cluster
+        .command(&owner, &["XRANGE", &key, "-", "+"])
+        .unwrap();
+    failover::entries(&reply)
+}
+
+/// Publishes with `redis-cli -c` through a node that does not own the topic's slot: the
+/// client follows `MOVED`, as any cluster-aware client does. Returns the id.
+fn redis_cli_publish(cluster: &RedisCluster, topic: &str, data: &str) -> String {
+    let owner = cluster.owner_of_slot(slot_of(topic)).unwrap();
+    let other = cluster
+        .primaries()
+        .unwrap()
+        .into_iter()
+        .find(|p| *p != owner)
+        .unwrap();
+    let (host, port) = other.rsplit_once(':').unwrap();
+    let output = std::process::Command::new("redis-cli")
+        .args(["-c", "-h", host, "-p", port, "FCALL", "ssegw_publish", "1"])
+        .arg(format!("ssegw:s:{{{topic}}}"))
+        .arg(data)
+        .output()
+        .expect("redis-cli");
+    let id = String::from_utf8(output.stdout).unwrap().trim().to_string();
+    assert!(
+        output.status.success() && id.contains('-'),
+        "redis-cli answered {id:?}"
+    );
+    id
+}
+
+#[actix_web::test]
+async fn delivers_and_resumes_across_shards() {
+    let cluster = start_cluster();
+    let flags = flags(&cluster, &[]);
+    let a = Gateway::start(&strs(&flags));
+    let b = Gateway::start(&strs(&flags));
+    let topics = topics_on_every_primary(&cluster, 2);
+    let names: Vec<&str> = topics.iter().map(|(t, _)| t.as_str()).collect();
+
+    // The library is on every primary, publishing on sharded channels.
+    for primary in cluster.primaries().unwrap() {
+        let reply = cluster
+            .command(&primary, &["FCALL", "ssegw_channels", "0"])
+            .unwrap();
+        assert_eq!(reply, Reply::Bulk(b"sharded".to_vec()), "{primary}");
+    }
+
+    // One connection on every shard's topics.
+    let query: Vec<String> = names.iter().map(|t| format!("topic={t}")).collect();
+    let query = query.join("&");
+    let mut sse = Sse::open(&a, &query, None).await;
+    sse.baseline().await;
+    let mut sent = Vec::new();
+    for topic in &names {
+        let data = format!("{topic} over HTTP");
+        let id = try_blocking_http_publish(b.addr, topic, &data, None).unwrap();
+        sent.push((topic.to_string(), id, data));
+        let data = format!("{topic} from redis-cli -c");
+        let id = redis_cli_publish(&cluster, topic, &data);
+        sent.push((topic.to_string(), id, data));
+    }
+    let received = sse.take(sent.len()).await;
+    let got: Vec<&str> = received.iter().map(|e| e.data.as_str()).collect();
+    let want: Vec<&str> = sent.iter().map(|(_, _, d)| d.as_str()).collect();
+    assert_eq!(got, want);
+
+    // Resume on the other replica from the cursor of the fifth event: exactly what followed,
+    // each topic in order (topics on different shards interleave as they arrive).
+    let cursor = received[4].id.clone();
+    let mut resumed = Sse::open(&b, &query, Some(&cursor)).await;
+    let rest = resumed.take(sent.len() - 5).await;
+    fn by_topic<'a>(data: &[&'a str]) -> Vec<&'a str> {
+        let mut sorted = data.to_vec();
+        sorted.sort_by_key(|d| d.split(' ').next().unwrap().to_string());
+        sorted
+    }
+    let got: Vec<&str> = rest.iter().map(|e| e.data.as_str()).collect();
+    assert_eq!(by_topic(&got), by_topic(&want[5..]));
+    resumed.assert_quiet(Duration::from_millis(300)).await;
+
+    // A topic's events reach only the primary that owns it.
+    for (topic, primary) in &topics {
+        let key = format!("ssegw:s:{{{topic}}}");
+        let len = cluster.command(primary, &["XLEN", &key]).unwrap();
+        assert_eq!(len, Reply::Integer(2), "{topic} on {primary}");
+    }
+}
+
+/// Runs `phase`, watching both replicas' readiness meanwhile; returns whether each dropped.
+fn watching(replicas: &[&Gateway], phase: impl FnOnce()) -> Vec<bool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let watch = watch_readiness(replicas.iter().map(|g| g.addr).collect(), stop.clone());
+    phase();
+    for gw in replicas {
+        support::Replica::wait_readyz(*gw, 200);
+    }
+    stop.store(true, Ordering::Release);
+    watch.join().unwrap()
+}
+
+#[actix_web::test]
+async fn faults_and_slot_moves_lose_no_acknowledged_event() {
+    let mut cluster = start_cluster();
+    let flags = flags(
+        &cluster,
+        &[
+            "--publish-replicas",
+            "1",
+            "--publish-replicas-timeout",
+            "500ms",
+        ],
+    );
+    let a = Gateway::start(&strs(&flags));
+    let b = Gateway::start(&strs(&flags));
+    let topics = topics_on_every_primary(&cluster, 2);
+    let names: Vec<&str> = topics.iter().map(|(t, _)| t.as_str()).collect();
+    let primaries = cluster.primaries().unwrap();
+    let mut clients = Vec::new();
+    for (name, gw) in [("a", &a), ("b", &b)] {
+        for topic in &names {
+            let mut sse = Sse::open(gw, &format!("topic={topic}"), None).await;
+            sse.baseline().await;
+            clients.push((
+                format!("client of {topic} on {name}"),
+                topic.to_string(),
+                sse,
+            ));
+        }
+    }
+    let (publisher, publishing) = Publisher::start(&names, vec![a.addr, b.addr]);
+    publisher.wait_for(30, "before the faults");
+
+    // 1. SIGKILL of the first primary: its replica is promoted; readiness drops meanwhile.
+    let killed = primaries[0].clone();
+    let dropped = watching(&[&a, &b], || {
+        cluster.server_at(&killed).unwrap().kill();
+        cluster
+            .wait_for_new_owner(slot_of(names[0]), &killed, Duration::from_secs(30))
+            .expect("the replica promoted");
+        publisher.wait_for(30, "after the kill");
+    });
+    assert_eq!(
+        dropped,
+        [true, true],
+        "readiness never dropped while a shard was down"
+    );
+    // The killed node rejoins as a replica of the one that replaced it, so that publishes on
+    // its shard can be confirmed again.
+    cluster.server_at(&killed).unwrap().restart().unwrap();
+
+    // 2. CLUSTER FAILOVER on the second primary's replica: nothing unreachable, no drop.
+    let replica = cluster.replica_of(&primaries[1]).unwrap();
+    let dropped = watching(&[&a, &b], || {
+        cluster.failover(&replica).expect("CLUSTER FAILOVER");
+        publisher.wait_for(30, "after the failover");
+    });
+    assert_eq!(dropped, [false, false], "readiness dropped in a failover");
+
+    // 3. The hot topic's slot migrates from the third primary to the second's new one.
+    let hot = names[4];
+    let dropped = watching(&[&a, &b], || {
+        cluster
+            .migrate_slot(slot_of(hot), &replica)
+            .expect("slot migration");
+        publisher.wait_for(30, "after the migration");
+    });
+    assert_eq!(dropped, [false, false], "readiness dropped in a migration");
+    assert_eq!(cluster.owner_of_slot(slot_of(hot)).unwrap(), replica);
+
+    // 4. A new node joins, and another topic's slot moves to it.
+    let added = cluster.add_node().expect("a new node");
+    let moved = names[5];
+    let dropped = watching(&[&a, &b], || {
+        cluster
+            .migrate_slot(slot_of(moved), &added)
+            .expect("slot migration to the new node");
+        publisher.wait_for(30, "after the move to the new node");
+    });
+    assert_eq!(
+        dropped,
+        [false, false],
+        "readiness dropped when a node joined"
+    );
+    // The new primary got the function library when it took the slot.
+    let reply = cluster
+        .command(&added, &["FCALL", "ssegw_channels", "0"])
+        .unwrap();
+    assert_eq!(reply, Reply::Bulk(b"sharded".to_vec()));
+
+    let by_topic = publisher.finish(publishing);
+    for reply in publisher.refused.lock().unwrap().iter() {
+        assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+    }
+    for (who, topic, mut sse) in clients {
+        let events = sse.drain(Duration::from_millis(1500)).await;
+        assert!(
+            events.iter().all(|e| e.event != "ssegw-gap"),
+            "{who}: a gap with --publish-replicas 1"
+        );
+        let kept = stream(&cluster, &topic);
+        check_client(&who, &events, &topic, &by_topic[&topic], &kept);
+        assert!(
+            by_topic[&topic].len() >= 10,
+            "{who}: only {} acknowledged",
+            by_topic[&topic].len()
+        );
+    }
+    wait_until("both replicas ready at the end", || {
+        [&a, &b]
+            .iter()
+            .all(|gw| support::http_status(gw.addr, "GET", "/readyz") == Some(200))
+    });
+}
