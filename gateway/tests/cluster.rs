@@ -4,7 +4,9 @@
 //! SIGKILL of a primary, `CLUSTER FAILOVER` on a replica, the migration of a hot topic's slot,
 //! and a node added with a slot moved to it. Every client gets every acknowledged event exactly
 //! once and in order (no gap: `--publish-replicas 1`); readiness drops while a shard is
-//! unreachable, and only then.
+//! unreachable, and only then. A cluster that speaks TLS only, with client certificates and a
+//! password, is served the same way, and a primary that lost the function library gets it
+//! back.
 
 mod support;
 
@@ -12,7 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ssegw_testkit::{slot_of, Cluster as RedisCluster, ClusterOptions, Reply};
+use ssegw_testkit::{
+    slot_of, Authority, Cluster as RedisCluster, ClusterOptions, Reply, ServerOptions, TlsOptions,
+};
 use support::failover::{self, check_client, watch_readiness, Publisher};
 use support::{try_blocking_http_publish, wait_until, Gateway, Sse};
 
@@ -273,4 +277,71 @@ async fn faults_and_slot_moves_lose_no_acknowledged_event() {
             .iter()
             .all(|gw| support::http_status(gw.addr, "GET", "/readyz") == Some(200))
     });
+}
+
+/// Every node speaks TLS only, requires a client certificate and a password: the gateway
+/// reaches every primary with them. A primary that lost the function library (`FUNCTION
+/// FLUSH`, as after a restart without persistence) is given it again at the next call.
+#[actix_web::test]
+async fn a_cluster_over_tls_with_a_password_and_a_lost_library() {
+    let dir = support::tempdir("cluster-tls");
+    let authority = Authority::create(&dir, "cluster").expect("test certificates");
+    let cluster = RedisCluster::start(ClusterOptions {
+        password: Some("cluster-pw-3f1".into()),
+        server: ServerOptions {
+            // Always redis-server: Valkey's wheel is built without TLS.
+            binary: "redis-server".into(),
+            tls: Some(TlsOptions {
+                authority: authority.clone(),
+                require_client_cert: true,
+            }),
+            ..ServerOptions::default()
+        },
+        ..ClusterOptions::default()
+    })
+    .expect("a 6-node cluster over TLS");
+    let password = dir.join("password");
+    std::fs::write(&password, "cluster-pw-3f1\n").unwrap();
+    let [ca, cert, key, password] = [
+        &authority.ca,
+        &authority.client_cert,
+        &authority.client_key,
+        &password,
+    ]
+    .map(|path| path.display().to_string());
+    let flags = flags(
+        &cluster,
+        &[
+            "--redis-tls",
+            "true",
+            "--redis-ca-file",
+            &ca,
+            "--redis-client-cert",
+            &cert,
+            "--redis-client-key",
+            &key,
+            "--redis-password-file",
+            &password,
+        ],
+    );
+    let gw = Gateway::start(&strs(&flags));
+    let topics = topics_on_every_primary(&cluster, 1);
+    let query: Vec<String> = topics.iter().map(|(t, _)| format!("topic={t}")).collect();
+    let mut sse = Sse::open(&gw, &query.join("&"), None).await;
+    sse.baseline().await;
+    for (topic, _) in &topics {
+        // A multi-topic stream's ids are cursors over all its topics: the data tells.
+        try_blocking_http_publish(gw.addr, topic, &format!("{topic} over TLS"), None).unwrap();
+        assert_eq!(sse.next().await.data, format!("{topic} over TLS"));
+    }
+
+    let (topic, primary) = &topics[0];
+    let flushed = cluster.command(primary, &["FUNCTION", "FLUSH"]).unwrap();
+    assert_eq!(flushed, Reply::Status("OK".into()));
+    try_blocking_http_publish(gw.addr, topic, "after FUNCTION FLUSH", None).unwrap();
+    assert_eq!(sse.next().await.data, "after FUNCTION FLUSH");
+    let reply = cluster
+        .command(primary, &["FCALL", "ssegw_channels", "0"])
+        .unwrap();
+    assert_eq!(reply, Reply::Bulk(b"sharded".to_vec()));
 }

@@ -651,7 +651,7 @@ mod tests {
     fn standalone(target: &RedisTarget) -> &redis::ConnectionInfo {
         match target.topology() {
             Topology::Standalone(info) => info,
-            Topology::Sentinel(_) => panic!("not a standalone target"),
+            Topology::Sentinel(_) | Topology::Cluster(_) => panic!("not a standalone target"),
         }
     }
 
@@ -727,6 +727,73 @@ mod tests {
             ),
             (&["--redis-master-name", "m"], "give --redis-url"),
             (&["--publish-replicas", "1"], "give --redis-url"),
+        ] {
+            let error = target(flags).unwrap_err();
+            assert!(error.contains(expected), "{flags:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_cluster_is_found_from_its_seeds_with_one_set_of_credentials() {
+        let dir = std::env::temp_dir().join(format!("ssegw-cluster-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("password");
+        std::fs::write(&file, "cluster-pw\n").unwrap();
+        let found = target(&[
+            "--redis-cluster",
+            "10.0.0.1:7000,10.0.0.2:7001",
+            "--redis-username",
+            "gateway",
+            "--redis-password-file",
+            file.to_str().unwrap(),
+            "--redis-tls",
+            "true",
+            "--publish-replicas",
+            "1",
+        ])
+        .unwrap()
+        .unwrap();
+        let Topology::Cluster(cluster) = found.topology() else {
+            panic!("not a cluster target");
+        };
+        assert_eq!(cluster.seed_addresses, ["10.0.0.1:7000", "10.0.0.2:7001"]);
+        for seed in &cluster.seeds {
+            assert_eq!(seed.redis_settings().password(), Some("cluster-pw"));
+            assert!(matches!(
+                seed.addr(),
+                ConnectionAddr::TcpTls {
+                    insecure: false,
+                    ..
+                }
+            ));
+        }
+        let node = cluster.node("10.0.0.9", 7005).unwrap();
+        assert_eq!(node.redis_settings().username(), Some("gateway"));
+        assert!(matches!(cluster.tls(), Some((false, None))));
+        assert_eq!(found.address(), "cluster via 10.0.0.1:7000,10.0.0.2:7001");
+        assert_eq!(found.durability().unwrap().replicas, 1);
+        assert!(!format!("{found:?}").contains("cluster-pw"));
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        for (flags, expected) in [
+            (
+                &["--redis-cluster", "a:1", "--redis-url", "redis://b:2"][..],
+                "give one of them",
+            ),
+            (
+                &["--redis-cluster", "a:1", "--redis-sentinels", "b:2"],
+                "give one of them",
+            ),
+            (&["--redis-cluster", "a:1,nope"], "is not host:port"),
+            (
+                &["--redis-cluster", "a:1", "--redis-master-name", "m"],
+                "setting of --redis-sentinels",
+            ),
+            (&["--redis-tls", "true"], "--redis-cluster"),
+            (
+                &["--redis-cluster", "a:1", "--redis-ca-file", "/x"],
+                "the connection is not TLS",
+            ),
         ] {
             let error = target(flags).unwrap_err();
             assert!(error.contains(expected), "{flags:?}: {error}");

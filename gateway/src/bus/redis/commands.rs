@@ -225,7 +225,13 @@ impl Commands {
         match self.query(cmd, conn).await {
             Err(BusError::Rejected(msg)) if msg.contains("Function not found") => {
                 self.load_library(conn).await?;
-                self.query(cmd, conn).await
+                match self.query(cmd, conn).await {
+                    // Still missing: an outage to retry, never the caller's fault.
+                    Err(BusError::Rejected(msg)) if msg.contains("Function not found") => {
+                        Err(BusError::Unavailable(msg))
+                    }
+                    other => other,
+                }
             }
             other => other,
         }

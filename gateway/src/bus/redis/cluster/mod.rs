@@ -224,8 +224,10 @@ impl ClusterCommands {
         }
     }
 
-    /// Runs an `FCALL` on `topic`'s primary, loading the library there first when that
-    /// primary has none (a new primary, one restarted empty).
+    /// Runs an `FCALL` on `topic`'s primary. When a primary answers that it has no library (a
+    /// new primary, one restarted empty), the library is loaded on every primary of a fresh
+    /// slot map (which one answered is not known: the call may have followed a redirect) and
+    /// the call sent once more.
     pub(super) async fn fcall(
         &self,
         conn: &mut ClusterConnection,
@@ -234,11 +236,17 @@ impl ClusterCommands {
     ) -> Result<Value, BusError> {
         match self.run(conn, cmd.clone(), None).await {
             Err(BusError::Rejected(message)) if message.contains("Function not found") => {
-                let route = Route::new(topic_slot(topic), SlotAddr::Master);
-                let node = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
-                self.load_library(conn, node, &format!("the primary of {topic}"))
-                    .await?;
-                self.run(conn, cmd.clone(), None).await
+                tracing::info!(%topic, "a Redis cluster primary has no ssegw function library; loading it on every primary");
+                for primary in self.slot_map().await?.primaries() {
+                    self.load_library_on(&primary).await?;
+                }
+                match self.run(conn, cmd.clone(), None).await {
+                    // Still missing: an outage to retry, never the caller's fault.
+                    Err(BusError::Rejected(message)) if message.contains("Function not found") => {
+                        Err(BusError::Unavailable(message))
+                    }
+                    other => other,
+                }
             }
             other => other,
         }
@@ -281,13 +289,22 @@ impl ClusterCommands {
         Ok((id, confirmed))
     }
 
-    /// Makes sure the node `node` routes to has the library (see `library::ensure`).
-    pub(super) async fn load_library(
-        &self,
-        conn: &ClusterConnection,
-        node: RoutingInfo,
-        name: &str,
-    ) -> Result<(), BusError> {
+    /// Loads (or checks) the library on the primary at `addr`, over a connection of its own:
+    /// the cluster connection only reaches the nodes it has seen in its own slot map, and a
+    /// primary that just joined may not be one of them yet.
+    pub(super) async fn load_library_on(&self, addr: &str) -> Result<(), BusError> {
+        let (host, port) = split_addr(addr)
+            .ok_or_else(|| BusError::Unavailable(format!("not host:port: {addr}")))?;
+        let info = self.target.node(host, port).map_err(unavailable)?;
+        let connect = async {
+            redis::Client::open(info)?
+                .get_multiplexed_async_connection()
+                .await
+        };
+        let conn = match tokio::time::timeout(self.timeout, connect).await {
+            Err(_) => return Err(BusError::Unavailable(format!("{addr}: no answer in time"))),
+            Ok(result) => result.map_err(unavailable)?,
+        };
         let library = Library {
             code: &self.library,
             channels: self.channels,
@@ -295,29 +312,24 @@ impl ClusterCommands {
         };
         let run = |cmd: redis::Cmd| {
             let mut conn = conn.clone();
-            let node = node.clone();
-            async move { self.run(&mut conn, cmd, Some(node)).await }
-        };
-        let record = |version| {
-            if let Some(stats) = &self.stats {
-                stats
-                    .redis_library
-                    .store(version, std::sync::atomic::Ordering::Relaxed);
+            async move {
+                match tokio::time::timeout(self.timeout, cmd.query_async::<Value>(&mut conn)).await
+                {
+                    Err(_) => Err(BusError::Unavailable(format!("{addr}: no answer in time"))),
+                    Ok(Err(e)) => Err(classify(e)),
+                    Ok(Ok(value)) => Ok(value),
+                }
             }
         };
-        library::ensure(&library, name, run, record).await
+        library::ensure(&library, addr, run, |version| self.record_library(version)).await
     }
 
-    /// Loads (or checks) the library on the primary at `addr`.
-    pub(super) async fn load_library_on(&self, addr: &str) -> Result<(), BusError> {
-        let (host, port) = split_addr(addr)
-            .ok_or_else(|| BusError::Unavailable(format!("not host:port: {addr}")))?;
-        let conn = self.connection().await?;
-        let node = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
-            host: host.to_string(),
-            port,
-        });
-        self.load_library(&conn, node, addr).await
+    fn record_library(&self, version: u64) {
+        if let Some(stats) = &self.stats {
+            stats
+                .redis_library
+                .store(version, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// The slot map, as one node of the cluster sees it now.

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::cluster_routing::{self, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{PushInfo, PushKind, Value};
 use ssegw_protocol::{script, Topic};
 use tokio::sync::mpsc;
@@ -714,7 +714,7 @@ impl ClusterSubscriber {
             );
             self.soon_refresh(state);
         }
-        for (addr, link) in state.links.iter_mut() {
+        for link in state.links.values_mut() {
             if !link.canary.subscribed || link.canary.in_flight.is_some() || now < link.canary.next
             {
                 continue;
@@ -724,13 +724,14 @@ impl ClusterSubscriber {
             let mut publish = redis::cmd("SPUBLISH");
             publish.arg(&link.canary_channel).arg(link.canary.seq);
             let commands = self.commands.clone();
-            let node = split_addr(addr).map(|(host, port)| {
-                RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
-                    host: host.to_string(),
-                    port,
-                })
-            });
-            // Through the command path to this very primary: a failure shows as a canary that
+            // Routed by the canary channel's slot, which this link's primary owns: the cluster
+            // connection follows a `MOVED` should its own map be older than ours.
+            let route =
+                cluster_routing::Route::new(slot(link.canary_channel.as_bytes()), SlotAddr::Master);
+            let node = Some(RoutingInfo::SingleNode(
+                SingleNodeRoutingInfo::SpecificNode(route),
+            ));
+            // Through the command path to this link's primary: a failure shows as a canary that
             // does not arrive.
             tokio::spawn(async move {
                 if let Ok(mut conn) = commands.connection().await {
