@@ -145,6 +145,16 @@ async fn delivers_and_resumes_across_shards() {
     assert_eq!(by_topic(&got), by_topic(&want[5..]));
     resumed.assert_quiet(Duration::from_millis(300)).await;
 
+    // A topic left and joined again at once, over and over: each new connection is brought
+    // up to date and delivered to, whether or not its subscription was gone in between.
+    for round in 0..10 {
+        let mut again = Sse::open(&a, "topic=rejoined", None).await;
+        again.baseline().await;
+        let data = format!("round {round}");
+        try_blocking_http_publish(b.addr, "rejoined", &data, None).unwrap();
+        assert_eq!(again.next().await.data, data);
+    }
+
     // A topic's events reach only the primary that owns it.
     for (topic, primary) in &topics {
         let key = format!("ssegw:s:{{{topic}}}");
@@ -344,4 +354,53 @@ async fn a_cluster_over_tls_with_a_password_and_a_lost_library() {
         .command(primary, &["FCALL", "ssegw_channels", "0"])
         .unwrap();
     assert_eq!(reply, Reply::Bulk(b"sharded".to_vec()));
+}
+
+/// Without `--publish-replicas`, a primary killed before its replica had the newest events
+/// loses them: each client gets every event the promoted replica kept, once and in order, and
+/// a `lost` gap (never a silent one) for acknowledged events that are gone.
+#[actix_web::test]
+async fn a_killed_primary_without_publish_replicas_loses_nothing_silently() {
+    let mut cluster = start_cluster();
+    let flags = flags(&cluster, &[]);
+    let a = Gateway::start(&strs(&flags));
+    let b = Gateway::start(&strs(&flags));
+    let topics = topics_on_every_primary(&cluster, 1);
+    let names: Vec<&str> = topics.iter().map(|(t, _)| t.as_str()).collect();
+    let mut clients = Vec::new();
+    for (name, gw) in [("a", &a), ("b", &b)] {
+        for topic in &names {
+            let mut sse = Sse::open(gw, &format!("topic={topic}"), None).await;
+            sse.baseline().await;
+            clients.push((
+                format!("client of {topic} on {name}"),
+                topic.to_string(),
+                sse,
+            ));
+        }
+    }
+    let (publisher, publishing) = Publisher::start(&names, vec![a.addr, b.addr]);
+    publisher.wait_for(30, "before the kill");
+    let killed = topics[0].1.clone();
+    let dropped = watching(&[&a, &b], || {
+        cluster.server_at(&killed).unwrap().kill();
+        cluster
+            .wait_for_new_owner(slot_of(names[0]), &killed, Duration::from_secs(30))
+            .expect("the replica promoted");
+        publisher.wait_for(30, "after the kill");
+    });
+    assert_eq!(
+        dropped,
+        [true, true],
+        "readiness never dropped while a shard was down"
+    );
+    let by_topic = publisher.finish(publishing);
+    for reply in publisher.refused.lock().unwrap().iter() {
+        assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+    }
+    for (who, topic, mut sse) in clients {
+        let events = sse.drain(Duration::from_millis(1500)).await;
+        let kept = stream(&cluster, &topic);
+        check_client(&who, &events, &topic, &by_topic[&topic], &kept);
+    }
 }

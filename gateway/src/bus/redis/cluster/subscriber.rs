@@ -194,6 +194,7 @@ impl ClusterSubscriber {
                         batch.push(more);
                     }
                     self.apply(&mut state, batch, &report_sender);
+                    self.finish_catching_up(&mut state).await;
                 }
                 Some(report) = reports.recv() => self.on_report(&mut state, report, &report_sender),
                 _ = tick.tick() => self.on_tick(&mut state),
@@ -525,8 +526,17 @@ impl ClusterSubscriber {
         for (topic, join) in wanted {
             let served = self.hub.channel(&topic).is_some();
             if join && served {
-                if !state.routes.contains_key(&topic) {
-                    state.homeless.insert(topic);
+                match state.routes.get(&topic) {
+                    None => {
+                        state.homeless.insert(topic);
+                    }
+                    // The topic was left and joined again before its subscription went: the
+                    // new channel is brought up to date on the subscription in place.
+                    Some(route) if route.confirmed => {
+                        state.catching_up.entry(topic).or_default();
+                    }
+                    // Its confirmation will bring whichever channel is current up to date.
+                    Some(_) => {}
                 }
             } else if !served {
                 state.homeless.remove(&topic);
