@@ -153,6 +153,8 @@ struct State {
     /// pushed meanwhile (dispatched after the backfill, so that no event overtakes it).
     catching_up: HashMap<Topic, Vec<Arc<Event>>>,
     ready: bool,
+    /// When the routes were last scanned for subscriptions unconfirmed in time.
+    stale_scan: Instant,
 }
 
 impl ClusterSubscriber {
@@ -171,6 +173,7 @@ impl ClusterSubscriber {
             homeless: HashSet::new(),
             catching_up: HashMap::new(),
             ready: false,
+            stale_scan: Instant::now(),
         };
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -749,6 +752,12 @@ impl ClusterSubscriber {
                 }
             });
         }
+        // Scanning every route is linear in the topics: once per Redis timeout is enough to
+        // find those unconfirmed for longer.
+        if now - state.stale_scan < timeout {
+            return;
+        }
+        state.stale_scan = now;
         let stale: Vec<Topic> = state
             .routes
             .iter()
