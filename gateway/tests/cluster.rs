@@ -155,6 +155,18 @@ async fn delivers_and_resumes_across_shards() {
         assert_eq!(again.next().await.data, data);
     }
 
+    // One sharded pub/sub connection per replica on each primary, whatever the topics.
+    for primary in cluster.primaries().unwrap() {
+        let Reply::Bulk(list) = cluster
+            .command(&primary, &["CLIENT", "LIST", "TYPE", "pubsub"])
+            .unwrap()
+        else {
+            panic!("CLIENT LIST answers a bulk string");
+        };
+        let list = String::from_utf8(list).unwrap();
+        assert_eq!(list.lines().count(), 2, "{primary}: {list}");
+    }
+
     // A topic's events reach only the primary that owns it.
     for (topic, primary) in &topics {
         let key = format!("ssegw:s:{{{topic}}}");
@@ -402,5 +414,65 @@ async fn a_killed_primary_without_publish_replicas_loses_nothing_silently() {
         let events = sse.drain(Duration::from_millis(1500)).await;
         let kept = stream(&cluster, &topic);
         check_client(&who, &events, &topic, &by_topic[&topic], &kept);
+    }
+}
+
+/// What the gateway needs of a cluster, and nothing more (docs/deploy.md, "Least privilege"):
+/// its functions and the commands they run, sharded pub/sub on topic channels and its
+/// canaries, the slot map, `WAIT`, and as keys the topics' streams only.
+const CLUSTER_GATEWAY_ACL: &str = "on >gateway-pw-6a0 resetkeys ~ssegw:s:* resetchannels \
+     &ssegw:c:* &ssegw:canary:* -@all +fcall +fcall_ro +function|load +ssubscribe \
+     +sunsubscribe +spublish +cluster|slots +wait +ping +xadd +xrange +xlen +xsetid \
+     +xinfo|stream +exists +expire +time";
+
+/// The gateway as an ACL user with only `CLUSTER_GATEWAY_ACL`, publishing with
+/// `--publish-replicas 1`: it loads its library on every primary, subscribes and delivers.
+#[actix_web::test]
+async fn a_cluster_as_an_acl_user_with_least_privilege() {
+    let cluster = RedisCluster::start(ClusterOptions {
+        password: Some("admin-pw-19c".into()),
+        server: ServerOptions {
+            // redis-server takes the words of `--user` as separate arguments.
+            args: ["--user", "gateway"]
+                .into_iter()
+                .chain(CLUSTER_GATEWAY_ACL.split_whitespace())
+                .map(String::from)
+                .collect(),
+            ..ServerOptions::default()
+        },
+        ..ClusterOptions::default()
+    })
+    .expect("a 6-node cluster with an ACL user");
+    let dir = support::tempdir("cluster-acl");
+    let password = dir.join("password");
+    std::fs::write(&password, "gateway-pw-6a0\n").unwrap();
+    let password = password.display().to_string();
+    let flags = flags(
+        &cluster,
+        &[
+            "--redis-username",
+            "gateway",
+            "--redis-password-file",
+            &password,
+            "--publish-replicas",
+            "1",
+        ],
+    );
+    let gw = Gateway::start(&strs(&flags));
+    let topics = topics_on_every_primary(&cluster, 1);
+    let query: Vec<String> = topics.iter().map(|(t, _)| format!("topic={t}")).collect();
+    let mut sse = Sse::open(&gw, &query.join("&"), None).await;
+    sse.baseline().await;
+    for (topic, _) in &topics {
+        try_blocking_http_publish(gw.addr, topic, &format!("{topic} as gateway"), None).unwrap();
+        assert_eq!(sse.next().await.data, format!("{topic} as gateway"));
+    }
+    for primary in cluster.primaries().unwrap() {
+        let denied = cluster.command(&primary, &["ACL", "LOG"]).unwrap();
+        assert_eq!(
+            denied,
+            Reply::Array(Vec::new()),
+            "{primary} denied the gateway something"
+        );
     }
 }

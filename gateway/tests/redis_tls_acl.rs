@@ -18,9 +18,9 @@ const PUBLISHER_PASSWORD: &str = "publisher-pw-3e7a";
 
 /// What the gateway needs, and nothing more (docs/deploy.md, "Least privilege"): its functions,
 /// pub/sub on topic channels and its canary, the commands the functions run, the connection
-/// pool's `UNWATCH`, and as keys the topics' streams and the topics themselves (`FCALL`
-/// declares the topic as its key): here the tests' topics `orders` and `t`.
-const GATEWAY_ACL: &str = "resetkeys ~ssegw:s:* ~orders ~t resetchannels &ssegw:c:* \
+/// pool's `UNWATCH`, and as keys the topics' streams only: its `FCALL`s declare the stream
+/// key, never the topic.
+const GATEWAY_ACL: &str = "resetkeys ~ssegw:s:* resetchannels &ssegw:c:* \
      &ssegw:canary:* -@all +fcall +fcall_ro +function|load +subscribe +unsubscribe \
      +publish +ping +unwatch +xadd +xrange +xlen +xsetid +xinfo|stream +exists \
      +expire +time";
