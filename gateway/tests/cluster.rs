@@ -476,3 +476,41 @@ async fn a_cluster_as_an_acl_user_with_least_privilege() {
         );
     }
 }
+
+/// Loads the library `sse-gateway script <args>` prints on every primary, as an administrator
+/// does with `--redis-install-functions false`.
+fn load_library(cluster: &RedisCluster, args: &[&str]) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_sse-gateway"))
+        .arg("script")
+        .args(args)
+        .output()
+        .expect("sse-gateway script");
+    let library = String::from_utf8(output.stdout).unwrap();
+    for primary in cluster.primaries().unwrap() {
+        let loaded = cluster
+            .command(&primary, &["FUNCTION", "LOAD", "REPLACE", &library])
+            .unwrap();
+        assert_eq!(loaded, Reply::Bulk(b"ssegw".to_vec()), "{primary}");
+    }
+}
+
+/// With `--redis-install-functions false`, a library made for a single Redis (publishing on
+/// global channels) would deliver nothing live in a cluster: the replica stays not ready until
+/// the administrator loads `sse-gateway script --sharded`, then serves.
+#[actix_web::test]
+async fn a_library_for_a_single_redis_is_not_taken_for_a_cluster() {
+    let cluster = start_cluster();
+    load_library(&cluster, &[]);
+    let flags = flags(&cluster, &["--redis-install-functions", "false"]);
+    let gw = Gateway::start_unchecked(&strs(&flags));
+    support::Replica::wait_readyz(&gw, 503);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(support::http_status(gw.addr, "GET", "/readyz"), Some(503));
+
+    load_library(&cluster, &["--sharded"]);
+    support::Replica::wait_readyz(&gw, 200);
+    let mut sse = Sse::open(&gw, "topic=admin-loaded", None).await;
+    sse.baseline().await;
+    try_blocking_http_publish(gw.addr, "admin-loaded", "sharded at last", None).unwrap();
+    assert_eq!(sse.next().await.data, "sharded at last");
+}
