@@ -1,16 +1,19 @@
 //! The Redis bus: publishes and reads through the Lua library (`ssegw_publish`, `ssegw_read`),
-//! and holds this replica's single pub/sub connection, shared by all its topics. Every event is
-//! read from Redis once per replica and framed once, whatever the number of local clients.
+//! and holds this replica's pub/sub connections, shared by all its topics: one to a single
+//! primary, or one to each primary of a Redis Cluster. Every event is read from Redis once per
+//! replica and framed once, whatever the number of local clients.
 //!
-//! The pub/sub link is checked end to end by a canary: the replica publishes to its own channel
-//! through the command pool and must receive it back within the Redis timeout. When the link
-//! fails, streams stay open; after reconnecting, every topic is subscribed again and backfilled
-//! from its stream after the last event delivered, so nothing Redis still holds is missed.
+//! Each pub/sub link is checked end to end by a canary: the replica publishes to its own
+//! channel through the command connections and must receive it back within the Redis timeout.
+//! When a link fails, streams stay open; once it is back, every topic it carried is subscribed
+//! again and backfilled from its stream after the last event delivered, so nothing Redis still
+//! holds is missed.
 //!
-//! `endpoint` names the primary (one address, or whichever node the sentinels name),
+//! For one primary: `endpoint` names it (one address, or whichever node the sentinels name),
 //! `commands` holds the command connections to it, `subscriber` the pub/sub connection and its
-//! canary, `reply` reads Redis's answers. A Cluster belongs beside them here, behind the same
-//! `RedisBus`.
+//! canary. For a cluster: `cluster` (its command path and slot map) and `cluster::subscriber`
+//! (a sharded pub/sub link per primary). Both use `library` to load the function library and
+//! `reply` to read Redis's answers.
 
 mod cluster;
 mod commands;
