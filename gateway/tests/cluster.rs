@@ -514,3 +514,58 @@ async fn a_library_for_a_single_redis_is_not_taken_for_a_cluster() {
     try_blocking_http_publish(gw.addr, "admin-loaded", "sharded at last", None).unwrap();
     assert_eq!(sse.next().await.data, "sharded at last");
 }
+
+/// A shard down with no replica to take over (`cluster-require-full-coverage no`): the replica
+/// is not ready while it is down, yet streams on the other shards keep flowing and new
+/// subscriptions to them are served; publishing to the dead shard's topics, and subscribing
+/// to those this replica does not serve yet, is answered 503. When the node comes back empty, its topic resumes with a `lost` gap: the
+/// history it held is gone, and the client is told.
+#[actix_web::test]
+async fn a_shard_down_leaves_the_others_serving() {
+    let mut cluster = RedisCluster::start(ClusterOptions {
+        replicas_per_primary: 0,
+        require_full_coverage: false,
+        ..ClusterOptions::default()
+    })
+    .expect("a 3-node cluster without replicas");
+    let gw = Gateway::start(&strs(&flags(&cluster, &[])));
+    let topics = topics_on_every_primary(&cluster, 2);
+    let [(dead, dead_node), (unserved, _), (healthy, _), _, (other, _), _] = &topics[..] else {
+        panic!("three primaries");
+    };
+    let mut dead_client = Sse::open(&gw, &format!("topic={dead}"), None).await;
+    dead_client.baseline().await;
+    let mut healthy_client = Sse::open(&gw, &format!("topic={healthy}"), None).await;
+    healthy_client.baseline().await;
+    for (topic, client) in [(dead, &mut dead_client), (healthy, &mut healthy_client)] {
+        try_blocking_http_publish(gw.addr, topic, "before", None).unwrap();
+        assert_eq!(client.next().await.data, "before");
+    }
+
+    cluster.server_at(dead_node).unwrap().kill();
+    support::Replica::wait_readyz(&gw, 503);
+    try_blocking_http_publish(gw.addr, healthy, "while a shard is down", None).unwrap();
+    assert_eq!(healthy_client.next().await.data, "while a shard is down");
+    let mut late = Sse::open(&gw, &format!("topic={other}"), None).await;
+    late.baseline().await;
+    try_blocking_http_publish(gw.addr, other, "joined meanwhile", None).unwrap();
+    assert_eq!(late.next().await.data, "joined meanwhile");
+    let refused = try_blocking_http_publish(gw.addr, dead, "nowhere", None).unwrap_err();
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    // A topic of the dead shard that this replica does not serve yet cannot be subscribed.
+    // (One it serves already admits newcomers to its open stream, which resumes, or tells of
+    // a gap, once the shard is back.)
+    assert_eq!(
+        support::http_status(gw.addr, "GET", &format!("/events?topic={unserved}")),
+        Some(503)
+    );
+    assert_eq!(support::http_status(gw.addr, "GET", "/readyz"), Some(503));
+
+    cluster.server_at(dead_node).unwrap().restart().unwrap();
+    support::Replica::wait_readyz(&gw, 200);
+    let gap = dead_client.next().await;
+    assert_eq!(gap.event, "ssegw-gap", "{gap:?}");
+    assert!(gap.data.contains("\"lost\""), "{}", gap.data);
+    try_blocking_http_publish(gw.addr, dead, "after", None).unwrap();
+    assert_eq!(dead_client.next().await.data, "after");
+}
