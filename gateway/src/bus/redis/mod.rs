@@ -9,7 +9,8 @@
 //!
 //! `endpoint` names the primary (one address, or whichever node the sentinels name),
 //! `commands` holds the command connections to it, `subscriber` the pub/sub connection and its
-//! canary, `reply` reads Redis's answers. A Cluster belongs beside them here, behind the same
+//! canary, `library` loads the function library, `reply` reads Redis's answers; `cluster` does
+//! the same for a Redis Cluster (one sharded pub/sub connection per primary), behind the same
 //! `RedisBus`.
 
 mod cluster;
