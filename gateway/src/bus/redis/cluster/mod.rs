@@ -4,8 +4,8 @@
 //! one per primary, apart from these command connections: redis-rs's cluster pub/sub loses
 //! channels on slot moves and takes an unsolicited `sunsubscribe` for a command's reply.
 //!
-//! A topic's stream (`ssegw:s:{topic}`), its channel (`ssegw:c:{topic}`) and the topic itself
-//! (the key `FCALL` declares) hash to one slot: the topic's own, through its hash tag.
+//! A topic's stream (`ssegw:s:{topic}`, the key `FCALL` declares) and its channel
+//! (`ssegw:c:{topic}`) hash to one slot: the topic's own, through its hash tag.
 
 pub(super) mod subscriber;
 
