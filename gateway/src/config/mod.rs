@@ -38,7 +38,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the gateway (the default when no subcommand is given).
     Serve(Box<ServeArgs>),
-    /// Publish one event, through Redis when --redis-url is set, else through a gateway's HTTP API.
+    /// Publish one event, through Redis when one is configured (--redis-url, --redis-sentinels
+    /// or --redis-cluster), else through a gateway's HTTP API.
     Publish(Box<PublishArgs>),
     /// Print the Redis Lua code: the function library, or with --eval the plain EVAL script.
     Script(ScriptArgs),

@@ -18,8 +18,8 @@ use super::{check, ConfigError, Redacted};
 #[derive(Args, Debug, Clone)]
 pub struct RedisArgs {
     /// Redis URL: redis://[user:password@]host:port[/db], or rediss://... for TLS. Without it
-    /// (and without --redis-sentinels) the gateway runs as a single node with an embedded
-    /// in-memory bus and history (and `publish` goes through --url).
+    /// (and without --redis-sentinels or --redis-cluster) the gateway runs as a single node
+    /// with an embedded in-memory bus and history (and `publish` goes through --url).
     #[arg(long, env = "SSEGW_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<Redacted>,
     /// Sentinels watching the Redis primary, comma-separated host:port: the gateway follows
