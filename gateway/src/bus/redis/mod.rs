@@ -183,14 +183,9 @@ impl RedisBus {
                 let (id, confirmed) = commands.fcall_confirmed(&cmd, durability).await?;
                 (id, Some(confirmed))
             }
-            (Backend::Cluster(commands), None) => {
-                let mut conn = commands.connection().await?;
-                let id = commands.fcall(&mut conn, topic, &cmd).await?;
-                (text_reply(id)?, None)
-            }
-            (Backend::Cluster(commands), Some(durability)) => {
-                let (id, confirmed) = commands.fcall_confirmed(topic, &cmd, durability).await?;
-                (text_reply(id)?, Some(confirmed))
+            (Backend::Cluster(commands), durability) => {
+                let (id, confirmed) = commands.publish(topic, &cmd, durability).await?;
+                (text_reply(id)?, confirmed)
             }
         };
         let id = StreamId::parse(&id)

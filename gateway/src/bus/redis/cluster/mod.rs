@@ -130,13 +130,22 @@ pub(super) fn split_addr(addr: &str) -> Option<(&str, u16)> {
 }
 
 /// Commands to a Redis Cluster: `FCALL`s routed by their topic, the function library loaded on
-/// each primary, and the slot map. The connection is made on first use and follows the cluster
-/// from then on.
+/// each primary, and the slot map. The connections are made on first use and follow the
+/// cluster from then on.
+///
+/// Two cluster connections: one for everything that may run twice (reads, the slot map,
+/// canaries), on which redis-rs follows redirects and retries after errors by itself; and one
+/// for publishes, on which it retries nothing. redis-rs sends a command again after a response
+/// timeout or a dropped connection, when the command may well have run: a publish would be
+/// stored twice, and, resent after its caller was answered 503 and went on, stored after the
+/// publishes that followed it. `publish` sends again only what Redis did not run.
 pub(super) struct ClusterCommands {
     pub(super) target: ClusterTarget,
-    client: ClusterClient,
+    reader: ClusterClient,
     /// Made on first use; redis-rs reconnects its node connections under it.
-    conn: tokio::sync::OnceCell<ClusterConnection>,
+    reads: tokio::sync::OnceCell<ClusterConnection>,
+    writer: ClusterClient,
+    writes: tokio::sync::OnceCell<ClusterConnection>,
     pub(super) library: Arc<str>,
     /// What `ssegw_channels` answers for `library`: `"sharded"`.
     pub(super) channels: &'static str,
@@ -154,29 +163,33 @@ impl ClusterCommands {
         install_functions: bool,
         timeout: Duration,
     ) -> Result<ClusterCommands, BusError> {
-        let mut builder = ClusterClient::builder(target.seeds.clone())
-            .connection_timeout(timeout)
-            .response_timeout(timeout)
-            // Retries within one call follow MOVED/ASK and a failover in progress; the call's
-            // own deadline (`timeout`) bounds them all.
-            .retries(8)
-            .min_retry_wait(50)
-            .max_retry_wait(500);
-        if let Some((insecure, certificates)) = target.tls() {
-            builder = builder.tls(if insecure {
-                redis::TlsMode::Insecure
-            } else {
-                redis::TlsMode::Secure
-            });
-            if let Some(certificates) = certificates {
-                builder = builder.certs(certificates);
+        let client = |retries| {
+            let mut builder = ClusterClient::builder(target.seeds.clone())
+                .connection_timeout(timeout)
+                .response_timeout(timeout)
+                .retries(retries)
+                .min_retry_wait(50)
+                .max_retry_wait(500);
+            if let Some((insecure, certificates)) = target.tls() {
+                builder = builder.tls(if insecure {
+                    redis::TlsMode::Insecure
+                } else {
+                    redis::TlsMode::Secure
+                });
+                if let Some(certificates) = certificates {
+                    builder = builder.certs(certificates);
+                }
             }
-        }
-        let client = builder.build().map_err(unavailable)?;
+            builder.build().map_err(unavailable)
+        };
         Ok(ClusterCommands {
+            // Retries within one read follow MOVED/ASK and a failover in progress; the call's
+            // own deadline (`timeout`) bounds them all.
+            reader: client(8)?,
+            reads: tokio::sync::OnceCell::new(),
+            writer: client(0)?,
+            writes: tokio::sync::OnceCell::new(),
             target,
-            client,
-            conn: tokio::sync::OnceCell::new(),
             library,
             channels,
             install_functions,
@@ -185,12 +198,19 @@ impl ClusterCommands {
         })
     }
 
-    /// The cluster connection, made now if it was not.
+    /// The cluster connection for what may run twice, made now if it was not.
     pub(super) async fn connection(&self) -> Result<ClusterConnection, BusError> {
-        let conn = self
-            .conn
+        self.connect(&self.reader, &self.reads).await
+    }
+
+    async fn connect(
+        &self,
+        client: &ClusterClient,
+        cell: &tokio::sync::OnceCell<ClusterConnection>,
+    ) -> Result<ClusterConnection, BusError> {
+        let conn = cell
             .get_or_try_init(|| async {
-                match tokio::time::timeout(self.timeout, self.client.get_async_connection()).await {
+                match tokio::time::timeout(self.timeout, client.get_async_connection()).await {
                     Err(_) => Err(BusError::Unavailable(
                         "no node of the cluster answered in time".into(),
                     )),
@@ -252,24 +272,146 @@ impl ClusterCommands {
         }
     }
 
-    /// Runs the publish `FCALL`, then `WAIT`s on the topic's primary for `durability`'s
-    /// replicas; returns the id and how many replicas confirmed. The cluster connection talks
-    /// to that primary over one connection, so the `WAIT` covers the `FCALL`'s write.
-    pub(super) async fn fcall_confirmed(
+    /// Runs the publish `FCALL` on `topic`'s primary and, with `durability`, `WAIT`s there for
+    /// its replicas; returns the id and how many replicas confirmed. The call is sent again
+    /// only when Redis answered that it did not run it (`MOVED`, `ASK`, `TRYAGAIN`,
+    /// `CLUSTERDOWN`, `READONLY`, a refused connection, a primary without the library), until
+    /// the Redis timeout; a call that may have run and got no answer is an error, never resent.
+    pub(super) async fn publish(
         &self,
         topic: &Topic,
         cmd: &redis::Cmd,
+        durability: Option<Durability>,
+    ) -> Result<(Value, Option<u32>), BusError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut conn = self.connect(&self.writer, &self.writes).await?;
+        let mut loaded = false;
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let primary = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                Route::new(topic_slot(topic), SlotAddr::Master),
+            ));
+            // redis-rs answers within its own response timeout: ours only guards against a
+            // call it would hold on to for longer.
+            let sent = tokio::time::timeout(
+                2 * self.timeout,
+                conn.route_command(cmd.clone(), primary),
+            )
+            .await;
+            let e = match sent {
+                Err(_) => {
+                    return Err(BusError::Unavailable(
+                        "the Redis cluster did not answer in time".into(),
+                    ))
+                }
+                Ok(Ok(Value::ServerError(e))) => redis::RedisError::from(e),
+                Ok(Ok(id)) => {
+                    let confirmed = match durability {
+                        Some(durability) => Some(self.wait(&mut conn, topic, durability).await),
+                        None => None,
+                    };
+                    return Ok((id, confirmed));
+                }
+                Ok(Err(e)) => e,
+            };
+            if matches!(e.retry_method(), redis::RetryMethod::AskRedirect) {
+                // The slot is migrating and the stream has left: the call runs on the node
+                // importing it, after ASKING on the same connection.
+                return self.publish_asking(&e, cmd, durability).await;
+            }
+            let missing_library = e.detail().is_some_and(|d| d.contains("Function not found"));
+            if missing_library && !loaded {
+                tracing::info!(%topic, "a Redis cluster primary has no ssegw function library; loading it on every primary");
+                for primary in self.slot_map().await?.primaries() {
+                    self.load_library_on(&primary).await?;
+                }
+                loaded = true;
+                continue;
+            }
+            let not_run = missing_library
+                || e.is_connection_refusal()
+                || matches!(
+                    e.retry_method(),
+                    redis::RetryMethod::MovedRedirect
+                        | redis::RetryMethod::WaitAndRetry
+                        | redis::RetryMethod::RefreshSlotsAndRetry
+                        | redis::RetryMethod::ReconnectFromInitialConnections
+                );
+            if !not_run || tokio::time::Instant::now() + pause >= deadline {
+                return Err(match classify(e) {
+                    // Still missing: an outage to retry, never the caller's fault.
+                    BusError::Rejected(message) if message.contains("Function not found") => {
+                        BusError::Unavailable(message)
+                    }
+                    other => other,
+                });
+            }
+            // A redirect made redis-rs read the slot map again; a failover takes a moment.
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    /// The publish during a slot migration, on the importing node named by `ask`: `ASKING`,
+    /// the call, and the `WAIT`, on one connection of its own.
+    async fn publish_asking(
+        &self,
+        ask: &redis::RedisError,
+        cmd: &redis::Cmd,
+        durability: Option<Durability>,
+    ) -> Result<(Value, Option<u32>), BusError> {
+        let (addr, _) = ask
+            .redirect_node()
+            .ok_or_else(|| BusError::Unavailable("ASK without a node".into()))?;
+        let (host, port) = split_addr(addr)
+            .ok_or_else(|| BusError::Unavailable(format!("ASK to {addr}: not host:port")))?;
+        let info = self.target.node(host, port).map_err(unavailable)?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("ASKING").ignore().add_command(cmd.clone());
+        if let Some(durability) = durability {
+            pipe.cmd("WAIT")
+                .arg(durability.replicas)
+                .arg(durability.timeout.as_millis() as u64);
+        }
+        let wait = durability.map_or(Duration::ZERO, |d| d.timeout);
+        let call = async {
+            let mut conn = redis::Client::open(info)?
+                .get_multiplexed_async_connection()
+                .await?;
+            pipe.query_async::<Vec<Value>>(&mut conn).await
+        };
+        let mut replies = match tokio::time::timeout(self.timeout + wait, call).await {
+            Err(_) => {
+                return Err(BusError::Unavailable(format!(
+                    "{addr} (importing the slot) did not answer in time"
+                )))
+            }
+            Ok(result) => result.map_err(classify)?.into_iter(),
+        };
+        let id = replies.next().ok_or_else(malformed)?;
+        let confirmed = durability.map(|_| match replies.next() {
+            Some(Value::Int(confirmed)) => u32::try_from(confirmed).unwrap_or(0),
+            _ => 0,
+        });
+        Ok((id, confirmed))
+    }
+
+    /// `WAIT`s on `topic`'s primary for `durability`'s replicas over `conn`, which carried the
+    /// publish to it (the cluster connection talks to each node over one connection, so the
+    /// `WAIT` covers the publish's write); how many confirmed, 0 on any failure.
+    async fn wait(
+        &self,
+        conn: &mut ClusterConnection,
+        topic: &Topic,
         durability: Durability,
-    ) -> Result<(Value, u32), BusError> {
-        let mut conn = self.connection().await?;
-        let id = self.fcall(&mut conn, topic, cmd).await?;
+    ) -> u32 {
         let mut wait = redis::cmd("WAIT");
         wait.arg(durability.replicas)
             .arg(durability.timeout.as_millis() as u64);
         // WAIT is sent to every primary unless routed: only the topic's counts.
         let route = Route::new(topic_slot(topic), SlotAddr::Master);
         let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
-        let confirmed = match tokio::time::timeout(
+        match tokio::time::timeout(
             durability.timeout + self.timeout,
             conn.route_command(wait, routing),
         )
@@ -285,8 +427,7 @@ impl ClusterCommands {
                 0
             }
             Err(_) => 0,
-        };
-        Ok((id, confirmed))
+        }
     }
 
     /// Loads (or checks) the library on the primary at `addr`, over a connection of its own:
