@@ -4,9 +4,9 @@
 //! manifests under static security checks (accepted findings are annotated where they occur),
 //! and the settings they pass to the gateway are ones the binary accepts, with grace periods
 //! longer than the drain; an overlay that names its Redis gets a ready gateway from them,
-//! against a local stand-in (TLS with an ACL user, or a Sentinel group) and stand-in files for
-//! its Secrets. The Grafana dashboard's queries parse as PromQL and use only metrics
-//! a running gateway serves.
+//! against a local stand-in (TLS with an ACL user, a Sentinel group or a Redis Cluster) and
+//! stand-in files for its Secrets. The Grafana dashboard's queries parse as PromQL and use only
+//! metrics a running gateway serves.
 //!
 //! The Python tools, pinned in `.ci/deploy-tools.txt`, come from the virtualenv `.ci/run`
 //! installs them into (`$SSEGW_DEPLOY_TOOLS`, by default `~/.cache/ssegw-deploy-tools`), else
@@ -436,7 +436,8 @@ fn assert_gateway_answers(origin: &str, settings: &[(String, String)], path: &st
 }
 
 /// The overlays, by the name `render_all` gives them.
-const OVERLAYS: [&str; 4] = [
+const OVERLAYS: [&str; 5] = [
+    "k8s-overlays-cluster",
     "k8s-overlays-managed-tls",
     "k8s-overlays-production",
     "k8s-overlays-sentinel",
@@ -488,22 +489,31 @@ fn secret_mounts(origin: &str, pod: &Value) -> Vec<SecretMount> {
         .collect()
 }
 
+/// The settings that say where Redis is; the gateway takes one of them.
+const REDIS_ADDRESSES: [&str; 3] = [
+    "SSEGW_REDIS_URL",
+    "SSEGW_REDIS_SENTINELS",
+    "SSEGW_REDIS_CLUSTER",
+];
+
 /// The stand-in Redis's passwords: the overlay's ACL user's, the default user's (which the
-/// Sentinel group's nodes use among themselves) and the sentinels' own.
+/// nodes of a Sentinel group or a cluster replicate with) and the sentinels' own.
 const GATEWAY_PASSWORD: &str = "gateway-pw-6f1a";
 const ADMIN_PASSWORD: &str = "admin-pw-2c9e";
 const SENTINEL_PASSWORD: &str = "sentinel-pw-4d7b";
 
 /// A local Redis standing in for the one an overlay names, made to its settings: TLS (with a
 /// CA made here) for a `rediss://` URL, a Sentinel group under the overlay's master name with
-/// as many replicas as SSEGW_PUBLISH_REPLICAS waits for, the overlay's ACL user, and the
-/// sentinels' own password where the overlay gives one. A setting it cannot stand in for fails
-/// the test, naming it. Its servers stop on drop.
+/// as many replicas as SSEGW_PUBLISH_REPLICAS waits for, a cluster of three primaries with as
+/// many replicas each, the overlay's ACL user, and the sentinels' own password where the
+/// overlay gives one. A setting it cannot stand in for fails the test, naming it. Its servers
+/// stop on drop.
 struct RedisStandIn {
     _standalone: Option<ssegw_testkit::Standalone>,
     _sentinel: Option<ssegw_testkit::Sentinel>,
+    _cluster: Option<ssegw_testkit::Cluster>,
     authority: Option<ssegw_testkit::Authority>,
-    /// The address setting, SSEGW_REDIS_URL or SSEGW_REDIS_SENTINELS, and its local value.
+    /// The address setting (one of `REDIS_ADDRESSES`) and its local value.
     address: (&'static str, String),
 }
 
@@ -570,23 +580,48 @@ impl RedisStandIn {
             return Some(RedisStandIn {
                 _standalone: Some(redis),
                 _sentinel: None,
+                _cluster: None,
                 authority,
                 address,
             });
         }
-        get("SSEGW_REDIS_SENTINELS")?;
-        // A value that is no number is the gateway's to refuse.
+        // Replicas for SSEGW_PUBLISH_REPLICAS to wait for (a value that is no number is the
+        // gateway's to refuse), and the default user's password, which the nodes replicate
+        // with: the administrator's beside the overlay's user, else the gateway's.
         let replicas: usize = get("SSEGW_PUBLISH_REPLICAS").map_or(0, |n| n.parse().unwrap_or(0));
+        let node_password = match (&user, password) {
+            (None, false) => None,
+            (Some(_), _) => Some(ADMIN_PASSWORD.to_string()),
+            (None, true) => Some(GATEWAY_PASSWORD.to_string()),
+        };
+        if get("SSEGW_REDIS_CLUSTER").is_some() {
+            let cluster = ssegw_testkit::Cluster::start(ssegw_testkit::ClusterOptions {
+                primaries: 3,
+                replicas_per_primary: replicas.max(1),
+                password: node_password,
+                server: ssegw_testkit::ServerOptions {
+                    args: user.unwrap_or_default(),
+                    ..ssegw_testkit::ServerOptions::default()
+                },
+                ..ssegw_testkit::ClusterOptions::default()
+            })
+            .unwrap_or_else(|e| panic!("{origin}: a stand-in Redis Cluster: {e}"));
+            let address = ("SSEGW_REDIS_CLUSTER", cluster.seeds().join(","));
+            return Some(RedisStandIn {
+                _standalone: None,
+                _sentinel: None,
+                _cluster: Some(cluster),
+                authority: None,
+                address,
+            });
+        }
+        get("SSEGW_REDIS_SENTINELS")?;
         let group = ssegw_testkit::Sentinel::start(ssegw_testkit::SentinelOptions {
             master_name: get("SSEGW_REDIS_MASTER_NAME")
                 .unwrap_or_else(|| panic!("{origin}: sentinels but no SSEGW_REDIS_MASTER_NAME"))
                 .to_string(),
             replicas: replicas.max(1),
-            password: match (&user, password) {
-                (None, false) => None,
-                (Some(_), _) => Some(ADMIN_PASSWORD.into()),
-                (None, true) => Some(GATEWAY_PASSWORD.into()),
-            },
+            password: node_password,
             sentinel_password: get("SSEGW_REDIS_SENTINEL_PASSWORD_FILE")
                 .map(|_| SENTINEL_PASSWORD.into()),
             server: ssegw_testkit::ServerOptions {
@@ -600,6 +635,7 @@ impl RedisStandIn {
         Some(RedisStandIn {
             _standalone: None,
             _sentinel: Some(group),
+            _cluster: None,
             authority: None,
             address,
         })
@@ -677,7 +713,7 @@ fn the_settings_deployed_are_settings_the_gateway_accepts() {
         }
         if settings
             .iter()
-            .any(|(k, _)| k == "SSEGW_REDIS_URL" || k == "SSEGW_REDIS_SENTINELS")
+            .any(|(k, _)| REDIS_ADDRESSES.contains(&k.as_str()))
         {
             assert!(
                 !env.iter().any(|v| v.starts_with("SSEGW_REDIS_")),
@@ -735,7 +771,7 @@ fn the_settings_deployed_are_settings_the_gateway_accepts() {
         }
         if redis.is_some() {
             // Ready: the gateway reached the stand-in with the overlay's user, password, TLS
-            // settings and master name, and installed its functions.
+            // settings and master name (or cluster seeds), and installed its functions.
             assert_gateway_answers(&name, &local, "/readyz");
         } else {
             assert_gateway_starts_with(&name, &local);
