@@ -80,6 +80,16 @@ pub struct RunArgs {
     /// Redis to publish to with FCALL [default with --spawn: the spawned one].
     #[arg(long, value_name = "URL")]
     pub redis_url: Option<String>,
+    /// With --spawn: start a local Redis Cluster of P primaries instead of one redis-server,
+    /// give the replicas --redis-cluster, and publish with FCALL on the primary of each
+    /// topic's slot (--publish-via redis).
+    #[arg(long, value_name = "P")]
+    pub redis_cluster: Option<usize>,
+    /// With --redis-cluster: replicas of each primary. On a machine of few cores a replica
+    /// re-runs each write its primary runs and takes CPU the primaries would use, so the
+    /// default measures primaries only.
+    #[arg(long, value_name = "R", default_value_t = 0)]
+    pub redis_cluster_replicas: usize,
     /// How to publish [default: redis when a Redis URL is known, else http].
     #[arg(long, value_enum)]
     pub publish_via: Option<PublishVia>,
@@ -204,6 +214,19 @@ fn parse_loss(text: &str) -> Result<LossBudget, String> {
     text.parse().map(LossBudget::Count).map_err(|_| bad())
 }
 
+/// The Redis that `--spawn` starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SpawnedRedis {
+    /// One `redis-server`.
+    Standalone,
+    /// A Redis Cluster (`--redis-cluster P`), slots split evenly over the primaries.
+    Cluster {
+        primaries: usize,
+        replicas_per_primary: usize,
+    },
+}
+
 /// What `--spawn` starts besides Redis, one per replica.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Servers {
@@ -223,6 +246,8 @@ pub struct Plan {
     pub publish_via: PublishVia,
     /// Set for --spawn.
     pub servers: Option<Servers>,
+    /// Set for --spawn.
+    pub redis: Option<SpawnedRedis>,
     pub churn_rate: Option<f64>,
     pub kill_at: Option<Duration>,
     pub source_addrs: Vec<IpAddr>,
@@ -306,6 +331,7 @@ impl RunArgs {
             (None, true) => PublishVia::Redis,
             (None, false) => PublishVia::Http,
         };
+        let redis = spawned_redis(a)?;
         let servers = match a.spawn {
             Some(_) => Some(spawned_servers(a)?),
             None => None,
@@ -366,6 +392,7 @@ impl RunArgs {
             topics,
             publish_via,
             servers,
+            redis,
             churn_rate,
             kill_at,
             source_addrs,
@@ -442,6 +469,36 @@ fn check_target(a: &RunArgs) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// The Redis --spawn starts, if it does: `--redis-cluster` needs --spawn and the gateway,
+/// and takes the place of a Redis URL.
+fn spawned_redis(a: &RunArgs) -> Result<Option<SpawnedRedis>, String> {
+    let Some(primaries) = a.redis_cluster else {
+        if a.redis_cluster_replicas > 0 {
+            return Err("--redis-cluster-replicas needs --redis-cluster".into());
+        }
+        return Ok(a.spawn.map(|_| SpawnedRedis::Standalone));
+    };
+    if a.spawn.is_none() {
+        return Err("--redis-cluster starts a local cluster: it needs --spawn N".into());
+    }
+    if a.target != Target::Gateway {
+        return Err(format!(
+            "--redis-cluster is for the gateway, not --target {}",
+            a.target.name()
+        ));
+    }
+    if a.redis_url.is_some() {
+        return Err("--redis-cluster and --redis-url exclude each other".into());
+    }
+    if !(1..=usize::from(ssegw_testkit::SLOTS)).contains(&primaries) {
+        return Err("--redis-cluster needs between 1 and 16384 primaries".into());
+    }
+    Ok(Some(SpawnedRedis::Cluster {
+        primaries,
+        replicas_per_primary: a.redis_cluster_replicas,
+    }))
 }
 
 /// What --spawn starts for the target, with every binary found and checked.
@@ -628,6 +685,53 @@ mod tests {
             "no such file",
         );
         assert!(Target::Gateway.resumes() && !Target::Nchan.resumes());
+    }
+
+    #[test]
+    fn spawned_redis_cluster() {
+        let redis = |flags: &str| plan(flags).unwrap().redis;
+        assert_eq!(redis("--url http://a:1"), None);
+        assert_eq!(
+            redis("--spawn 1 --gateway-bin /bin/sh"),
+            Some(SpawnedRedis::Standalone)
+        );
+        let p = plan("--spawn 2 --gateway-bin /bin/sh --redis-cluster 3").unwrap();
+        assert_eq!(
+            (p.redis, p.publish_via),
+            (
+                Some(SpawnedRedis::Cluster {
+                    primaries: 3,
+                    replicas_per_primary: 0
+                }),
+                PublishVia::Redis
+            )
+        );
+        assert_eq!(
+            redis("--spawn 1 --gateway-bin /bin/sh --redis-cluster 2 --redis-cluster-replicas 1"),
+            Some(SpawnedRedis::Cluster {
+                primaries: 2,
+                replicas_per_primary: 1
+            })
+        );
+        let p = plan("--spawn 1 --gateway-bin /bin/sh --redis-cluster 1 --publish-via http");
+        assert_eq!(p.unwrap().publish_via, PublishVia::Http);
+        check_error("--url http://a:1 --redis-cluster 3", "needs --spawn N");
+        check_error(
+            "--spawn 1 --gateway-bin /bin/sh --redis-cluster-replicas 1",
+            "needs --redis-cluster",
+        );
+        check_error(
+            "--spawn 1 --gateway-bin /bin/sh --redis-cluster 0",
+            "between 1 and 16384",
+        );
+        check_error(
+            "--spawn 1 --gateway-bin /bin/sh --redis-cluster 3 --redis-url redis://x",
+            "exclude each other",
+        );
+        check_error(
+            "--spawn 1 --target actix --redis-cluster 3",
+            "for the gateway",
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! `--spawn`: a local `redis-server` on a free port (the testkit's `Standalone`) and replicas
-//! of the target (gateways or `ssegw-baseline`s from the built binaries, or nginx with nchan
+//! `--spawn`: a local `redis-server` on a free port (the testkit's `Standalone`), or a local
+//! Redis Cluster (`--redis-cluster P`, the testkit's `Cluster`), and replicas of the target (gateways or `ssegw-baseline`s from the built binaries, or nginx with nchan
 //! from a generated configuration), started, killed on request and always torn down: on drop,
 //! on Ctrl-C (the orchestrator drops the fleet) and, through `PR_SET_PDEATHSIG`, even when the
 //! harness itself is killed.
@@ -10,22 +10,70 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use ssegw_testkit::{free_port, ServerOptions, Standalone};
+use ssegw_testkit::{free_port, Cluster, ClusterOptions, ServerOptions, Standalone};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
-use crate::config::Servers;
+use crate::config::{Servers, SpawnedRedis};
 use crate::procstat;
 
 /// Longest wait for Redis to answer and for a replica's `/readyz` to say 200.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a cluster node may be silent before the others call it failing: Redis's default.
+/// The testkit's one second suits tests that kill nodes; a saturated two-core machine can
+/// leave a node unscheduled for that long, and a fleet kills none.
+const CLUSTER_NODE_TIMEOUT: Duration = Duration::from_secs(15);
+
 pub struct Fleet {
-    pub redis: Standalone,
+    pub redis: Redis,
     pub replicas: Vec<Proc>,
-    pub redis_url: String,
+    /// Where the replicas and the publisher find `redis`.
+    pub redis_addr: RedisAddr,
     /// Where each process's output goes, named after it.
     pub log_dir: PathBuf,
+}
+
+/// The fleet's Redis.
+pub enum Redis {
+    Standalone(Standalone),
+    Cluster(Cluster),
+}
+
+/// Where a Redis is, as a gateway and the publisher are told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisAddr {
+    /// `redis://HOST:PORT`: one server (`--redis-url`).
+    Url(String),
+    /// "HOST:PORT" of every node of a cluster (`--redis-cluster`).
+    Cluster(Vec<String>),
+}
+
+impl Redis {
+    /// Each Redis process, named as the report names it: `redis`, or `redis-0`, `redis-1`, …
+    /// for a cluster's nodes (its primaries first), with its pid.
+    pub fn processes(&self) -> Vec<(String, u32)> {
+        match self {
+            Redis::Standalone(redis) => vec![("redis".into(), redis.server().pid())],
+            Redis::Cluster(cluster) => cluster
+                .nodes()
+                .iter()
+                .enumerate()
+                .map(|(i, node)| (format!("redis-{i}"), node.pid()))
+                .collect(),
+        }
+    }
+
+    fn stop(&mut self, grace: Duration) {
+        match self {
+            Redis::Standalone(redis) => redis.server_mut().stop(grace),
+            Redis::Cluster(cluster) => {
+                for node in cluster.nodes_mut() {
+                    node.stop(grace);
+                }
+            }
+        }
+    }
 }
 
 /// A replica of the fleet and what was seen of it.
@@ -127,31 +175,55 @@ impl Drop for Proc {
 pub use ssegw_testkit::die_with_parent;
 
 impl Fleet {
-    /// Starts Redis and `replicas` servers, and waits until every replica is ready.
+    /// Starts Redis (`redis`) and `replicas` servers, and waits until every replica is ready.
     pub async fn start(
         replicas: usize,
         servers: &Servers,
+        redis: SpawnedRedis,
         log_dir: PathBuf,
     ) -> anyhow::Result<Fleet> {
         std::fs::create_dir_all(&log_dir)
             .with_context(|| format!("cannot create {}", log_dir.display()))?;
         // The actix baseline does not use Redis; starting it anyway keeps one fleet shape.
-        // Started and awaited on this thread, not in `spawn_blocking`: the server dies with
-        // the thread that started it, and nothing else runs yet.
-        let redis = Standalone::start_with(ServerOptions {
+        // Started and awaited on this thread, not in `spawn_blocking`: the servers die with
+        // the thread that started them, and nothing else runs yet.
+        let server = ServerOptions {
             log: Some(log_dir.join("redis.log")),
             die_with_parent: true,
             ready_timeout: START_TIMEOUT,
             ..ServerOptions::default()
-        })
-        .map_err(|e| match e {
+        };
+        let needed = |e: ssegw_testkit::Error| match e {
             e @ ssegw_testkit::Error::Spawn { .. } => anyhow::Error::new(e)
                 .context("redis-server is needed for --spawn (apt-get install redis-server)"),
             e => e.into(),
-        })?;
+        };
+        let (redis, redis_addr) = match redis {
+            SpawnedRedis::Standalone => {
+                let redis = Standalone::start_with(server).map_err(needed)?;
+                let url = redis.url();
+                (Redis::Standalone(redis), RedisAddr::Url(url))
+            }
+            SpawnedRedis::Cluster {
+                primaries,
+                replicas_per_primary,
+            } => {
+                // The nodes log into the cluster's own directory, removed with it.
+                let cluster = Cluster::start(ClusterOptions {
+                    primaries,
+                    replicas_per_primary,
+                    node_timeout: CLUSTER_NODE_TIMEOUT,
+                    server,
+                    ..ClusterOptions::default()
+                })
+                .map_err(needed)?;
+                let seeds = cluster.seeds();
+                (Redis::Cluster(cluster), RedisAddr::Cluster(seeds))
+            }
+        };
         let mut fleet = Fleet {
-            redis_url: redis.url(),
             redis,
+            redis_addr,
             replicas: Vec::new(),
             log_dir,
         };
@@ -181,9 +253,14 @@ impl Fleet {
         Ok(match servers {
             Servers::Gateway { bin, args } => {
                 let mut command = Command::new(bin);
+                command.args(["--listen", &listen.to_string()]);
+                match &self.redis_addr {
+                    RedisAddr::Url(url) => command.args(["--redis-url", url]),
+                    RedisAddr::Cluster(seeds) => {
+                        command.args(["--redis-cluster", &seeds.join(",")])
+                    }
+                };
                 command
-                    .args(["--listen", &listen.to_string()])
-                    .args(["--redis-url", &self.redis_url])
                     .args(args)
                     // The harness's clients carry no tokens. Environment, not flags, so that a
                     // run measuring authenticated streams can override it in --gateway-args.
@@ -198,6 +275,9 @@ impl Fleet {
                 command
             }
             Servers::Nchan { nginx, module } => {
+                let RedisAddr::Url(redis_url) = &self.redis_addr else {
+                    bail!("nchan is measured against one redis-server, not a cluster");
+                };
                 // nginx's own files (configuration, error log, pid, temporary bodies) stay in
                 // the replica's directory; nothing under /etc/nginx or /var is read or written.
                 let dir = self.log_dir.join(name);
@@ -208,7 +288,7 @@ impl Fleet {
                     dir: &dir,
                     module,
                     listen,
-                    redis_url: &self.redis_url,
+                    redis_url,
                     files,
                 });
                 let conf_path = dir.join("nginx.conf");
@@ -263,7 +343,7 @@ impl Fleet {
         for replica in &mut self.replicas {
             replica.stop(Duration::from_secs(3));
         }
-        self.redis.server_mut().stop(Duration::from_secs(3));
+        self.redis.stop(Duration::from_secs(3));
         let _ = std::fs::remove_dir_all(&self.log_dir);
     }
 }

@@ -1,6 +1,7 @@
 //! The open-loop publisher: events go out on schedule at `rate` per second whatever the
-//! server's speed, through the real contract (`FCALL ssegw_publish` on Redis, or pipelined
-//! `POST /publish`), each carrying its topic, per-topic sequence number and publish time. It
+//! server's speed, through the real contract (`FCALL ssegw_publish 1 ssegw:s:{topic}` on Redis,
+//! on a cluster routed to the primary of the topic's slot, or pipelined `POST /publish`), each
+//! carrying its topic, per-topic sequence number and publish time. It
 //! never waits for a reply before sending the next event; when `max_in_flight` replies are
 //! outstanding, an event due is skipped and counted instead of delayed.
 //!
@@ -18,13 +19,14 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use ssegw_protocol::StreamId;
+use ssegw_protocol::{script, StreamId, Topic};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::fleet::RedisAddr;
 use crate::http1::{self, BaseUrl};
 use crate::layout::Layout;
 use crate::payload::{self, Payload};
@@ -38,8 +40,10 @@ const FINISH_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub enum Via {
-    /// `FCALL ssegw_publish` on one multiplexed connection to this Redis.
-    Redis(String),
+    /// `FCALL ssegw_publish` on one multiplexed connection to this Redis, or on a cluster
+    /// connection (one multiplexed connection per primary, each call sent to the primary of
+    /// its key's slot).
+    Redis(RedisAddr),
     /// `target`'s publish request (`http1::publish_request`) on this many pipelined
     /// connections, spread over the URLs.
     Http {
@@ -88,6 +92,13 @@ pub async fn run(
 ) -> anyhow::Result<Outcome> {
     let sender = Sender::connect(&plan.via).await?;
     let names: Vec<String> = (0..layout.topics).map(|t| layout.topic_name(t)).collect();
+    // What an FCALL declares as its key: the topic's stream, so that a cluster routes it to
+    // the primary of the topic's slot (and, during a slot migration, to the stream's node).
+    let keys: Vec<String> = names
+        .iter()
+        .map(|name| Topic::new(name).map(|t| script::stream_key(&t)))
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow!("a run's topic name is invalid: {e}"))?;
     let mut next_seq = vec![0u64; names.len()];
     let mut logs = vec![AckLog::default(); names.len()];
     let mut first_error = None;
@@ -136,7 +147,8 @@ pub async fn run(
                         &Payload { topic, seq, sent_us: payload::now_us() },
                         plan.padding,
                     );
-                    in_flight.push(sender.publish(&names[topic as usize], topic, seq, data));
+                    let (name, key) = (&names[topic as usize], &keys[topic as usize]);
+                    in_flight.push(sender.publish(name, key, topic, seq, data));
                     counters.sent.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -169,6 +181,7 @@ struct Reply {
 
 enum Sender {
     Redis(redis::aio::MultiplexedConnection),
+    RedisCluster(redis::cluster_async::ClusterConnection),
     /// Topic `t` always goes to lane `t % lanes.len()`, which keeps its order.
     Http(Vec<mpsc::Sender<LaneRequest>>),
 }
@@ -176,7 +189,19 @@ enum Sender {
 impl Sender {
     async fn connect(via: &Via) -> anyhow::Result<Sender> {
         match via {
-            Via::Redis(url) => {
+            Via::Redis(RedisAddr::Cluster(seeds)) => {
+                let urls = seeds.iter().map(|node| format!("redis://{node}"));
+                let client = redis::cluster::ClusterClient::builder(urls)
+                    .response_timeout(Duration::from_secs(30))
+                    .build()
+                    .with_context(|| format!("bad Redis Cluster nodes {seeds:?}"))?;
+                let conn = client
+                    .get_async_connection()
+                    .await
+                    .with_context(|| format!("cannot connect to the Redis Cluster at {seeds:?}"))?;
+                Ok(Sender::RedisCluster(conn))
+            }
+            Via::Redis(RedisAddr::Url(url)) => {
                 let client = redis::Client::open(url.as_str())
                     .with_context(|| format!("bad Redis URL {url}"))?;
                 // The default 500 ms response timeout would turn an overloaded server into
@@ -211,26 +236,39 @@ impl Sender {
         }
     }
 
+    /// Publishes `data` on topic `topic_name`, whose stream key is `key`.
     fn publish(
         &self,
         topic_name: &str,
+        key: &str,
         topic: u32,
         seq: u64,
         data: String,
     ) -> BoxFuture<'static, Reply> {
+        let fcall_cmd = || {
+            let mut cmd = redis::cmd("FCALL");
+            cmd.arg("ssegw_publish").arg(1).arg(key).arg(&data);
+            cmd
+        };
         match self {
             Sender::Redis(conn) => {
-                let mut conn = conn.clone();
-                let mut cmd = redis::cmd("FCALL");
-                cmd.arg("ssegw_publish").arg(1).arg(topic_name).arg(data);
+                let (conn, cmd) = (conn.clone(), fcall_cmd());
                 Box::pin(async move {
-                    let result = async {
-                        let id: String = cmd.query_async(&mut conn).await?;
-                        StreamId::parse(&id)
-                            .map_err(|_| anyhow!("FCALL answered {id:?}, not an id"))
+                    Reply {
+                        topic,
+                        seq,
+                        result: fcall(cmd, conn).await,
                     }
-                    .await;
-                    Reply { topic, seq, result }
+                })
+            }
+            Sender::RedisCluster(conn) => {
+                let (conn, cmd) = (conn.clone(), fcall_cmd());
+                Box::pin(async move {
+                    Reply {
+                        topic,
+                        seq,
+                        result: fcall(cmd, conn).await,
+                    }
                 })
             }
             Sender::Http(lanes) => {
@@ -256,6 +294,15 @@ impl Sender {
             }
         }
     }
+}
+
+/// Runs a publish `FCALL` and reads the id it answers.
+async fn fcall(
+    cmd: redis::Cmd,
+    mut conn: impl redis::aio::ConnectionLike,
+) -> anyhow::Result<StreamId> {
+    let id: String = cmd.query_async(&mut conn).await?;
+    StreamId::parse(&id).map_err(|_| anyhow!("FCALL answered {id:?}, not an id"))
 }
 
 pub async fn resolve(authority: &str) -> anyhow::Result<SocketAddr> {

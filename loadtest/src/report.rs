@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use crate::config::{LossBudget, Plan, PublishVia, Scenario};
+use crate::config::{LossBudget, Plan, PublishVia, Scenario, SpawnedRedis};
 use crate::latency::LatencySummary;
 use crate::target::Target;
 use crate::tracking::Tally;
@@ -34,6 +34,12 @@ pub struct Settings {
     pub topics_per_conn: u32,
     pub urls: Vec<String>,
     pub spawn: Option<usize>,
+    /// The Redis --spawn started: `{"kind": "standalone"}`, or `{"kind": "cluster",
+    /// "primaries": P, "replicas_per_primary": R}` (nodes `redis-0`… in `processes`, the
+    /// primaries first); `None` without --spawn.
+    pub redis: Option<SpawnedRedis>,
+    /// The Redis URL published to, or every node of the spawned cluster; empty when none.
+    pub redis_nodes: Vec<String>,
     pub publish_via: PublishVia,
     pub rate: f64,
     pub duration_s: f64,
@@ -221,6 +227,21 @@ pub fn summary(report: &Report) -> String {
         "target",
         format!("{} ({})", s.target.name(), s.urls.join(", ")),
     );
+    let redis = match s.redis {
+        Some(SpawnedRedis::Standalone) => {
+            format!("one redis-server ({})", s.redis_nodes.join(", "))
+        }
+        Some(SpawnedRedis::Cluster {
+            primaries,
+            replicas_per_primary,
+        }) => format!(
+            "cluster of {primaries} primaries, {replicas_per_primary} replica(s) each ({})",
+            s.redis_nodes.join(", ")
+        ),
+        None if s.redis_nodes.is_empty() => "not used by the harness".into(),
+        None => s.redis_nodes.join(", "),
+    };
+    row("redis", redis);
     row(
         "scenario",
         format!(

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::{self, FromShard, ShardPlan, ShardReport, ShardResult, Tick, ToShard, Totals};
 use crate::config::{Plan, PublishVia, Scenario};
-use crate::fleet::Fleet;
+use crate::fleet::{Fleet, RedisAddr};
 use crate::latency::Latency;
 use crate::layout::Layout;
 use crate::payload;
@@ -197,10 +197,10 @@ pub async fn run(plan: Plan) -> anyhow::Result<Report> {
     let a = &plan.args;
     let run_id = format!("{:08x}", fastrand::u32(..));
     let started_at_unix_s = payload::now_us() / 1_000_000;
-    let mut fleet = match (a.spawn, &plan.servers) {
-        (Some(n), Some(servers)) => {
+    let mut fleet = match (a.spawn, &plan.servers, plan.redis) {
+        (Some(n), Some(servers), Some(redis)) => {
             let log_dir = std::env::temp_dir().join(format!("ssegw-loadtest-{run_id}"));
-            Some(Fleet::start(n, servers, log_dir).await?)
+            Some(Fleet::start(n, servers, redis, log_dir).await?)
         }
         _ => None,
     };
@@ -208,10 +208,11 @@ pub async fn run(plan: Plan) -> anyhow::Result<Report> {
         .as_ref()
         .map(Fleet::urls)
         .unwrap_or_else(|| a.urls.clone());
-    let redis_url = a
+    let redis_addr = a
         .redis_url
         .clone()
-        .or_else(|| fleet.as_ref().map(|f| f.redis_url.clone()));
+        .map(RedisAddr::Url)
+        .or_else(|| fleet.as_ref().map(|f| f.redis_addr.clone()));
     let layout = Layout {
         run_id: run_id.clone(),
         topics: plan.topics,
@@ -230,7 +231,9 @@ pub async fn run(plan: Plan) -> anyhow::Result<Report> {
         (shards == 1).then_some(n),
     )];
     if let Some(fleet) = &fleet {
-        watches.push(Watch::new("redis", fleet.redis.server().pid(), None));
+        for (name, pid) in fleet.redis.processes() {
+            watches.push(Watch::new(name, pid, None));
+        }
         for replica in &fleet.replicas {
             let mut watch = Watch::new(replica.name.clone(), replica.pid, Some(per_gateway));
             watch.with_children = replica.with_children;
@@ -332,8 +335,8 @@ pub async fn run(plan: Plan) -> anyhow::Result<Report> {
                 publish_start = now;
                 phase = Phase::Publishing;
                 if a.rate > 0.0 {
-                    let via = match (plan.publish_via, &redis_url) {
-                        (PublishVia::Redis, Some(url)) => Via::Redis(url.clone()),
+                    let via = match (plan.publish_via, &redis_addr) {
+                        (PublishVia::Redis, Some(addr)) => Via::Redis(addr.clone()),
                         _ => Via::Http {
                             urls: urls.clone(),
                             lanes: a.publish_conns,
@@ -494,6 +497,12 @@ pub async fn run(plan: Plan) -> anyhow::Result<Report> {
             topics_per_conn: a.topics_per_conn,
             urls,
             spawn: a.spawn,
+            redis: plan.redis,
+            redis_nodes: match &redis_addr {
+                Some(RedisAddr::Url(url)) => vec![url.clone()],
+                Some(RedisAddr::Cluster(seeds)) => seeds.clone(),
+                None => Vec::new(),
+            },
             publish_via: plan.publish_via,
             rate: a.rate,
             duration_s: a.duration.as_secs_f64(),

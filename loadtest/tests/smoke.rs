@@ -1,8 +1,9 @@
 //! CI smoke of every scenario: a few hundred connections for a few seconds against a spawned
 //! Redis and two gateway replicas (`--spawn 2`), each run checked for zero loss, zero
-//! duplicates, exit status 0 and a complete JSON report; the same fan-out against each
-//! baseline target (`--target actix`, `--target nchan`); plus the SLO gate failing a run and
-//! bad flags exiting 2. Runs one at a time: they share two cores.
+//! duplicates, exit status 0 and a complete JSON report; many topics on a spawned Redis
+//! Cluster of three primaries (`--redis-cluster 3`); the same fan-out against each baseline
+//! target (`--target actix`, `--target nchan`); plus the SLO gate failing a run and bad flags
+//! exiting 2. Runs one at a time: they share two cores.
 //!
 //! The gateway binary comes from the same target directory: `cargo test --workspace` builds
 //! every binary of the workspace before running tests. The nchan run needs nginx and its nchan
@@ -33,6 +34,8 @@ fn gateway_bin() -> PathBuf {
 /// What to spawn: the harness's flags for it and the replica names expected in the report.
 struct Fleet {
     flags: Vec<String>,
+    /// The Redis processes expected in the report.
+    redis: &'static [&'static str],
     replicas: &'static [&'static str],
 }
 
@@ -46,7 +49,25 @@ fn gateways() -> Fleet {
             "--gateway-bin".into(),
             gateway,
         ],
+        redis: &["redis"],
         replicas: &["replica-0", "replica-1"],
+    }
+}
+
+/// One gateway replica on a cluster of three primaries.
+fn gateway_on_cluster() -> Fleet {
+    let gateway = gateway_bin().display().to_string();
+    Fleet {
+        flags: vec![
+            "--spawn".into(),
+            "1".into(),
+            "--gateway-bin".into(),
+            gateway,
+            "--redis-cluster".into(),
+            "3".into(),
+        ],
+        redis: &["redis-0", "redis-1", "redis-2"],
+        replicas: &["replica-0"],
     }
 }
 
@@ -56,6 +77,7 @@ fn baseline(target: &str) -> Fleet {
         flags: ["--spawn", "1", "--target", target]
             .map(String::from)
             .to_vec(),
+        redis: &["redis"],
         replicas: &["replica-0"],
     }
 }
@@ -169,7 +191,7 @@ fn exact_run_on(fleet: &Fleet, name: &str, flags: &[&str]) -> Value {
         .iter()
         .filter_map(|p| p["name"].as_str())
         .collect();
-    for want in ["harness", "redis"].iter().chain(fleet.replicas) {
+    for want in ["harness"].iter().chain(fleet.redis).chain(fleet.replicas) {
         assert!(names.contains(want), "{name}: processes {names:?}");
     }
     assert!(
@@ -254,6 +276,39 @@ fn many_topics_published_over_http() {
         ],
     );
     assert_eq!(r["settings"]["topics"], 200);
+}
+
+/// Topics spread over the three primaries' slots; the harness publishes each with FCALL on
+/// its topic's primary, and the gateway receives them over one sharded pub/sub link per
+/// primary.
+#[test]
+fn many_topics_on_a_cluster() {
+    let r = exact_run_on(
+        &gateway_on_cluster(),
+        "cluster",
+        &[
+            "--scenario",
+            "many-topics",
+            "-c",
+            "60",
+            "--rate",
+            "120",
+            "--duration",
+            "2s",
+        ],
+    );
+    let s = &r["settings"];
+    assert_eq!(s["redis"]["kind"], "cluster", "{s}");
+    assert_eq!(s["redis"]["primaries"], 3, "{s}");
+    assert_eq!(s["redis"]["replicas_per_primary"], 0, "{s}");
+    assert_eq!(s["redis_nodes"].as_array().map(Vec::len), Some(3), "{s}");
+    assert_eq!(s["publish_via"], "redis", "{s}");
+    assert_eq!(
+        r["delivery"]["expected"].as_u64(),
+        r["publish"]["acked"].as_u64(),
+        "one connection per topic: {}",
+        r["delivery"]
+    );
 }
 
 #[test]
