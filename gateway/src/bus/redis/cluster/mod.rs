@@ -288,16 +288,15 @@ impl ClusterCommands {
         let mut loaded = false;
         let mut pause = Duration::from_millis(10);
         loop {
-            let primary = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
-                Route::new(topic_slot(topic), SlotAddr::Master),
-            ));
+            let primary = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
+                topic_slot(topic),
+                SlotAddr::Master,
+            )));
             // redis-rs answers within its own response timeout: ours only guards against a
             // call it would hold on to for longer.
-            let sent = tokio::time::timeout(
-                2 * self.timeout,
-                conn.route_command(cmd.clone(), primary),
-            )
-            .await;
+            let sent =
+                tokio::time::timeout(2 * self.timeout, conn.route_command(cmd.clone(), primary))
+                    .await;
             let e = match sent {
                 Err(_) => {
                     return Err(BusError::Unavailable(
