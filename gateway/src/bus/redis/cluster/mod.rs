@@ -1,6 +1,6 @@
-//! Redis Cluster: the command path (`ClusterCommands`, over redis-rs's cluster connection,
-//! which follows `MOVED`/`ASK` and failovers for commands) and the slot map the subscriber
-//! routes topics by. The subscriber (`subscriber`) keeps its own sharded pub/sub connections,
+//! Redis Cluster: the command path (`ClusterCommands`, over redis-rs's cluster connections:
+//! one that follows `MOVED`/`ASK` and retries by itself, for what may run twice; one that
+//! retries nothing, for publishes) and the slot map the subscriber routes topics by. The subscriber (`subscriber`) keeps its own sharded pub/sub connections,
 //! one per primary, apart from these command connections: redis-rs's cluster pub/sub loses
 //! channels on slot moves and takes an unsolicited `sunsubscribe` for a command's reply.
 //!
