@@ -192,7 +192,7 @@ fn watching(replicas: &[&Gateway], phase: impl FnOnce()) -> Vec<bool> {
 #[actix_web::test]
 async fn faults_and_slot_moves_lose_no_acknowledged_event() {
     let mut cluster = start_cluster();
-    let flags = flags(
+    let mut flags = flags(
         &cluster,
         &[
             "--publish-replicas",
@@ -201,6 +201,10 @@ async fn faults_and_slot_moves_lose_no_acknowledged_event() {
             "500ms",
         ],
     );
+    // A primary that takes over has one Redis timeout for its first canary before readiness
+    // drops: room for a slow machine, since the handovers below must not drop it.
+    let timeout = flags.iter().position(|f| f == "--redis-timeout").unwrap() + 1;
+    flags[timeout] = "2s".into();
     let a = Gateway::start(&strs(&flags));
     let b = Gateway::start(&strs(&flags));
     let topics = topics_on_every_primary(&cluster, 2);

@@ -96,7 +96,12 @@ enum Report {
 /// One sharded pub/sub connection to a primary.
 struct Link {
     id: u64,
-    conn: MultiplexedConnection,
+    /// The link's `SSUBSCRIBE`s and `SUNSUBSCRIBE`s, in the order they must reach Redis (a
+    /// topic left and joined again must not be joined first). Sent by the subscriber's loop;
+    /// received by the link's sender task (`send_in_order`), which ends when the link is
+    /// dropped. Unbounded: the loop must never wait on Redis to queue a command, and the
+    /// commands are bounded by the topics the hub serves.
+    commands: mpsc::UnboundedSender<(&'static str, Vec<String>)>,
     /// This replica's canary channel on the primary: one whose slot the primary owns.
     canary_channel: String,
     canary: Canary,
@@ -196,7 +201,7 @@ impl ClusterSubscriber {
                     while let Ok(more) = self.interest.try_recv() {
                         batch.push(more);
                     }
-                    self.apply(&mut state, batch, &report_sender);
+                    self.apply(&mut state, batch);
                     self.finish_catching_up(&mut state).await;
                 }
                 Some(report) = reports.recv() => self.on_report(&mut state, report, &report_sender),
@@ -319,7 +324,7 @@ impl ClusterSubscriber {
             state.catching_up.remove(&topic);
             if let Some(link) = state.links.get_mut(&route.node) {
                 link.leaving.insert(topic.clone());
-                send(link, "SUNSUBSCRIBE", vec![script::channel(&topic)], reports);
+                send(link, "SUNSUBSCRIBE", vec![script::channel(&topic)]);
             }
             state.homeless.insert(topic);
         }
@@ -335,12 +340,7 @@ impl ClusterSubscriber {
                 link.canary.subscribed = false;
                 link.canary.in_flight = None;
                 link.canary.asked = Instant::now();
-                send(
-                    link,
-                    "SSUBSCRIBE",
-                    vec![link.canary_channel.clone()],
-                    reports,
-                );
+                send(link, "SSUBSCRIBE", vec![link.canary_channel.clone()]);
             }
         }
         for addr in primaries {
@@ -348,7 +348,7 @@ impl ClusterSubscriber {
                 self.connect(state, addr, pushes, reports);
             }
         }
-        self.route_homeless(state, reports);
+        self.route_homeless(state);
     }
 
     /// Makes a link to the primary at `addr` in a task of its own (checking its function
@@ -422,9 +422,11 @@ impl ClusterSubscriber {
                     self.soon_refresh(state);
                     return;
                 };
+                let (commands, queued) = mpsc::unbounded_channel();
+                tokio::spawn(send_in_order(link, conn, queued, reports.clone()));
                 let link = Link {
                     id: link,
-                    conn,
+                    commands,
                     canary_channel,
                     canary: Canary {
                         subscribed: false,
@@ -436,15 +438,10 @@ impl ClusterSubscriber {
                     },
                     leaving: HashSet::new(),
                 };
-                send(
-                    &link,
-                    "SSUBSCRIBE",
-                    vec![link.canary_channel.clone()],
-                    reports,
-                );
+                send(&link, "SSUBSCRIBE", vec![link.canary_channel.clone()]);
                 tracing::info!(node = %addr, "sharded pub/sub link to a Redis cluster primary");
                 state.links.insert(addr, link);
-                self.route_homeless(state, reports);
+                self.route_homeless(state);
             }
             Report::CommandFailed { link, reason } => {
                 let Some(addr) = state
@@ -474,7 +471,7 @@ impl ClusterSubscriber {
 
     /// Subscribes every homeless topic that the hub still serves on its slot's primary, where
     /// a link to it is up.
-    fn route_homeless(&self, state: &mut State, reports: &mpsc::UnboundedSender<Report>) {
+    fn route_homeless(&self, state: &mut State) {
         let mut bursts: HashMap<NodeAddr, Vec<Topic>> = HashMap::new();
         for topic in std::mem::take(&mut state.homeless) {
             if self.hub.channel(&topic).is_none() {
@@ -493,7 +490,7 @@ impl ClusterSubscriber {
             let link = state.links.get_mut(&node).expect("checked above");
             for topics in topics.chunks(SUBSCRIBE_BATCH) {
                 let channels = topics.iter().map(script::channel).collect();
-                send(link, "SSUBSCRIBE", channels, reports);
+                send(link, "SSUBSCRIBE", channels);
             }
             for topic in topics {
                 state.routes.insert(
@@ -511,12 +508,7 @@ impl ClusterSubscriber {
 
     /// Applies the hub's interest changes: new topics are routed; topics nobody here follows
     /// any more are left.
-    fn apply(
-        &self,
-        state: &mut State,
-        batch: Vec<Interest>,
-        reports: &mpsc::UnboundedSender<Report>,
-    ) {
+    fn apply(&self, state: &mut State, batch: Vec<Interest>) {
         // Later changes to a topic override earlier ones in the same batch.
         let mut wanted: HashMap<Topic, bool> = HashMap::new();
         for interest in batch {
@@ -558,10 +550,10 @@ impl ClusterSubscriber {
         for (node, channels) in leave {
             let link = state.links.get_mut(&node).expect("checked above");
             for channel in channels {
-                send(link, "SUNSUBSCRIBE", vec![channel], reports);
+                send(link, "SUNSUBSCRIBE", vec![channel]);
             }
         }
-        self.route_homeless(state, reports);
+        self.route_homeless(state);
     }
 
     /// Handles one push from a link: a confirmation, a server-initiated `sunsubscribe`, a
@@ -808,29 +800,33 @@ impl ClusterSubscriber {
     }
 }
 
-/// Sends `command` (`SSUBSCRIBE` or `SUNSUBSCRIBE`) once per channel on the link, pipelined,
-/// in a task: the confirmations come back as pushes; a failure is reported.
-fn send(
-    link: &Link,
-    command: &str,
-    channels: Vec<String>,
-    reports: &mpsc::UnboundedSender<Report>,
+/// Queues `command` (`SSUBSCRIBE` or `SUNSUBSCRIBE`) once per channel on the link: the
+/// confirmations come back as pushes; a failure is reported.
+fn send(link: &Link, command: &'static str, channels: Vec<String>) {
+    // The sender task is gone only with the link's connection: its topics are routed anew.
+    let _ = link.commands.send((command, channels));
+}
+
+/// Sends a link's queued commands one pipeline after the other, each once per channel, so that
+/// they reach Redis in the order they were queued; reports a failure.
+async fn send_in_order(
+    link: u64,
+    mut conn: MultiplexedConnection,
+    mut queued: mpsc::UnboundedReceiver<(&'static str, Vec<String>)>,
+    reports: mpsc::UnboundedSender<Report>,
 ) {
-    let mut pipe = redis::pipe();
-    for channel in &channels {
-        pipe.cmd(command).arg(channel);
-    }
-    let mut conn = link.conn.clone();
-    let reports = reports.clone();
-    let id = link.id;
-    tokio::spawn(async move {
+    while let Some((command, channels)) = queued.recv().await {
+        let mut pipe = redis::pipe();
+        for channel in &channels {
+            pipe.cmd(command).arg(channel);
+        }
         if let Err(e) = conn.send_packed_commands(&pipe, 0, channels.len()).await {
             let _ = reports.send(Report::CommandFailed {
-                link: id,
+                link,
                 reason: super::super::reply::explain(&e),
             });
         }
-    });
+    }
 }
 
 /// A canary channel for this replica whose slot `node` owns: `ssegw:canary:{<replica>:<n>}`
