@@ -119,6 +119,34 @@ fn see_dir(dir: Option<&Path>) -> String {
         .unwrap_or_default()
 }
 
+/// Polls `check` every `interval` until it returns `Ok`, or fails after `within` with the last
+/// thing it said was missing (and where the topology's logs are): how a topology waits to
+/// settle.
+fn poll_until<T>(
+    goal: &str,
+    within: Duration,
+    interval: Duration,
+    logs: &Path,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> Result<T, Error> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let last = match check() {
+            Ok(value) => return Ok(value),
+            Err(last) => last,
+        };
+        if std::time::Instant::now() >= deadline {
+            return Err(Error::Timeout {
+                goal: goal.to_string(),
+                within,
+                last,
+                logs: Some(logs.to_path_buf()),
+            });
+        }
+        std::thread::sleep(interval);
+    }
+}
+
 /// A loopback port that was free a moment ago: the kernel's choice for `127.0.0.1:0`. (Another
 /// process may take it before the caller binds it; rare enough for tests.)
 pub fn free_port() -> std::io::Result<u16> {

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::{Connection, Error, Reply, Server, ServerOptions, COMMAND_TIMEOUT};
 
@@ -578,22 +578,7 @@ impl Sentinel {
         within: Duration,
         mut check: impl FnMut(&Sentinel) -> Result<T, String>,
     ) -> Result<T, Error> {
-        let deadline = Instant::now() + within;
-        loop {
-            let last = match check(self) {
-                Ok(value) => return Ok(value),
-                Err(last) => last,
-            };
-            if Instant::now() >= deadline {
-                return Err(Error::Timeout {
-                    goal: goal.to_string(),
-                    within,
-                    last,
-                    logs: Some(self.dir.clone()),
-                });
-            }
-            std::thread::sleep(POLL_INTERVAL);
-        }
+        crate::poll_until(goal, within, POLL_INTERVAL, &self.dir, || check(self))
     }
 }
 
