@@ -18,7 +18,7 @@ use ssegw_testkit::{
     slot_of, Authority, Cluster as RedisCluster, ClusterOptions, Reply, ServerOptions, TlsOptions,
 };
 use support::failover::{self, check_client, watch_readiness, Publisher};
-use support::{try_blocking_http_publish, wait_until, Gateway, Sse};
+use support::{strs, try_blocking_http_publish, wait_until, Gateway, Sse};
 
 fn start_cluster() -> RedisCluster {
     RedisCluster::start(ClusterOptions::default())
@@ -39,10 +39,6 @@ fn flags(cluster: &RedisCluster, extra: &[&str]) -> Vec<String> {
     .to_vec();
     flags.extend(extra.iter().map(|f| f.to_string()));
     flags
-}
-
-fn strs(flags: &[String]) -> Vec<&str> {
-    flags.iter().map(String::as_str).collect()
 }
 
 /// `per_primary` topics on each primary, in the order of the primaries: `c<n>` names whose

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use ssegw_testkit::{Authority, Sentinel, SentinelOptions, ServerOptions, TlsOptions};
 use support::failover::{self, check_client, watch_readiness, Publisher};
-use support::{try_blocking_http_publish, wait_until, Gateway, Sse};
+use support::{strs, try_blocking_http_publish, wait_until, Gateway, Sse};
 
 const TOPICS: [&str; 3] = ["s0", "s1", "s2"];
 
@@ -37,10 +37,6 @@ fn flags(group: &Sentinel, extra: &[&str]) -> Vec<String> {
     .to_vec();
     flags.extend(extra.iter().map(|f| f.to_string()));
     flags
-}
-
-fn strs(flags: &[String]) -> Vec<&str> {
-    flags.iter().map(String::as_str).collect()
 }
 
 /// The topic's stream on the current primary: (id, data) in order.

@@ -287,6 +287,11 @@ impl Drop for GatewayProcess {
     }
 }
 
+/// Flags built as `String`s, as `Gateway::start` takes them.
+pub fn strs(flags: &[String]) -> Vec<&str> {
+    flags.iter().map(String::as_str).collect()
+}
+
 /// With `SSEGW_TEST_LOG` set (a filter such as `sse_gateway=debug`), the in-process replicas
 /// log to the test's output: for finding out why a test failed.
 fn test_log() {

@@ -4,7 +4,7 @@
 //! `SSUBSCRIBE`s of many channels that share one slot (a partition scheme). Also `skew`: how
 //! evenly partition hash tags and per-topic tags fall on equal primaries, computed, no server.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -110,8 +110,10 @@ fn subscribe_round(
     let mut stream = TcpStream::connect(node)?;
     stream.set_nodelay(true)?;
     let mut reader = BufReader::with_capacity(1 << 16, stream.try_clone()?);
+    // RESP3, as a gateway's links speak it: confirmations come as pushes.
+    let mut parser = redis::Parser::new();
     stream.write_all(&command(&["HELLO", "3"]))?;
-    read_value(&mut reader)?;
+    parser.parse_value(&mut reader)?;
 
     let names: Vec<String> = (0..channels)
         .map(|i| match layout {
@@ -140,11 +142,12 @@ fn subscribe_round(
     let writing = std::thread::spawn(move || writer.write_all(&buffer));
     let mut confirmed = 0;
     while confirmed < channels {
-        match read_value(&mut reader)? {
-            Value::Array(items) if items.first().is_some_and(|k| k.is(b"ssubscribe")) => {
-                confirmed += 1;
-            }
-            Value::Error(e) => bail!("the node refused a subscription: {e}"),
+        match parser.parse_value(&mut reader)? {
+            redis::Value::Push {
+                kind: redis::PushKind::SSubscribe,
+                ..
+            } => confirmed += 1,
+            redis::Value::ServerError(e) => bail!("the node refused a subscription: {e:?}"),
             other => bail!("unexpected reply {other:?}"),
         }
     }
@@ -169,7 +172,7 @@ fn node_stats(
     reader: &mut BufReader<TcpStream>,
 ) -> anyhow::Result<(f64, i64)> {
     info.write_all(&command(&["INFO", "ALL"]))?;
-    let Value::Bulk(text) = read_value(reader)? else {
+    let redis::Value::BulkString(text) = redis::Parser::new().parse_value(reader)? else {
         bail!("INFO answered no text");
     };
     let text = String::from_utf8_lossy(&text);
@@ -184,80 +187,9 @@ fn node_stats(
     Ok((cpu, memory))
 }
 
+/// A command as the node reads it.
 fn command(args: &[&str]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for arg in args {
-        out.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
-        out.extend_from_slice(arg.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out
-}
-
-/// A RESP2 or RESP3 reply, as far as this tool needs to tell them apart.
-#[derive(Debug)]
-#[allow(
-    dead_code,
-    reason = "the payloads are read only by `Debug`, in error messages"
-)]
-enum Value {
-    Bulk(Vec<u8>),
-    Simple(String),
-    Error(String),
-    Int(i64),
-    Array(Vec<Value>),
-    Null,
-}
-
-impl Value {
-    fn is(&self, text: &[u8]) -> bool {
-        matches!(self, Value::Bulk(b) if b.eq_ignore_ascii_case(text))
-    }
-}
-
-fn read_value(reader: &mut impl BufRead) -> anyhow::Result<Value> {
-    let mut line = Vec::new();
-    reader.read_until(b'\n', &mut line)?;
-    if line.len() < 3 {
-        bail!("connection closed");
-    }
-    let body = std::str::from_utf8(&line[1..line.len() - 2])?.to_string();
-    Ok(match line[0] {
-        b'+' => Value::Simple(body),
-        b'-' | b'!' => Value::Error(body),
-        b':' => Value::Int(body.parse()?),
-        b'_' => Value::Null,
-        b'(' | b',' | b'#' => Value::Simple(body),
-        // A verbatim string (`=`) is a bulk string whose first four bytes name its format.
-        b'$' | b'=' => {
-            let len: i64 = body.parse()?;
-            if len < 0 {
-                return Ok(Value::Null);
-            }
-            let mut data = vec![0; len as usize + 2];
-            reader.read_exact(&mut data)?;
-            data.truncate(len as usize);
-            Value::Bulk(data)
-        }
-        b'*' | b'>' | b'~' | b'%' | b'|' => {
-            let n: i64 = body.parse()?;
-            let n = if matches!(line[0], b'%' | b'|') {
-                2 * n
-            } else {
-                n
-            };
-            let mut items = Vec::with_capacity(n.max(0) as usize);
-            for _ in 0..n.max(0) {
-                items.push(read_value(reader)?);
-            }
-            if line[0] == b'|' {
-                // An attribute precedes the reply it describes.
-                return read_value(reader);
-            }
-            Value::Array(items)
-        }
-        other => bail!("unknown RESP type {:?}", other as char),
-    })
+    redis::cmd(args[0]).arg(&args[1..]).get_packed_command()
 }
 
 /// Which of `nodes` equal contiguous slot ranges `slot` falls in, as a cluster is usually
@@ -317,16 +249,5 @@ mod tests {
         assert_eq!(node_of(16383, 3), 2);
         let (ratio, counts) = spread(["{a}", "{b}", "{c}"].into_iter(), 1);
         assert_eq!((ratio, counts), (1.0, vec![3]));
-    }
-
-    #[test]
-    fn reads_resp3_pushes() {
-        let mut input: &[u8] = b">3\r\n$10\r\nssubscribe\r\n$3\r\nabc\r\n:1\r\n";
-        let value = read_value(&mut input).unwrap();
-        let Value::Array(items) = value else {
-            panic!("{value:?}")
-        };
-        assert!(items[0].is(b"ssubscribe"));
-        assert!(matches!(items[2], Value::Int(1)));
     }
 }
