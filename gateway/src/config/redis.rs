@@ -126,11 +126,6 @@ impl ClusterTarget {
         connection_info(host, port, &self.node_settings, self.node_tls.as_ref())
     }
 
-    /// The credentials every node is reached with.
-    pub fn settings(&self) -> &redis::RedisConnectionInfo {
-        &self.node_settings
-    }
-
     /// `Some(insecure)` when the nodes speak TLS; the CA and client certificate, when given.
     pub fn tls(&self) -> Option<(bool, Option<TlsCertificates>)> {
         self.node_tls
@@ -377,12 +372,6 @@ impl RedisArgs {
             true => TlsMode::Unverified,
             false => TlsMode::Verified,
         });
-        let certificates_error = |e: redis::RedisError| {
-            ConfigError(format!(
-                "--redis-ca-file/--redis-client-cert/--redis-client-key: {}",
-                e.detail().unwrap_or("the certificates are not usable")
-            ))
-        };
         let (topology, address) =
             match url_info {
                 Some(info) => {
@@ -414,21 +403,12 @@ impl RedisArgs {
                     (Topology::Standalone(info), format!("{host}:{port}"))
                 }
                 None if cluster => {
-                    let mut seeds = Vec::new();
-                    let mut seed_addresses = Vec::new();
-                    for address in &self.redis_cluster {
-                        let (host, port) = host_port(address).ok_or_else(|| {
-                            ConfigError(format!(
-                                "--redis-cluster (SSEGW_REDIS_CLUSTER): {address:?} is not \
-                                 host:port"
-                            ))
-                        })?;
-                        seeds.push(
-                            connection_info(&host, port, &settings, tls.as_ref())
-                                .map_err(certificates_error)?,
-                        );
-                        seed_addresses.push(format!("{host}:{port}"));
-                    }
+                    let (seeds, seed_addresses) = addresses(
+                        &self.redis_cluster,
+                        "--redis-cluster (SSEGW_REDIS_CLUSTER)",
+                        &settings,
+                        tls.as_ref(),
+                    )?;
                     let address = format!("cluster via {}", seed_addresses.join(","));
                     let target = ClusterTarget {
                         seeds,
@@ -460,21 +440,12 @@ impl RedisArgs {
                             "--redis-sentinel-password-file (SSEGW_REDIS_SENTINEL_PASSWORD_FILE)",
                         ),
                     )?;
-                    let mut sentinels = Vec::new();
-                    let mut sentinel_addresses = Vec::new();
-                    for address in &self.redis_sentinels {
-                        let (host, port) = host_port(address).ok_or_else(|| {
-                            ConfigError(format!(
-                                "--redis-sentinels (SSEGW_REDIS_SENTINELS): {address:?} is not \
-                             host:port"
-                            ))
-                        })?;
-                        sentinels.push(
-                            connection_info(&host, port, &sentinel_settings, tls.as_ref())
-                                .map_err(certificates_error)?,
-                        );
-                        sentinel_addresses.push(format!("{host}:{port}"));
-                    }
+                    let (sentinels, sentinel_addresses) = addresses(
+                        &self.redis_sentinels,
+                        "--redis-sentinels (SSEGW_REDIS_SENTINELS)",
+                        &sentinel_settings,
+                        tls.as_ref(),
+                    )?;
                     let address = format!(
                         "master {master_name} via sentinels {}",
                         sentinel_addresses.join(",")
@@ -604,6 +575,33 @@ fn credentials(
         &format!("a Redis user needs a password: in the URL or in {password_flag}"),
     )?;
     Ok(settings)
+}
+
+/// How to connect to each `host:port` of a list flag, and the addresses as logs name them.
+fn addresses(
+    list: &[String],
+    flag: &str,
+    settings: &redis::RedisConnectionInfo,
+    tls: Option<&Tls>,
+) -> Result<(Vec<redis::ConnectionInfo>, Vec<String>), ConfigError> {
+    let mut infos = Vec::new();
+    let mut names = Vec::new();
+    for address in list {
+        let (host, port) = host_port(address)
+            .ok_or_else(|| ConfigError(format!("{flag}: {address:?} is not host:port")))?;
+        let info = connection_info(&host, port, settings, tls).map_err(certificates_error)?;
+        infos.push(info);
+        names.push(format!("{host}:{port}"));
+    }
+    Ok((infos, names))
+}
+
+/// The certificate files could not be used for a connection.
+fn certificates_error(e: redis::RedisError) -> ConfigError {
+    ConfigError(format!(
+        "--redis-ca-file/--redis-client-cert/--redis-client-key: {}",
+        e.detail().unwrap_or("the certificates are not usable")
+    ))
 }
 
 /// `host:port` or `[v6]:port`.
