@@ -100,6 +100,7 @@ pub async fn run(
         hub: hub.clone(),
         bus,
         stream: Arc::new(config.stream.clone()),
+        publish: Arc::new(config.publish.clone()),
         stats: stats.clone(),
         auth: Arc::new(Auth::new(config.auth.clone())),
         drain: shutdown.clone(),
@@ -107,7 +108,6 @@ pub async fn run(
         metrics,
     });
     let cors = config.cors.clone();
-    let max_event_bytes = config.stream.max_event_bytes;
     let pages = config.pages;
     let dead_peer_timeout = config.dead_peer_timeout;
     let app = move || {
@@ -121,7 +121,7 @@ pub async fn run(
                 no_credentials_without_origin,
             ))
             .app_data(state.clone())
-            .configure(|cfg| http::routes(cfg, max_event_bytes, pages))
+            .configure(|cfg| http::routes(cfg, pages))
     };
     let tune = move |tcp: &actix_web::rt::net::TcpStream| tune_socket(tcp, dead_peer_timeout);
     // Workers still serving connections when the drain window is over are stopped.

@@ -1,12 +1,13 @@
 //! The `sse-gateway` binary: parses the command line, sets up logging and trace export
 //! (`telemetry::init_process`) and hands over to the library (`run` for `serve`,
-//! `publisher::publish` for `publish`).
+//! `publisher::publish` for `publish`, `publisher::namespace` for `namespace`).
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use sse_gateway::config::{Cli, Command, ServeArgs};
 use sse_gateway::telemetry::{self, TelemetryConfig};
+use ssegw_protocol::retention::Retention;
 use ssegw_protocol::script::{self, ScriptSettings};
 use tokio_util::sync::CancellationToken;
 
@@ -37,14 +38,23 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Namespace(args) => {
+            match actix_web::rt::System::new().block_on(sse_gateway::publisher::namespace(*args)) {
+                Ok(table) => {
+                    println!("{table:#}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("sse-gateway namespace: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Script(args) => {
-            match args
-                .retention
-                .script_settings()
-                .map(|settings| ScriptSettings {
-                    sharded: args.sharded,
-                    ..settings
-                }) {
+            match args.retention.limits().map(|limits| ScriptSettings {
+                retention: Retention::new(limits, 0),
+                sharded: args.sharded,
+            }) {
                 Ok(settings) if args.eval => {
                     print!("{}", script::publish_eval_script(&settings));
                     ExitCode::SUCCESS

@@ -1,13 +1,16 @@
 //! `sse-gateway publish`: one event from a shell, straight into Redis (the same `FCALL` any
-//! service uses) or, without a Redis URL, through a gateway's `POST /publish`.
+//! service uses) or, without a Redis URL, through a gateway's `POST /publish`; and
+//! `sse-gateway namespace`: the fleet's retention table in Redis, shown or changed.
 
 use anyhow::{bail, Context};
 use ssegw_protocol::frame::EventType;
 use ssegw_protocol::{StreamId, Topic, Traceparent};
 use tracing::Instrument;
 
-use crate::bus::RedisBus;
-use crate::config::PublishArgs;
+use crate::bus::{Publish, RedisBus};
+use crate::config::{NamespaceAction, NamespaceArgs, PublishArgs};
+use ssegw_protocol::retention::{Limits, Retention};
+use ssegw_protocol::script::IdempotencyKey;
 use crate::telemetry;
 
 /// Publishes the event in a `publish` span (exported when OTLP is configured), whose trace
@@ -31,26 +34,32 @@ async fn publish_in_span(
         .map(EventType::new)
         .transpose()
         .context("invalid event type")?;
+    let key = args
+        .idempotency_key
+        .as_deref()
+        .map(IdempotencyKey::new)
+        .transpose()
+        .context("invalid --idempotency-key")?;
+    anyhow::ensure!(
+        args.idempotency_window >= std::time::Duration::from_secs(1),
+        "--idempotency-window must be at least 1s"
+    );
+    let publish = Publish {
+        topic: &topic,
+        event: event.as_ref(),
+        data: &args.data,
+        traceparent: traceparent.as_ref(),
+        idempotency: key.as_ref().map(|key| (key, args.idempotency_window)),
+    };
     match args.redis.target()? {
         Some(target) => {
-            let script = args.retention.script_settings()?;
-            let bus = RedisBus::connect(&target, 2, args.redis_timeout, &script, true)?;
-            Ok(bus
-                .publish(&topic, event.as_ref(), &args.data, traceparent.as_ref())
-                .await?)
+            let seed = args.retention.limits()?;
+            let bus = RedisBus::connect(&target, 2, args.redis_timeout, seed, true)?;
+            Ok(bus.publish(&publish).await?)
         }
         None => {
             let token = args.token.as_ref().map(|t| t.0.as_str());
-            let event = event.as_ref();
-            publish_http(
-                &args.url,
-                token,
-                traceparent.as_ref(),
-                &topic,
-                event,
-                &args.data,
-            )
-            .await
+            publish_http(&args.url, token, &publish).await
         }
     }
 }
@@ -58,11 +67,15 @@ async fn publish_in_span(
 async fn publish_http(
     base: &str,
     token: Option<&str>,
-    traceparent: Option<&Traceparent>,
-    topic: &Topic,
-    event: Option<&EventType>,
-    data: &str,
+    publish: &Publish<'_>,
 ) -> anyhow::Result<StreamId> {
+    let Publish {
+        topic,
+        event,
+        data,
+        traceparent,
+        idempotency,
+    } = *publish;
     let url = format!("{}/publish", base.trim_end_matches('/'));
     let body = serde_json::json!({
         "topic": topic.as_str(),
@@ -75,6 +88,10 @@ async fn publish_http(
     }
     if let Some(traceparent) = traceparent {
         request = request.insert_header(("traceparent", traceparent.as_str()));
+    }
+    // The window is the gateway's (--idempotency-window there).
+    if let Some((key, _)) = idempotency {
+        request = request.insert_header(("idempotency-key", key.as_str()));
     }
     let mut response = request
         .send_json(&body)
@@ -93,4 +110,70 @@ async fn publish_http(
     }
     let id = reply["id"].as_str().context("answer without id")?;
     StreamId::parse(id).with_context(|| format!("answer with invalid id {id:?}"))
+}
+
+/// `sse-gateway namespace list|set|unset`: prints the table (after the change) as JSON.
+pub async fn namespace(args: NamespaceArgs) -> anyhow::Result<serde_json::Value> {
+    let target = args
+        .redis
+        .target()?
+        .context("the retention table lives in Redis: give --redis-url, --redis-sentinels or --redis-cluster")?;
+    let bus = RedisBus::connect(&target, 2, args.redis_timeout, Limits::default(), true)?;
+    let retention = match args.action {
+        NamespaceAction::List => bus.refresh_retention().await?,
+        NamespaceAction::Set(set) => {
+            if let Some(prefix) = &set.prefix {
+                ssegw_protocol::retention::check_prefix(prefix)?;
+            }
+            bus.change_retention(|retention, generation| {
+                let current = match &set.prefix {
+                    None => *retention.default_limits(),
+                    Some(prefix) => retention
+                        .namespaces()
+                        .find(|(p, _)| p == prefix)
+                        .map_or(*retention.default_limits(), |(_, l)| *l),
+                };
+                let limits = Limits {
+                    max_len: set.max_len.unwrap_or(current.max_len),
+                    ttl_secs: set.ttl.map_or(current.ttl_secs, |ttl| ttl.as_secs()),
+                    max_data_bytes: set.max_event_bytes.unwrap_or(current.max_data_bytes),
+                };
+                retention
+                    .set(set.prefix.as_deref(), limits, generation)
+                    .map_err(|e| e.to_string())
+            })
+            .await?
+        }
+        NamespaceAction::Unset { prefix } => {
+            bus.change_retention(|retention, generation| {
+                if retention.remove(&prefix, generation) {
+                    Ok(())
+                } else {
+                    Err(format!("there is no namespace {prefix:?}"))
+                }
+            })
+            .await?
+        }
+    };
+    Ok(retention_json(&retention))
+}
+
+/// The table as `/status` and `sse-gateway namespace` show it.
+pub fn retention_json(retention: &Retention) -> serde_json::Value {
+    let limits = |l: &Limits| {
+        serde_json::json!({
+            "max_len": l.max_len,
+            "ttl_seconds": l.ttl_secs,
+            "max_event_bytes": l.max_data_bytes,
+        })
+    };
+    let namespaces: serde_json::Map<String, serde_json::Value> = retention
+        .namespaces()
+        .map(|(prefix, l)| (prefix.to_string(), limits(l)))
+        .collect();
+    serde_json::json!({
+        "generation": retention.generation(),
+        "default": limits(retention.default_limits()),
+        "namespaces": namespaces,
+    })
 }

@@ -7,6 +7,7 @@ pub mod cursor;
 pub mod event_id;
 pub mod frame;
 pub mod pattern;
+pub mod retention;
 pub mod script;
 pub mod topic;
 pub mod trace;

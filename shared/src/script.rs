@@ -1,9 +1,11 @@
 //! The Redis side of the contract: key and channel layout, the Lua library the gateway loads
-//! (`ssegw_publish`, `ssegw_read`), the same publish logic as a plain `EVAL` script, and the
-//! message format the publish logic sends on a topic's channel.
+//! (`ssegw_publish`, `ssegw_read`, with the fleet's retention compiled in), the same publish
+//! logic as a plain `EVAL` script, and the message format the publish logic sends on a topic's
+//! channel.
 
 use crate::event_id::StreamId;
 use crate::frame::EventType;
+use crate::retention::{Limits, Retention};
 use crate::topic::Topic;
 use crate::trace::Traceparent;
 
@@ -18,24 +20,26 @@ pub const VERSION_FUNCTION: &str = "ssegw_version";
 /// publish with `PUBLISH`.
 pub const CHANNELS_FUNCTION: &str = "ssegw_channels";
 
+/// `FCALL ssegw_retention 0`: the fleet's retention table compiled into the library, in
+/// [`Retention`]'s text form. Missing in libraries before version 4, whose settings were the
+/// flags of the replica that loaded them.
+pub const RETENTION_FUNCTION: &str = "ssegw_retention";
+
 /// The function library's version, raised with every change of its functions. A newer
 /// library keeps answering the calls of older gateways (same function names and arguments),
 /// so during a rolling upgrade a gateway never replaces a newer library with its own older
 /// one. Version 1 was the library before `ssegw_version` existed; version 3 added sharded
-/// channels (`ssegw_channels`).
-pub const LIBRARY_VERSION: u64 = 3;
+/// channels (`ssegw_channels`); version 4 the fleet's retention per namespace
+/// (`ssegw_retention`), idempotency keys and cheaper publishes and reads.
+pub const LIBRARY_VERSION: u64 = 4;
 
 const CORE: &str = include_str!("../lua/core.lua");
 
-/// Retention and size settings baked into the Lua code when it is loaded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What is compiled into the Lua code when it is loaded.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct ScriptSettings {
-    /// Events kept per topic stream (`XADD MAXLEN`).
-    pub max_len: u64,
-    /// A stream expires after this many seconds without a publish.
-    pub ttl_secs: u64,
-    /// Largest `data` accepted, in bytes.
-    pub max_data_bytes: usize,
+    /// The fleet's retention table.
+    pub retention: Retention,
     /// Publish on sharded channels (`SPUBLISH`), for Redis Cluster: each event then travels
     /// only within its topic's shard, not over the whole cluster's bus. Subscribers must use
     /// `SSUBSCRIBE`.
@@ -53,22 +57,40 @@ impl ScriptSettings {
     }
 }
 
-impl Default for ScriptSettings {
-    fn default() -> ScriptSettings {
-        ScriptSettings {
-            max_len: 1000,
-            ttl_secs: 86_400,
-            max_data_bytes: 65_536,
-            sharded: false,
-        }
-    }
+fn lua_limits(limits: &Limits) -> String {
+    format!(
+        "len = {}, slack = {}, ttl = {}, data = {}",
+        limits.max_len,
+        limits.slack(),
+        limits.ttl_secs,
+        limits.max_data_bytes
+    )
 }
 
+/// The Lua that precedes `core.lua`: `SHARDED`, `DEFAULT`, `NAMESPACES` (longest prefix first,
+/// so that the first match is the longest) and `RETENTION_TEXT`. Prefixes are topic prefixes
+/// (`retention::check_prefix`), so they need no escaping between quotes.
 fn settings_block(s: &ScriptSettings) -> String {
-    format!(
-        "local MAXLEN = {}\nlocal TTL_SECONDS = {}\nlocal MAX_DATA_BYTES = {}\nlocal SHARDED = {}\n",
-        s.max_len, s.ttl_secs, s.max_data_bytes, s.sharded
-    )
+    let r = &s.retention;
+    let mut namespaces: Vec<_> = r.namespaces().collect();
+    namespaces.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
+    let mut out = format!(
+        "local SHARDED = {}\nlocal DEFAULT = {{{}}}\nlocal NAMESPACES = {{\n",
+        s.sharded,
+        lua_limits(r.default_limits())
+    );
+    for (prefix, limits) in namespaces {
+        out.push_str(&format!(
+            "  {{prefix = '{prefix}', n = {}, {}}},\n",
+            prefix.len(),
+            lua_limits(limits)
+        ));
+    }
+    out.push_str(&format!(
+        "}}\nlocal RETENTION_TEXT = [[\n{}]]\n",
+        r.to_text()
+    ));
+    out
 }
 
 /// The function library for `FUNCTION LOAD REPLACE`.
@@ -77,18 +99,54 @@ pub fn function_library(settings: &ScriptSettings) -> String {
         "#!lua name={LIBRARY_NAME}\n{}{CORE}\nredis.register_function('{PUBLISH_FUNCTION}', publish)\n\
          redis.register_function{{function_name='{READ_FUNCTION}', callback=read, flags={{'no-writes'}}}}\n\
          redis.register_function{{function_name='{VERSION_FUNCTION}', callback=function() return {LIBRARY_VERSION} end, flags={{'no-writes'}}}}\n\
-         redis.register_function{{function_name='{CHANNELS_FUNCTION}', callback=function() return '{}' end, flags={{'no-writes'}}}}\n",
+         redis.register_function{{function_name='{CHANNELS_FUNCTION}', callback=function() return '{}' end, flags={{'no-writes'}}}}\n\
+         redis.register_function{{function_name='{RETENTION_FUNCTION}', callback=function() return RETENTION_TEXT end, flags={{'no-writes'}}}}\n",
         settings_block(settings),
         settings.channels()
     )
 }
 
-/// The publish logic as a plain script: `EVAL <script> 1 <topic> <data> [<event>]`.
+/// The publish logic as a plain script: `EVAL <script> 1 <topic> <data> [<event>]`. It
+/// carries the retention table it was made with: unlike the library, it does not follow the
+/// fleet's changes.
 pub fn publish_eval_script(settings: &ScriptSettings) -> String {
     format!(
         "{}{CORE}\nreturn publish(KEYS, ARGV)\n",
         settings_block(settings)
     )
+}
+
+/// The key of an idempotency record: the first publish's id for `key` on `topic`.
+pub fn idempotency_key(topic: &Topic, key: &IdempotencyKey) -> String {
+    format!("ssegw:i:{{{topic}}}:{key}")
+}
+
+/// An idempotency key as the publish function accepts it: 1 to 255 bytes of printable ASCII
+/// without spaces.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey(Box<str>);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("an idempotency key is 1 to 255 bytes of printable ASCII without spaces")]
+pub struct IdempotencyKeyError;
+
+impl IdempotencyKey {
+    pub fn new(key: &str) -> Result<IdempotencyKey, IdempotencyKeyError> {
+        if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(IdempotencyKeyError);
+        }
+        Ok(IdempotencyKey(key.into()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for IdempotencyKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 /// The stream holding a topic's history.

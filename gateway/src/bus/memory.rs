@@ -6,20 +6,31 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ssegw_protocol::frame::{EventType, GapReason};
-use ssegw_protocol::script::ScriptSettings;
-use ssegw_protocol::{StreamId, Topic, Traceparent};
+use ssegw_protocol::retention::{Limits, Retention};
+use ssegw_protocol::script::IdempotencyKey;
+use ssegw_protocol::{StreamId, Topic};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{gap_for, BusError, Page};
+use super::{gap_for, BusError, Page, Publish};
 use crate::config::BusConfig;
 use crate::fanout::event::Event;
 use crate::fanout::hub::{Hub, Interest};
 
 pub struct MemoryBus {
     logs: Arc<Mutex<HashMap<Topic, Log>>>,
-    settings: ScriptSettings,
+    /// The flags' retention: the embedded bus has no namespaces.
+    settings: Limits,
+    /// Idempotency records: the first publish's id and a fingerprint of its event, until the
+    /// deadline; dropped as they expire.
+    first_publishes: Mutex<HashMap<(Topic, IdempotencyKey), FirstPublish>>,
     hub: Arc<Hub>,
+}
+
+struct FirstPublish {
+    id: StreamId,
+    fingerprint: u64,
+    until: Instant,
 }
 
 /// One topic's history, shaped like a Redis stream.
@@ -39,11 +50,12 @@ impl MemoryBus {
     ) -> MemoryBus {
         let bus = MemoryBus {
             logs: Arc::new(Mutex::new(HashMap::new())),
-            settings: config.script,
+            settings: config.retention_seed,
+            first_publishes: Mutex::new(HashMap::new()),
             hub,
         };
         let logs = bus.logs.clone();
-        let ttl = Duration::from_secs(config.script.ttl_secs);
+        let ttl = Duration::from_secs(config.retention_seed.ttl_secs);
         tokio::spawn(async move {
             // Every topic is "subscribed" at once: events reach the hub straight from `publish`.
             let mut sweep = tokio::time::interval(ttl.min(Duration::from_secs(60)));
@@ -66,22 +78,53 @@ impl MemoryBus {
         bus
     }
 
-    pub fn publish(
-        &self,
-        topic: &Topic,
-        event: Option<&EventType>,
-        data: &str,
-        traceparent: Option<&Traceparent>,
-    ) -> Result<StreamId, BusError> {
+    pub fn retention(&self) -> Retention {
+        Retention::new(self.settings, 0)
+    }
+
+    pub fn publish(&self, publish: &Publish<'_>) -> Result<StreamId, BusError> {
+        let Publish {
+            topic,
+            event,
+            data,
+            traceparent,
+            idempotency,
+        } = *publish;
         if data.is_empty() {
             return Err(BusError::Rejected("data must not be empty".into()));
         }
         if data.len() > self.settings.max_data_bytes {
-            return Err(BusError::Rejected(format!(
+            return Err(BusError::TooLarge(format!(
                 "data is larger than {} bytes",
                 self.settings.max_data_bytes
             )));
         }
+        // Held until the event is stored, so that concurrent repeats store it once.
+        let mut first_publishes = self.first_publishes.lock().expect("records poisoned");
+        let record = match idempotency {
+            None => None,
+            Some((key, window)) => {
+                let now = Instant::now();
+                first_publishes.retain(|_, first| first.until > now);
+                let fingerprint = {
+                    use std::hash::{Hash, Hasher};
+                    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                    (event.map(EventType::as_str), data).hash(&mut hasher);
+                    hasher.finish()
+                };
+                let slot = (topic.clone(), key.clone());
+                if let Some(first) = first_publishes.get(&slot) {
+                    if first.fingerprint != fingerprint {
+                        return Err(BusError::KeyReused(format!(
+                            "idempotency key already used for another event on this topic (id {})",
+                            first.id
+                        )));
+                    }
+                    return Ok(first.id);
+                }
+                Some((slot, fingerprint, now + window))
+            }
+        };
         let ttl = Duration::from_secs(self.settings.ttl_secs);
         let mut logs = self.logs.lock().expect("logs poisoned");
         if live_log(&mut logs, topic, ttl).is_none() {
@@ -104,6 +147,16 @@ impl MemoryBus {
         while log.entries.len() as u64 > self.settings.max_len {
             let trimmed = log.entries.pop_front().expect("longer than max_len");
             log.max_deleted = trimmed.id;
+        }
+        if let Some((slot, fingerprint, until)) = record {
+            first_publishes.insert(
+                slot,
+                FirstPublish {
+                    id,
+                    fingerprint,
+                    until,
+                },
+            );
         }
         // Dispatched under the lock so that each topic's events reach the hub in id order.
         self.hub.dispatch(topic, event);

@@ -12,6 +12,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ssegw_protocol::frame::{EventType, GapReason};
+use ssegw_protocol::retention::Retention;
+use ssegw_protocol::script::IdempotencyKey;
 use ssegw_protocol::{StreamId, Topic, Traceparent};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -31,6 +33,12 @@ pub enum BusError {
     /// The publish logic refused the event; the message says why.
     #[error("{0}")]
     Rejected(String),
+    /// The event is larger than its namespace accepts.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The idempotency key was used for another event on this topic within the window.
+    #[error("{0}")]
+    KeyReused(String),
     /// The primary stored the event, but fewer replicas than `--publish-replicas` confirmed
     /// it in time: a failover may yet lose it, and a retry may store it twice.
     #[error(
@@ -43,6 +51,29 @@ pub enum BusError {
         acknowledged: u32,
         wanted: u32,
     },
+}
+
+/// One event to publish. Its `Debug` leaves the data out.
+#[derive(Clone, Copy)]
+pub struct Publish<'a> {
+    pub topic: &'a Topic,
+    pub event: Option<&'a EventType>,
+    pub data: &'a str,
+    pub traceparent: Option<&'a Traceparent>,
+    /// With a key, a repeat of this publish on this topic within the window returns the first
+    /// publish's id and stores and delivers nothing; the key with another event is refused.
+    pub idempotency: Option<(&'a IdempotencyKey, std::time::Duration)>,
+}
+
+impl std::fmt::Debug for Publish<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publish")
+            .field("topic", self.topic)
+            .field("event", &self.event)
+            .field("data_bytes", &self.data.len())
+            .field("idempotency", &self.idempotency.map(|(k, w)| (k.as_str(), w)))
+            .finish()
+    }
 }
 
 /// A page of a topic's history, read after a position.
@@ -77,16 +108,32 @@ impl Bus {
     }
 
     /// Stores and publishes one event; returns its id.
-    pub async fn publish(
-        &self,
-        topic: &Topic,
-        event: Option<&EventType>,
-        data: &str,
-        traceparent: Option<&Traceparent>,
-    ) -> Result<StreamId, BusError> {
+    pub async fn publish(&self, publish: &Publish<'_>) -> Result<StreamId, BusError> {
         match self {
-            Bus::Redis(bus) => bus.publish(topic, event, data, traceparent).await,
-            Bus::Memory(bus) => bus.publish(topic, event, data, traceparent),
+            Bus::Redis(bus) => bus.publish(publish).await,
+            Bus::Memory(bus) => bus.publish(publish),
+        }
+    }
+
+    /// Stores and publishes several events in order, in one round trip to Redis (one per
+    /// shard in a cluster); one result per event, in the same order. Not atomic: when Redis
+    /// fails part-way, the events before the failure may be stored.
+    pub async fn publish_many(
+        &self,
+        publishes: &[Publish<'_>],
+    ) -> Vec<Result<StreamId, BusError>> {
+        match self {
+            Bus::Redis(bus) => bus.publish_many(publishes).await,
+            Bus::Memory(bus) => publishes.iter().map(|p| bus.publish(p)).collect(),
+        }
+    }
+
+    /// The retention table publishes are held to: the fleet's, as last read from Redis
+    /// (`None` before it was), or the embedded bus's, from the flags.
+    pub fn retention(&self) -> Option<Retention> {
+        match self {
+            Bus::Redis(bus) => bus.retention(),
+            Bus::Memory(bus) => Some(bus.retention()),
         }
     }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args, Parser, Subcommand};
-use ssegw_protocol::script::ScriptSettings;
+use ssegw_protocol::retention::Limits;
 use ssegw_protocol::{Scope, TopicPattern};
 
 mod redis;
@@ -43,6 +43,55 @@ pub enum Command {
     Publish(Box<PublishArgs>),
     /// Print the Redis Lua code: the function library, or with --eval the plain EVAL script.
     Script(ScriptArgs),
+    /// Show or change the fleet's retention table in Redis: per namespace (a topic prefix),
+    /// the events kept, how long a topic lives without a publish, and the largest event.
+    Namespace(Box<NamespaceArgs>),
+}
+
+#[derive(Args, Debug)]
+pub struct NamespaceArgs {
+    #[command(subcommand)]
+    pub action: NamespaceAction,
+    /// The fleet's Redis (--redis-url, --redis-sentinels or --redis-cluster, and the other
+    /// --redis-* settings).
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    #[arg(long, env = "SSEGW_REDIS_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration, global = true)]
+    pub redis_timeout: Duration,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NamespaceAction {
+    /// Print the table: the default, then each namespace (JSON).
+    List,
+    /// Set the limits of a namespace (a topic prefix such as `chat.`), or with --default those
+    /// of every topic outside the namespaces. Limits not given keep their current value (for
+    /// a new namespace: the default's). Applies to the next publish, on every replica.
+    Set(NamespaceSet),
+    /// Remove a namespace: its topics fall back to a shorter prefix or the default.
+    Unset {
+        /// The namespace's prefix.
+        prefix: String,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct NamespaceSet {
+    /// The namespace's prefix (a topic's longest matching prefix decides its limits).
+    #[arg(required_unless_present = "default", conflicts_with = "default")]
+    pub prefix: Option<String>,
+    /// Set the default instead of a namespace.
+    #[arg(long)]
+    pub default: bool,
+    /// Events kept per topic.
+    #[arg(long)]
+    pub max_len: Option<u64>,
+    /// How long a topic's history lives without a publish.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub ttl: Option<Duration>,
+    /// Largest event data accepted, in bytes.
+    #[arg(long)]
+    pub max_event_bytes: Option<usize>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -100,6 +149,13 @@ pub struct ServeArgs {
     /// serves many topics.
     #[arg(long, env = "SSEGW_CLIENT_BUFFER", default_value_t = 128)]
     pub client_buffer: usize,
+    /// How long an idempotency key (`Idempotency-Key` on `POST /publish`) is remembered: a
+    /// publish repeated with the same key on the same topic within it returns the first id.
+    #[arg(long, env = "SSEGW_IDEMPOTENCY_WINDOW", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub idempotency_window: Duration,
+    /// Most events in one batch publish (`POST /publish` with NDJSON).
+    #[arg(long, env = "SSEGW_PUBLISH_BATCH_MAX", default_value_t = 1000)]
+    pub publish_batch_max: usize,
     /// Redis command connections in the pool.
     #[arg(long, env = "SSEGW_REDIS_POOL_SIZE", default_value_t = 16)]
     pub redis_pool_size: usize,
@@ -213,16 +269,18 @@ impl std::str::FromStr for Redacted {
     }
 }
 
-/// Settings baked into the Redis functions; every replica of a fleet should use the same.
+/// The retention a replica seeds an empty Redis with (the first replica to find no function
+/// library writes them there as the fleet's default); from then on Redis's table rules, and
+/// `sse-gateway namespace` changes it. The embedded bus uses them as they are.
 #[derive(Args, Debug, Clone)]
 pub struct RetentionArgs {
-    /// Events kept per topic for resumption.
+    /// Events kept per topic for resumption (seeds an empty Redis; see `namespace`).
     #[arg(long, env = "SSEGW_HISTORY_MAX_LEN", default_value_t = 1000)]
     pub history_max_len: u64,
-    /// A topic's history is dropped after this long without a publish.
+    /// A topic's history is dropped after this long without a publish (seeds an empty Redis).
     #[arg(long, env = "SSEGW_HISTORY_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub history_ttl: Duration,
-    /// Largest event data accepted, in bytes.
+    /// Largest event data accepted, in bytes (seeds an empty Redis).
     #[arg(long, env = "SSEGW_MAX_EVENT_BYTES", default_value_t = 65_536)]
     pub max_event_bytes: usize,
 }
@@ -246,6 +304,13 @@ pub struct PublishArgs {
     /// Bearer token for the gateway's `POST /publish` (a JWT whose claims grant the topic).
     #[arg(long, env = "SSEGW_TOKEN", hide_env_values = true)]
     pub token: Option<Redacted>,
+    /// Makes the publish safe to repeat: the same key on the same topic within
+    /// --idempotency-window returns the first publish's id and stores nothing new.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// How long an idempotency key is remembered.
+    #[arg(long, env = "SSEGW_IDEMPOTENCY_WINDOW", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub idempotency_window: Duration,
     #[arg(long, env = "SSEGW_REDIS_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub redis_timeout: Duration,
     #[command(flatten)]
@@ -276,6 +341,7 @@ pub struct Config {
     pub transport: Transport,
     pub stream: StreamConfig,
     pub bus: BusConfig,
+    pub publish: PublishConfig,
     pub auth: AuthConfig,
     pub cors: CorsConfig,
     /// Logs, and what goes to OTLP (from the standard `OTEL_*` variables).
@@ -342,7 +408,17 @@ pub struct BusConfig {
     pub redis_timeout: Duration,
     pub canary_interval: Duration,
     pub client_buffer: usize,
-    pub script: ScriptSettings,
+    /// The retention this replica seeds an empty Redis with; the embedded bus's retention.
+    pub retention_seed: Limits,
+}
+
+/// How publishes over HTTP are taken.
+#[derive(Debug, Clone)]
+pub struct PublishConfig {
+    /// How long an idempotency key is remembered (`--idempotency-window`).
+    pub idempotency_window: Duration,
+    /// Most events in one batch request (`--publish-batch-max`).
+    pub batch_max: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -358,7 +434,7 @@ fn check(ok: bool, message: &str) -> Result<(), ConfigError> {
 }
 
 impl RetentionArgs {
-    pub fn script_settings(&self) -> Result<ScriptSettings, ConfigError> {
+    pub fn limits(&self) -> Result<Limits, ConfigError> {
         check(
             self.history_max_len >= 1,
             "--history-max-len (SSEGW_HISTORY_MAX_LEN) must be at least 1",
@@ -371,11 +447,10 @@ impl RetentionArgs {
             (1..=16 << 20).contains(&self.max_event_bytes),
             "--max-event-bytes (SSEGW_MAX_EVENT_BYTES) must be between 1 and 16777216",
         )?;
-        Ok(ScriptSettings {
+        Ok(Limits {
             max_len: self.history_max_len,
             ttl_secs: self.history_ttl.as_secs(),
             max_data_bytes: self.max_event_bytes,
-            sharded: false,
         })
     }
 }
@@ -516,7 +591,7 @@ fn is_origin(text: &str) -> bool {
 
 impl ServeArgs {
     pub fn into_config(self) -> Result<Config, ConfigError> {
-        let script = self.retention.script_settings()?;
+        let retention_seed = self.retention.limits()?;
         let redis = self.redis.target()?;
         let workers = match self.workers {
             Some(n) => n,
@@ -538,6 +613,14 @@ impl ServeArgs {
         check(
             self.redis_pool_size >= 2,
             "--redis-pool-size (SSEGW_REDIS_POOL_SIZE) must be at least 2",
+        )?;
+        check(
+            self.idempotency_window >= Duration::from_secs(1),
+            "--idempotency-window (SSEGW_IDEMPOTENCY_WINDOW) must be at least 1s",
+        )?;
+        check(
+            (1..=100_000).contains(&self.publish_batch_max),
+            "--publish-batch-max (SSEGW_PUBLISH_BATCH_MAX) must be between 1 and 100000",
         )?;
         check(
             self.redis_timeout >= Duration::from_millis(10),
@@ -574,7 +657,7 @@ impl ServeArgs {
                 keepalive: self.keepalive,
                 retry: self.retry,
                 max_topics: self.max_topics,
-                max_event_bytes: script.max_data_bytes,
+                max_event_bytes: retention_seed.max_data_bytes,
                 max_connections: self.max_connections,
                 subscribe_timeout: self.redis_timeout,
                 drain_window: self.drain_window,
@@ -587,7 +670,11 @@ impl ServeArgs {
                 redis_timeout: self.redis_timeout,
                 canary_interval: self.canary_interval,
                 client_buffer: self.client_buffer,
-                script,
+                retention_seed,
+            },
+            publish: PublishConfig {
+                idempotency_window: self.idempotency_window,
+                batch_max: self.publish_batch_max,
             },
             auth,
             cors,
@@ -792,7 +879,9 @@ mod tests {
         assert_eq!(config.stream.write_coalesce, Duration::ZERO);
         assert_eq!(config.bus.client_buffer, 128);
         assert_eq!(config.bus.canary_interval, Duration::from_secs(1));
-        assert_eq!(config.bus.script, ScriptSettings::default());
+        assert_eq!(config.bus.retention_seed, Limits::default());
+        assert_eq!(config.publish.idempotency_window, Duration::from_secs(300));
+        assert_eq!(config.publish.batch_max, 1000);
         assert!(config.bus.redis.is_none());
         assert!(config.pages);
         assert!(matches!(config.transport, Transport::Http1));

@@ -5,10 +5,12 @@
 use std::convert::Infallible;
 
 use actix_web::http::{header, StatusCode};
-use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse, ResponseError};
 use bytes::Bytes;
 use serde::Deserialize;
 use ssegw_protocol::frame::EventType;
+use ssegw_protocol::retention::Retention;
+use ssegw_protocol::script::IdempotencyKey;
 use ssegw_protocol::{cursor, StreamId, Topic, TopicSet, Traceparent};
 use tracing::Instrument;
 
@@ -16,25 +18,10 @@ use super::error::ApiError;
 use super::handoff::Handoff;
 use super::state::{status_json, AppState};
 use crate::auth::{Action, Grant};
+use crate::bus::Publish;
 use crate::config::Redacted;
 use crate::fanout::sse::{Connection, Start};
 use crate::telemetry;
-
-pub(super) fn json_error(e: actix_web::error::JsonPayloadError) -> ApiError {
-    use actix_web::error::JsonPayloadError as E;
-    match e {
-        E::Overflow { limit } | E::OverflowKnownLength { limit, .. } => ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("publish body is larger than {limit} bytes"),
-        ),
-        E::ContentType => ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "Content-Type must be application/json",
-        ),
-        E::Deserialize(e) => ApiError::bad_request(format!("invalid publish body: {e}")),
-        other => ApiError::bad_request(format!("could not read publish body: {other}")),
-    }
-}
 
 /// The parsed query of `GET /events`.
 #[derive(Debug)]
@@ -283,8 +270,9 @@ pub struct PublishRequest {
 
 impl PublishBody {
     /// Checks the body as the Lua publish function would, so that bad input is a 4xx here
-    /// instead of a round trip to Redis.
-    pub fn validate(self, max_event_bytes: usize) -> Result<PublishRequest, ApiError> {
+    /// instead of a round trip to Redis; the data's size against `retention`, the fleet's
+    /// table as this replica last read it (Redis checks the current one again).
+    pub fn validate(self, retention: &Retention) -> Result<PublishRequest, ApiError> {
         let topic = Topic::new(&self.topic).map_err(|e| {
             ApiError::bad_request(format!("invalid topic {}: {e}", quote(&self.topic)))
         })?;
@@ -304,6 +292,7 @@ impl PublishBody {
                 "data must not be empty (browsers do not dispatch events without data)",
             ));
         }
+        let max_event_bytes = retention.limits_for(topic.as_str()).1.max_data_bytes;
         if data.len() > max_event_bytes {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -314,12 +303,23 @@ impl PublishBody {
     }
 }
 
+/// What `POST /publish` answers.
+enum Published {
+    One(StreamId),
+    /// A batch: one id per event, in order.
+    Many(Vec<StreamId>),
+}
+
 /// `POST /publish`, in a span of its own: a child of the caller's `traceparent` when it sent
 /// one, whose trace context is stored with the event so that every replica's delivery links
 /// back to it. Its log lines carry the request id and the trace id.
+///
+/// `application/json`: one event. `application/x-ndjson`: a batch, one event per line, checked
+/// as a whole before any is published (a bad line refuses the batch and names the line), then
+/// published in order in one round trip to Redis.
 pub(super) async fn publish(
     req: HttpRequest,
-    body: web::Json<PublishBody>,
+    payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let request_id = request_id(&req);
@@ -341,31 +341,123 @@ pub(super) async fn publish(
         span.record("trace_id", traceparent.trace_id());
     }
     let publish = async {
-        let request = body.into_inner().validate(state.stream.max_event_bytes)?;
-        tracing::Span::current().record("messaging.destination.name", request.topic.as_str());
-        // Only the header: a cookie would let any page the user visits publish in their name.
-        crate::auth::bearer(&req)
-            .and_then(|token| {
-                state
-                    .auth
-                    .authorize(Action::Publish, token.as_deref(), [&request.topic])
-            })
-            .map_err(|e| ApiError::auth(e, &state.stats))?;
-        let id = state
+        let batch = match req.mime_type() {
+            Ok(Some(mime)) if mime.essence_str() == "application/json" => false,
+            Ok(Some(mime)) if mime.essence_str() == "application/x-ndjson" => true,
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "Content-Type must be application/json (one event) or application/x-ndjson \
+                     (a batch, one event per line)",
+                ))
+            }
+        };
+        let key = match req.headers().get("idempotency-key") {
+            None => None,
+            Some(value) => Some(
+                value
+                    .to_str()
+                    .ok()
+                    .and_then(|key| IdempotencyKey::new(key).ok())
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "invalid Idempotency-Key: 1 to 255 bytes of printable ASCII without \
+                             spaces",
+                        )
+                    })?,
+            ),
+        };
+        let retention = state
             .bus
-            .publish(
-                &request.topic,
-                request.event.as_ref(),
-                &request.data,
-                traceparent.as_ref(),
+            .retention()
+            .unwrap_or_else(|| {
+                // Before the fleet's table was read: this replica's own flag.
+                let seed = ssegw_protocol::retention::Limits {
+                    max_data_bytes: state.stream.max_event_bytes,
+                    ..Default::default()
+                };
+                Retention::new(seed, 0)
+            });
+        // JSON escaping can grow data up to six-fold (`\u0000`); sizes are checked after.
+        let per_event = retention.max_data_bytes() * 6 + 4096;
+        let limit = if batch {
+            per_event.saturating_mul(state.publish.batch_max).min(MAX_BATCH_BODY)
+        } else {
+            per_event
+        };
+        let body = read_body(payload, limit).await?;
+        // Only the header: a cookie would let any page the user visits publish in their name.
+        let token = crate::auth::bearer(&req).map_err(|e| ApiError::auth(e, &state.stats))?;
+        let window = state.publish.idempotency_window;
+        if !batch {
+            let request = serde_json::from_slice::<PublishBody>(&body)
+                .map_err(|e| ApiError::bad_request(format!("invalid publish body: {e}")))?
+                .validate(&retention)?;
+            tracing::Span::current().record("messaging.destination.name", request.topic.as_str());
+            state
+                .auth
+                .authorize(Action::Publish, token.as_deref(), [&request.topic])
+                .map_err(|e| ApiError::auth(e, &state.stats))?;
+            let id = state
+                .bus
+                .publish(&Publish {
+                    topic: &request.topic,
+                    event: request.event.as_ref(),
+                    data: &request.data,
+                    traceparent: traceparent.as_ref(),
+                    idempotency: key.as_ref().map(|key| (key, window)),
+                })
+                .await?;
+            tracing::debug!(%id, "published");
+            return Ok(Published::One(id));
+        }
+        let requests = parse_batch(&body, &retention, state.publish.batch_max)?;
+        state
+            .auth
+            .authorize(
+                Action::Publish,
+                token.as_deref(),
+                requests.iter().map(|r| &r.topic),
             )
-            .await?;
-        tracing::debug!(%id, "published");
-        Ok(id)
+            .map_err(|e| ApiError::auth(e, &state.stats))?;
+        // A batch's key covers each event by its place: `<key>/<line>`, so that the same batch
+        // sent again is published once.
+        let keys = match &key {
+            None => Vec::new(),
+            Some(key) => (1..=requests.len())
+                .map(|n| IdempotencyKey::new(&format!("{key}/{n}")))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| {
+                    ApiError::bad_request("Idempotency-Key is too long for a batch: at most 245 bytes")
+                })?,
+        };
+        let publishes: Vec<Publish> = requests
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Publish {
+                topic: &r.topic,
+                event: r.event.as_ref(),
+                data: &r.data,
+                traceparent: traceparent.as_ref(),
+                idempotency: keys.get(i).map(|key| (key, window)),
+            })
+            .collect();
+        let results = state.bus.publish_many(&publishes).await;
+        if results.iter().all(Result::is_ok) {
+            tracing::debug!(events = results.len(), "published a batch");
+            return Ok(Published::Many(results.into_iter().flatten().collect()));
+        }
+        Err(batch_error(results))
     };
-    let result: Result<StreamId, ApiError> = publish.instrument(span).await;
+    let result: Result<Published, ApiError> = publish.instrument(span).await;
     let mut response = match result {
-        Ok(id) => HttpResponse::Ok().json(serde_json::json!({ "id": id.to_string() })),
+        Ok(Published::One(id)) => {
+            HttpResponse::Ok().json(serde_json::json!({ "id": id.to_string() }))
+        }
+        Ok(Published::Many(ids)) => {
+            let ids: Vec<String> = ids.iter().map(StreamId::to_string).collect();
+            HttpResponse::Ok().json(serde_json::json!({ "ids": ids }))
+        }
         Err(e) => e.error_response(),
     };
     if let Ok(value) = header::HeaderValue::from_str(&request_id) {
@@ -374,6 +466,83 @@ pub(super) async fn publish(
             .insert(header::HeaderName::from_static("x-request-id"), value);
     }
     Ok(response)
+}
+
+/// Largest batch body read, whatever `--publish-batch-max` allows.
+const MAX_BATCH_BODY: usize = 64 << 20;
+
+/// Reads the request body, refusing it with 413 as soon as it passes `limit` bytes.
+async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
+    use futures_util::StreamExt;
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("could not read publish body: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("publish body is larger than {limit} bytes"),
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// The events of an NDJSON batch, each checked as a single publish is; blank lines are
+/// skipped. The first bad line refuses the whole batch, named by its number.
+fn parse_batch(
+    body: &[u8],
+    retention: &Retention,
+    max: usize,
+) -> Result<Vec<PublishRequest>, ApiError> {
+    let mut requests = Vec::new();
+    for (n, line) in body.split(|&b| b == b'\n').enumerate() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        if requests.len() == max {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("a batch holds at most {max} events"),
+            ));
+        }
+        let at_line = |e: ApiError| ApiError::new(e.status(), format!("line {}: {}", n + 1, e.message()));
+        let request = serde_json::from_slice::<PublishBody>(line)
+            .map_err(|e| ApiError::bad_request(format!("invalid publish body: {e}")))
+            .and_then(|body| body.validate(retention))
+            .map_err(at_line)?;
+        requests.push(request);
+    }
+    if requests.is_empty() {
+        return Err(ApiError::bad_request("empty batch: send one JSON object per line"));
+    }
+    Ok(requests)
+}
+
+/// A batch that Redis answered only in part: the status of its first failure, and each
+/// event's outcome in order (`{"id": ...}` or `{"error": ...}`), so that the client knows
+/// which were stored.
+fn batch_error(results: Vec<Result<StreamId, crate::bus::BusError>>) -> ApiError {
+    let first = results
+        .iter()
+        .find_map(|r| r.as_ref().err().cloned())
+        .expect("a failure");
+    let first = ApiError::from(first);
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    let message = format!(
+        "{failed} of {} events were not published (the first: {}); `results` says which were",
+        results.len(),
+        first.message()
+    );
+    let outcomes: Vec<serde_json::Value> = results
+        .into_iter()
+        .map(|r| match r {
+            Ok(id) => serde_json::json!({ "id": id.to_string() }),
+            Err(e) => serde_json::json!({ "error": ApiError::from(e).message() }),
+        })
+        .collect();
+    ApiError::new(first.status(), message).with_results(outcomes)
 }
 
 /// The caller's `X-Request-Id` when it is a short token, else a new one.

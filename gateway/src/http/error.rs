@@ -16,6 +16,8 @@ pub struct ApiError {
     message: String,
     /// A header the status calls for (`Allow` with 405, `WWW-Authenticate` with 401 and 403).
     header: Option<(header::HeaderName, &'static str)>,
+    /// A batch publish's outcome per event, when Redis took only part of it.
+    results: Option<Vec<serde_json::Value>>,
 }
 
 impl ApiError {
@@ -24,6 +26,14 @@ impl ApiError {
             status,
             message: message.into(),
             header: None,
+            results: None,
+        }
+    }
+
+    pub(crate) fn with_results(self, results: Vec<serde_json::Value>) -> ApiError {
+        ApiError {
+            results: Some(results),
+            ..self
         }
     }
 
@@ -66,7 +76,12 @@ impl ResponseError for ApiError {
             // Spread the retries of many refused clients over a few seconds.
             response.insert_header((header::RETRY_AFTER, fastrand::u8(1..=5).to_string()));
         }
-        response.json(serde_json::json!({ "error": self.message }))
+        match &self.results {
+            None => response.json(serde_json::json!({ "error": self.message })),
+            Some(results) => {
+                response.json(serde_json::json!({ "error": self.message, "results": results }))
+            }
+        }
     }
 }
 
@@ -102,6 +117,11 @@ impl From<BusError> for ApiError {
     fn from(e: BusError) -> ApiError {
         match e {
             BusError::Rejected(message) => ApiError::bad_request(message),
+            BusError::TooLarge(message) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, message),
+            // The IETF idempotency-key draft's answer to a key reused with another payload.
+            BusError::KeyReused(message) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, message)
+            }
             unconfirmed @ BusError::Unconfirmed { .. } => {
                 tracing::warn!(%unconfirmed, "publish not confirmed by enough replicas");
                 ApiError::unavailable(unconfirmed.to_string())

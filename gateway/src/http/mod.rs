@@ -18,17 +18,12 @@ pub use api::{PublishBody, PublishRequest, SubscribeRequest};
 pub use error::ApiError;
 pub use state::AppState;
 
-use api::{events, healthz, json_error, metrics, publish, readyz, status};
+use api::{events, healthz, metrics, publish, readyz, status};
 use error::only;
 
 /// Every route; with `pages`, also the demo and status pages (`pages::routes`).
-pub fn routes(cfg: &mut web::ServiceConfig, max_event_bytes: usize, pages: bool) {
-    // JSON escaping can grow data up to six-fold (`\u0000`); the data limit is checked after.
-    let json = web::JsonConfig::default()
-        .limit(max_event_bytes * 6 + 4096)
-        .error_handler(|e, _| json_error(e).into());
-    cfg.app_data(json)
-        .service(only(
+pub fn routes(cfg: &mut web::ServiceConfig, pages: bool) {
+    cfg.service(only(
             web::resource("/events").route(web::get().to(events)),
             "GET",
         ))

@@ -7,7 +7,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Auth;
 use crate::bus::Bus;
-use crate::config::StreamConfig;
+use crate::config::{PublishConfig, StreamConfig};
 use crate::fanout::hub::Hub;
 use crate::telemetry::stats::Stats;
 use crate::telemetry::Metrics;
@@ -17,6 +17,7 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     pub bus: Arc<Bus>,
     pub stream: Arc<StreamConfig>,
+    pub publish: Arc<PublishConfig>,
     pub stats: Arc<Stats>,
     pub auth: Arc<Auth>,
     /// Cancelled when the replica starts draining.
@@ -36,5 +37,11 @@ pub fn status_json(state: &AppState) -> serde_json::Value {
     body["topics"] = state.hub.topic_count().into();
     body["ready"] = (state.bus.is_ready() && !state.drain.is_cancelled()).into();
     body["bus"] = state.bus.describe().into();
+    // The retention publishes are held to: the fleet's table in Redis as last read (`null`
+    // until it was), or the embedded bus's flags.
+    body["retention"] = state
+        .bus
+        .retention()
+        .map_or(serde_json::Value::Null, |r| crate::publisher::retention_json(&r));
     body
 }

@@ -13,7 +13,7 @@ use ssegw_protocol::script;
 use ssegw_protocol::{StreamId, Topic};
 
 use super::endpoint::Endpoint;
-use super::library::{self, Library};
+use super::library::{self, Functions};
 use super::reply::{classify, explain, malformed, parse_page, unavailable};
 use crate::bus::{BusError, Page};
 use crate::config::Durability;
@@ -36,11 +36,8 @@ pub(super) fn read_cmd(topic: &Topic, after: Option<StreamId>, count: usize) -> 
 #[derive(Clone)]
 pub(super) struct Commands {
     pub(super) pools: Arc<Pools>,
-    pub(super) library: Arc<str>,
-    /// What `ssegw_channels` answers for `library`.
-    pub(super) channels: &'static str,
-    /// `--redis-install-functions`: load the library when it is missing, or only say so.
-    pub(super) install_functions: bool,
+    /// The library to load, and the fleet's retention table.
+    pub(super) functions: Arc<Functions>,
     /// Where the library version found in Redis is shown (`/status`, metrics); `None` for the
     /// `publish` command.
     pub(super) stats: Option<Arc<Stats>>,
@@ -196,13 +193,20 @@ impl Commands {
         durability: Durability,
     ) -> Result<(String, u32), BusError> {
         let (mut conn, id): (_, String) = self.fcall_holding(cmd).await?;
+        let confirmed = self.wait(&mut conn, durability).await;
+        Ok((id, confirmed))
+    }
+
+    /// `WAIT`s on `conn` for `durability`'s replicas: how many confirmed every write made on
+    /// the connection so far (0 when the `WAIT` failed).
+    async fn wait(&self, conn: &mut deadpool_redis::Connection, durability: Durability) -> u32 {
         let mut wait = redis::cmd("WAIT");
         wait.arg(durability.replicas)
             .arg(durability.timeout.as_millis() as u64);
         // WAIT answers by its own timeout; ours only guards against a Redis that stopped.
-        let confirmed = match tokio::time::timeout(
+        match tokio::time::timeout(
             durability.timeout + self.timeout,
-            wait.query_async::<u32>(&mut conn),
+            wait.query_async::<u32>(conn),
         )
         .await
         {
@@ -213,8 +217,7 @@ impl Commands {
                 0
             }
             Err(_) => 0,
-        };
-        Ok((id, confirmed))
+        }
     }
 
     pub(super) async fn fcall_on<T: redis::FromRedisValue>(
@@ -263,11 +266,6 @@ impl Commands {
         &self,
         conn: &mut deadpool_redis::Connection,
     ) -> Result<(), BusError> {
-        let library = Library {
-            code: &self.library,
-            channels: self.channels,
-            install: self.install_functions,
-        };
         // One command at a time on `conn`: the closure borrows it for each.
         let conn = tokio::sync::Mutex::new(conn);
         let run = |cmd: redis::Cmd| {
@@ -278,7 +276,90 @@ impl Commands {
             }
         };
         let record = |version| self.record_library(version);
-        library::ensure(&library, self.pools.endpoint.address(), run, record).await
+        library::ensure(&self.functions, self.pools.endpoint.address(), run, record).await
+    }
+
+    /// Loads `retention` in the library on the primary (`sse-gateway namespace`).
+    pub(super) async fn load_retention(
+        &self,
+        retention: &ssegw_protocol::retention::Retention,
+    ) -> Result<(), BusError> {
+        let mut conn = self.connection().await?;
+        let conn = tokio::sync::Mutex::new(&mut conn);
+        let run = |cmd: redis::Cmd| {
+            let conn = &conn;
+            async move {
+                let mut conn = conn.lock().await;
+                self.query::<Value>(&cmd, &mut conn).await
+            }
+        };
+        library::load_retention(&self.functions, self.pools.endpoint.address(), run, retention)
+            .await
+    }
+
+    /// Runs several publish `FCALL`s in one pipeline on one connection, then, for
+    /// `durability`, one `WAIT` for all of them; one result per call, and how many replicas
+    /// confirmed them all. A connection that fails part-way fails the calls it did not answer.
+    pub(super) async fn fcall_many(
+        &self,
+        cmds: &[redis::Cmd],
+        durability: Option<Durability>,
+    ) -> Result<(Vec<Result<String, BusError>>, Option<u32>), BusError> {
+        let mut conn = self.connection().await?;
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for cmd in cmds {
+            pipe.add_command(cmd.clone());
+        }
+        let mut replies: Vec<redis::RedisResult<String>> =
+            match tokio::time::timeout(self.timeout, pipe.query_async(&mut conn)).await {
+                Err(_) => {
+                    self.pools
+                        .endpoint
+                        .moved("the primary did not answer in time");
+                    return Err(BusError::Unavailable("Redis did not answer in time".into()));
+                }
+                Ok(result) => result.map_err(|e| {
+                    self.suspect(&e);
+                    classify(e)
+                })?,
+            };
+        // Redis lost the library (all calls then failed alike): load it, and send again only
+        // the calls that did not run.
+        let missing = |r: &redis::RedisResult<String>| {
+            r.as_ref()
+                .err()
+                .and_then(|e| e.detail())
+                .is_some_and(|d| d.contains("Function not found"))
+        };
+        if replies.iter().any(missing) {
+            self.load_library(&mut conn).await?;
+            let mut again = redis::pipe();
+            again.ignore_errors();
+            let resend: Vec<usize> = (0..replies.len()).filter(|&i| missing(&replies[i])).collect();
+            for &i in &resend {
+                again.add_command(cmds[i].clone());
+            }
+            let answers: Vec<redis::RedisResult<String>> =
+                match tokio::time::timeout(self.timeout, again.query_async(&mut conn)).await {
+                    Err(_) => return Err(BusError::Unavailable("Redis did not answer in time".into())),
+                    Ok(result) => result.map_err(classify)?,
+                };
+            for (i, answer) in resend.into_iter().zip(answers) {
+                replies[i] = answer;
+            }
+        }
+        let confirmed = match durability {
+            None => None,
+            Some(durability) => Some(self.wait(&mut conn, durability).await),
+        };
+        Ok((
+            replies
+                .into_iter()
+                .map(|r| r.map_err(classify))
+                .collect(),
+            confirmed,
+        ))
     }
 
     fn record_library(&self, version: u64) {

@@ -1,35 +1,92 @@
-//! The function library in a Redis node: finding which version (and which kind of channels)
-//! it has, and loading this replica's when it is missing or older. The only place that sends
-//! `FUNCTION LOAD`. It runs commands through whatever connection its caller hands it: the
+//! The function library in a Redis node: finding which version (which kind of channels, which
+//! retention table) it has, loading this replica's when it is missing or older, and bringing
+//! the fleet's newest retention table to every node. The only place that sends `FUNCTION LOAD`. It runs commands through whatever connection its caller hands it: the
 //! standalone pool's, or the cluster connection routed to one primary.
 
 use std::future::Future;
+use std::sync::Mutex;
 
 use redis::Value;
-use ssegw_protocol::script;
+use ssegw_protocol::retention::{Limits, Retention};
+use ssegw_protocol::script::{self, ScriptSettings};
 
 use crate::bus::BusError;
 
-/// What the caller needs to load or check the library on one node.
-pub(super) struct Library<'a> {
-    /// `FUNCTION LOAD REPLACE`'s argument.
-    pub(super) code: &'a str,
-    /// What `ssegw_channels` answers for `code`: `"sharded"` or `"global"`.
-    pub(super) channels: &'static str,
+/// The library this replica loads, and the fleet's retention table as far as it has seen it.
+///
+/// The retention lives in Redis, compiled into the library; a replica's `--history-*` and
+/// `--max-event-bytes` flags only seed a Redis that has no library yet. Of two tables the newer
+/// generation wins (then the larger text, so that seeds of equal generation settle on one):
+/// a node found with an older table than another node's gets the newer one, so the nodes of a
+/// cluster converge after a change that reached only some of them, or a node that was loaded
+/// from a stale seed.
+pub(in crate::bus::redis) struct Functions {
+    /// Publish on sharded channels (Redis Cluster).
+    pub(in crate::bus::redis) sharded: bool,
     /// `--redis-install-functions`: load the library when it is missing, or only say so.
-    pub(super) install: bool,
+    pub(in crate::bus::redis) install: bool,
+    /// The table for a Redis that has none: this replica's flags, generation 0.
+    seed: Retention,
+    /// The newest table seen on any node. Held only to read or replace it.
+    newest: Mutex<Option<Retention>>,
 }
 
-/// Makes sure the node `run` talks to has a usable library. `run` sends one command to that
-/// node; `record` is told the version the node has, first as found (0 for none), then as
-/// loaded.
+impl Functions {
+    pub(in crate::bus::redis) fn new(seed: Limits, sharded: bool, install: bool) -> Functions {
+        Functions {
+            sharded,
+            install,
+            seed: Retention::new(seed, 0),
+            newest: Mutex::new(None),
+        }
+    }
+
+    /// What `ssegw_channels` answers for this replica's library.
+    pub(in crate::bus::redis) fn channels(&self) -> &'static str {
+        self.settings(Retention::default()).channels()
+    }
+
+    fn settings(&self, retention: Retention) -> ScriptSettings {
+        ScriptSettings {
+            retention,
+            sharded: self.sharded,
+        }
+    }
+
+    /// The newest table seen in Redis; `None` before any was read.
+    pub(in crate::bus::redis) fn retention(&self) -> Option<Retention> {
+        self.newest.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The table to load where a node has none, or an older one.
+    fn wanted(&self) -> Retention {
+        self.retention().unwrap_or_else(|| self.seed.clone())
+    }
+
+    /// Keeps `seen` if it is newer than what was seen so far.
+    pub(in crate::bus::redis) fn observe(&self, seen: &Retention) {
+        let mut newest = self.newest.lock().unwrap_or_else(|e| e.into_inner());
+        if newest.as_ref().is_none_or(|known| newer(seen, known)) {
+            *newest = Some(seen.clone());
+        }
+    }
+}
+
+/// True when `a` is the newer of two tables.
+fn newer(a: &Retention, b: &Retention) -> bool {
+    (a.generation(), a.to_text()) > (b.generation(), b.to_text())
+}
+
+/// Makes sure the node `run` talks to has a usable library with the fleet's retention. `run`
+/// sends one command to that node; `record` is told the version the node has, first as found
+/// (0 for none), then as loaded.
 ///
 /// A newer library is kept (a newer replica loaded it during a rolling upgrade, and it answers
-/// older gateways' calls); an older or missing one is replaced, unless `install` is false.
-/// Either way its channels must be the kind this replica subscribes to, or it would deliver
-/// nothing live.
+/// older gateways' calls); an older or missing one is replaced, unless `install` is false, and
+/// so is one of this version with an older retention table than another node's. Either way its
+/// channels must be the kind this replica subscribes to, or it would deliver nothing live.
 pub(super) async fn ensure<F, Fut>(
-    library: &Library<'_>,
+    functions: &Functions,
     node: &str,
     run: F,
     record: impl Fn(u64),
@@ -38,68 +95,164 @@ where
     F: Fn(redis::Cmd) -> Fut,
     Fut: Future<Output = Result<Value, BusError>>,
 {
-    let found = version(&run).await?;
-    record(found.unwrap_or(0));
-    let ours = script::LIBRARY_VERSION;
-    let keep = match found {
-        Some(theirs) if theirs > ours => {
-            tracing::warn!(
-                redis = theirs,
-                replica = ours,
+    // Twice at most: a library that appeared between our look and our load (another replica
+    // starting at the same instant, or one from before `ssegw_version`) is looked at again,
+    // and replaced if it is still not versioned.
+    let mut unversioned = false;
+    for _ in 0..2 {
+        let found = version(&run).await?;
+        record(found.unwrap_or(0));
+        let theirs = match found {
+            Some(v) if v >= 4 => Some(retention(&run).await?),
+            _ => None,
+        };
+        if let Some(theirs) = &theirs {
+            functions.observe(theirs);
+        }
+        let ours = script::LIBRARY_VERSION;
+        let stale = theirs
+            .as_ref()
+            .is_some_and(|theirs| newer(&functions.wanted(), theirs));
+        let keep = match found {
+            Some(theirs) if theirs > ours => {
+                tracing::warn!(
+                    redis = theirs,
+                    replica = ours,
+                    %node,
+                    "Redis has a newer ssegw function library than this replica: keeping it; \
+                     upgrade this replica"
+                );
+                true
+            }
+            Some(theirs) if theirs == ours && (!stale || !functions.install) => true,
+            _ if !functions.install => {
+                let what = match found {
+                    None => "is not in Redis".to_string(),
+                    Some(older) => {
+                        format!("in Redis is version {older}, older than this replica's {ours}")
+                    }
+                };
+                return Err(BusError::Unavailable(format!(
+                    "the {} function library on {node} {what}, and --redis-install-functions is \
+                     false: load this replica's once with `sse-gateway script{} | redis-cli -x \
+                     FUNCTION LOAD REPLACE`",
+                    script::LIBRARY_NAME,
+                    if functions.sharded { " --sharded" } else { "" },
+                )));
+            }
+            _ => false,
+        };
+        if keep {
+            let theirs = channels(&run).await?;
+            if theirs != functions.channels() {
+                return Err(BusError::Unavailable(format!(
+                    "the {} function library on {node} publishes on {theirs} channels, and this \
+                     replica subscribes to {} ones: load the library made for this topology \
+                     (`sse-gateway script{}`)",
+                    script::LIBRARY_NAME,
+                    functions.channels(),
+                    if functions.sharded { " --sharded" } else { "" },
+                )));
+            }
+            return Ok(());
+        }
+        let wanted = functions.wanted();
+        // Where there is no library, another replica may be loading one right now: load only if
+        // there is still none, and look again otherwise.
+        match load(&run, &functions.settings(wanted.clone()), found.is_some() || unversioned).await {
+            Err(BusError::Rejected(message) | BusError::Unavailable(message))
+                if message.contains("already exists") =>
+            {
+                unversioned = true;
+                continue;
+            }
+            other => other?,
+        }
+        match found {
+            Some(older) if older < ours => {
+                tracing::info!(from = older, to = ours, %node, "upgraded the ssegw function library in Redis")
+            }
+            Some(_) => tracing::info!(
+                generation = wanted.generation(),
                 %node,
-                "Redis has a newer ssegw function library than this replica: keeping it; \
-                 upgrade this replica"
-            );
-            true
+                "brought the fleet's newer retention table to this node"
+            ),
+            None => tracing::info!(generation = wanted.generation(), %node, "loaded the ssegw function library"),
         }
-        Some(theirs) if theirs == ours && !library.install => true,
-        _ if !library.install => {
-            let what = match found {
-                None => "is not in Redis".to_string(),
-                Some(older) => {
-                    format!("in Redis is version {older}, older than this replica's {ours}")
-                }
-            };
-            return Err(BusError::Unavailable(format!(
-                "the {} function library on {node} {what}, and --redis-install-functions is \
-                 false: load this replica's once with `sse-gateway script{} | redis-cli -x \
-                 FUNCTION LOAD REPLACE`",
-                script::LIBRARY_NAME,
-                if library.channels == "sharded" {
-                    " --sharded"
-                } else {
-                    ""
-                },
-            )));
-        }
-        _ => false,
-    };
-    if keep {
-        let theirs = channels(&run).await?;
-        if theirs != library.channels {
-            return Err(BusError::Unavailable(format!(
-                "the {} function library on {node} publishes on {theirs} channels, and this \
-                 replica subscribes to {} ones: load the library made for this topology \
-                 (`sse-gateway script{}`)",
-                script::LIBRARY_NAME,
-                library.channels,
-                if library.channels == "sharded" {
-                    " --sharded"
-                } else {
-                    ""
-                },
-            )));
-        }
+        functions.observe(&wanted);
+        record(ours);
         return Ok(());
     }
+    Err(BusError::Unavailable(format!(
+        "the {} function library on {node} keeps changing under this replica",
+        script::LIBRARY_NAME
+    )))
+}
+
+/// `FUNCTION LOAD [REPLACE]` of the library with `settings`.
+async fn load<F, Fut>(run: &F, settings: &ScriptSettings, replace: bool) -> Result<(), BusError>
+where
+    F: Fn(redis::Cmd) -> Fut,
+    Fut: Future<Output = Result<Value, BusError>>,
+{
     let mut load = redis::cmd("FUNCTION");
-    load.arg("LOAD").arg("REPLACE").arg(library.code);
-    run(load).await?;
-    if let Some(older) = found.filter(|found| *found < ours) {
-        tracing::info!(from = older, to = ours, %node, "upgraded the ssegw function library in Redis");
+    load.arg("LOAD");
+    if replace {
+        load.arg("REPLACE");
     }
-    record(ours);
+    load.arg(script::function_library(settings));
+    run(load).await.map(|_| ())
+}
+
+/// Loads `retention` on the node `run` talks to, replacing its library (`sse-gateway
+/// namespace`). Refused where the node has a newer library than this build: loading ours would
+/// take its newer functions away from the replicas that use them.
+pub(super) async fn load_retention<F, Fut>(
+    functions: &Functions,
+    node: &str,
+    run: F,
+    retention: &Retention,
+) -> Result<(), BusError>
+where
+    F: Fn(redis::Cmd) -> Fut,
+    Fut: Future<Output = Result<Value, BusError>>,
+{
+    if let Some(theirs) = version(&run).await? {
+        if theirs > script::LIBRARY_VERSION {
+            return Err(BusError::Unavailable(format!(
+                "{node} has version {theirs} of the {} function library, newer than this \
+                 program's {}: change the retention with the newer sse-gateway",
+                script::LIBRARY_NAME,
+                script::LIBRARY_VERSION
+            )));
+        }
+    }
+    load(&run, &functions.settings(retention.clone()), true).await?;
+    functions.observe(retention);
     Ok(())
+}
+
+/// The retention table a library of version 4 or later holds (`FCALL ssegw_retention 0`).
+async fn retention<F, Fut>(run: &F) -> Result<Retention, BusError>
+where
+    F: Fn(redis::Cmd) -> Fut,
+    Fut: Future<Output = Result<Value, BusError>>,
+{
+    let mut cmd = redis::cmd("FCALL");
+    cmd.arg(script::RETENTION_FUNCTION).arg(0);
+    let text = match run(cmd).await? {
+        Value::BulkString(text) => String::from_utf8_lossy(&text).into_owned(),
+        Value::SimpleString(text) => text,
+        other => {
+            return Err(BusError::Unavailable(format!(
+                "{} answered {other:?}",
+                script::RETENTION_FUNCTION
+            )))
+        }
+    };
+    Retention::parse(&text).map_err(|e| {
+        BusError::Unavailable(format!("{} answered {e}", script::RETENTION_FUNCTION))
+    })
 }
 
 /// The version of the library the node has (`FCALL ssegw_version 0`): `None` when it has none,

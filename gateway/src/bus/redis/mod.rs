@@ -28,19 +28,21 @@ use std::time::Duration;
 
 use redis::Value;
 use ssegw_protocol::frame::EventType;
-use ssegw_protocol::script::{self, ScriptSettings};
+use ssegw_protocol::retention::{Limits, Retention};
+use ssegw_protocol::script;
 use ssegw_protocol::{StreamId, Topic, Traceparent};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::single_flight::SingleFlight;
-use super::{BusError, Page};
+use super::{BusError, Page, Publish};
 use crate::config::{BusConfig, Durability, RedisTarget, Topology};
 use crate::fanout::hub::{Hub, Interest};
 use cluster::subscriber::ClusterSubscriber;
 use cluster::ClusterCommands;
 use commands::{read_cmd, Commands, Pools};
 use endpoint::Endpoint;
+use library::Functions;
 use reply::{malformed, parse_page};
 use subscriber::Subscriber;
 
@@ -57,6 +59,7 @@ pub struct RedisBus {
 type ReadResult = Result<Arc<Page>, BusError>;
 
 /// Where commands go.
+#[derive(Clone)]
 enum Backend {
     /// One primary: a fixed address, or the one the sentinels name.
     Single(Commands),
@@ -78,13 +81,19 @@ impl RedisBus {
             target,
             config.redis_pool_size,
             config.redis_timeout,
-            &config.script,
+            config.retention_seed,
             config.install_functions,
         )?;
         let replica = uuid::Uuid::new_v4();
+        if let Backend::Single(commands) = &mut bus.backend {
+            commands.stats = Some(hub.stats().clone());
+        }
+        if let Backend::Cluster(commands) = &mut bus.backend {
+            Arc::get_mut(commands).expect("not shared yet").stats = Some(hub.stats().clone());
+        }
+        tokio::spawn(refresh_retention(bus.backend.clone(), shutdown.clone()));
         match &mut bus.backend {
             Backend::Single(commands) => {
-                commands.stats = Some(hub.stats().clone());
                 let endpoint = commands.pools.endpoint().clone();
                 tokio::spawn(endpoint.clone().watch_switches(shutdown.clone()));
                 let subscriber = Subscriber {
@@ -100,7 +109,6 @@ impl RedisBus {
                 tokio::spawn(subscriber.run());
             }
             Backend::Cluster(commands) => {
-                Arc::get_mut(commands).expect("not shared yet").stats = Some(hub.stats().clone());
                 let subscriber = ClusterSubscriber {
                     commands: commands.clone(),
                     hub,
@@ -121,21 +129,16 @@ impl RedisBus {
         target: &RedisTarget,
         pool_size: usize,
         timeout: Duration,
-        script: &ScriptSettings,
+        retention_seed: Limits,
         install_functions: bool,
     ) -> Result<RedisBus, BusError> {
         let backend = match target.topology() {
             Topology::Cluster(cluster) => {
                 // A cluster's events travel on sharded channels, within their topic's shard.
-                let script = ScriptSettings {
-                    sharded: true,
-                    ..*script
-                };
+                let functions = Arc::new(Functions::new(retention_seed, true, install_functions));
                 Backend::Cluster(Arc::new(ClusterCommands::new(
                     cluster.clone(),
-                    script::function_library(&script).into(),
-                    script.channels(),
-                    install_functions,
+                    functions,
                     timeout,
                 )?))
             }
@@ -143,9 +146,11 @@ impl RedisBus {
                 let endpoint = Arc::new(Endpoint::new(target.clone(), timeout));
                 Backend::Single(Commands {
                     pools: Arc::new(Pools::new(endpoint, pool_size, timeout)),
-                    library: script::function_library(script).into(),
-                    channels: script.channels(),
-                    install_functions,
+                    functions: Arc::new(Functions::new(
+                        retention_seed,
+                        false,
+                        install_functions,
+                    )),
                     stats: None,
                     timeout,
                 })
@@ -159,24 +164,33 @@ impl RedisBus {
         })
     }
 
-    pub async fn publish(
-        &self,
-        topic: &Topic,
-        event: Option<&EventType>,
-        data: &str,
-        traceparent: Option<&Traceparent>,
-    ) -> Result<StreamId, BusError> {
+    /// The `FCALL ssegw_publish` of one event. With an idempotency key, the record's key is
+    /// declared too: in a cluster migrating the topic's slot, Redis then runs the call only
+    /// where both keys are (or answers `TRYAGAIN`, and nothing ran).
+    fn publish_cmd(publish: &Publish<'_>) -> redis::Cmd {
         let mut cmd = redis::cmd("FCALL");
-        cmd.arg(script::PUBLISH_FUNCTION)
-            .arg(1)
-            // The stream key: during a cluster slot migration, Redis runs the call where the
-            // stream is (see `read_cmd`).
-            .arg(script::stream_key(topic))
-            .arg(data)
-            .arg(event.map_or("", EventType::as_str));
-        if let Some(traceparent) = traceparent {
-            cmd.arg(traceparent.as_str());
+        cmd.arg(script::PUBLISH_FUNCTION);
+        match publish.idempotency {
+            None => cmd.arg(1),
+            Some(_) => cmd.arg(2),
+        };
+        // The stream key: during a cluster slot migration, Redis runs the call where the
+        // stream is (see `read_cmd`).
+        cmd.arg(script::stream_key(publish.topic));
+        if let Some((key, _)) = publish.idempotency {
+            cmd.arg(script::idempotency_key(publish.topic, key));
         }
+        cmd.arg(publish.data)
+            .arg(publish.event.map_or("", EventType::as_str))
+            .arg(publish.traceparent.map_or("", Traceparent::as_str));
+        if let Some((key, window)) = publish.idempotency {
+            cmd.arg(key.as_str()).arg(window.as_secs().max(1));
+        }
+        cmd
+    }
+
+    pub async fn publish(&self, publish: &Publish<'_>) -> Result<StreamId, BusError> {
+        let cmd = Self::publish_cmd(publish);
         let (id, confirmed): (String, Option<u32>) = match (&self.backend, self.durability) {
             (Backend::Single(commands), None) => (commands.fcall(&cmd).await?, None),
             (Backend::Single(commands), Some(durability)) => {
@@ -184,11 +198,17 @@ impl RedisBus {
                 (id, Some(confirmed))
             }
             (Backend::Cluster(commands), durability) => {
-                let (id, confirmed) = commands.publish(topic, &cmd, durability).await?;
+                let (id, confirmed) = commands.publish(publish.topic, &cmd, durability).await?;
                 (text_reply(id)?, confirmed)
             }
         };
-        let id = StreamId::parse(&id)
+        self.confirmed(&id, confirmed)
+    }
+
+    /// The id of a publish, or `Unconfirmed` when fewer replicas than `--publish-replicas`
+    /// confirmed it.
+    fn confirmed(&self, id: &str, confirmed: Option<u32>) -> Result<StreamId, BusError> {
+        let id = StreamId::parse(id)
             .map_err(|_| BusError::Unavailable(format!("unexpected id {id:?}")))?;
         match (self.durability, confirmed) {
             (Some(durability), Some(acknowledged)) if acknowledged < durability.replicas => {
@@ -200,6 +220,88 @@ impl RedisBus {
             }
             _ => Ok(id),
         }
+    }
+
+    /// Several publishes in order. On one primary: one pipeline on one connection (and one
+    /// `WAIT` after it for `--publish-replicas`). In a cluster: each topic's publishes in
+    /// order, the topics side by side on the multiplexed connection.
+    pub async fn publish_many(&self, publishes: &[Publish<'_>]) -> Vec<Result<StreamId, BusError>> {
+        match &self.backend {
+            Backend::Single(commands) => {
+                let cmds: Vec<_> = publishes.iter().map(Self::publish_cmd).collect();
+                match commands.fcall_many(&cmds, self.durability).await {
+                    Err(e) => publishes.iter().map(|_| Err(e.clone())).collect(),
+                    Ok((replies, confirmed)) => replies
+                        .into_iter()
+                        .map(|reply| reply.and_then(|id| self.confirmed(&id, confirmed)))
+                        .collect(),
+                }
+            }
+            Backend::Cluster(_) => {
+                let mut by_topic: std::collections::HashMap<&Topic, Vec<usize>> =
+                    std::collections::HashMap::new();
+                for (i, publish) in publishes.iter().enumerate() {
+                    by_topic.entry(publish.topic).or_default().push(i);
+                }
+                let runs = by_topic.into_values().map(|indices| async move {
+                    let mut results = Vec::with_capacity(indices.len());
+                    for i in indices {
+                        results.push((i, self.publish(&publishes[i]).await));
+                    }
+                    results
+                });
+                let mut results: Vec<Option<Result<StreamId, BusError>>> =
+                    publishes.iter().map(|_| None).collect();
+                for (i, result) in futures_util::future::join_all(runs).await.into_iter().flatten()
+                {
+                    results[i] = Some(result);
+                }
+                results
+                    .into_iter()
+                    .map(|r| r.expect("every publish ran"))
+                    .collect()
+            }
+        }
+    }
+
+    /// The fleet's retention table as last read from Redis; `None` before it was.
+    pub fn retention(&self) -> Option<Retention> {
+        match &self.backend {
+            Backend::Single(commands) => commands.functions.retention(),
+            Backend::Cluster(commands) => commands.functions.retention(),
+        }
+    }
+
+    /// Reads the fleet's retention table from every primary, and brings the newest to any that
+    /// holds an older one (see `library::Functions`); the newest is what `retention` answers.
+    pub async fn refresh_retention(&self) -> Result<Retention, BusError> {
+        self.backend.refresh_library().await?;
+        self.retention()
+            .ok_or_else(|| BusError::Unavailable("no retention table in Redis".into()))
+    }
+
+    /// Changes the fleet's retention (`sse-gateway namespace`): reads the newest table from
+    /// every primary, applies `change` as a new generation, and loads the result on every
+    /// primary. Answers the new table.
+    pub async fn change_retention(
+        &self,
+        change: impl FnOnce(&mut Retention, u64) -> Result<(), String>,
+    ) -> Result<Retention, BusError> {
+        let mut retention = self.refresh_retention().await?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let generation = now.max(retention.generation() + 1);
+        change(&mut retention, generation).map_err(BusError::Rejected)?;
+        match &self.backend {
+            Backend::Single(commands) => commands.load_retention(&retention).await?,
+            Backend::Cluster(commands) => {
+                for primary in commands.slot_map().await?.primaries() {
+                    commands.load_retention_on(&primary, &retention).await?;
+                }
+            }
+        }
+        Ok(retention)
     }
 
     /// Reads up to `count` events after `after` as Redis had them after `since`, sharing the
@@ -237,6 +339,46 @@ impl RedisBus {
     /// True while the last canary came back in time: the replica receives what is published.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+}
+
+impl Backend {
+    /// Checks the library on every primary (`library::ensure`): loads it where it is missing
+    /// or older, and reads the fleet's retention table.
+    async fn refresh_library(&self) -> Result<(), BusError> {
+        match self {
+            Backend::Single(commands) => {
+                let mut conn = commands.connection().await?;
+                commands.load_library(&mut conn).await
+            }
+            Backend::Cluster(commands) => {
+                for primary in commands.slot_map().await?.primaries() {
+                    commands.load_library_on(&primary).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// How often a serving replica reads the fleet's retention table again: a change made with
+/// `sse-gateway namespace` reaches `/status` and the HTTP size checks within this time (Redis
+/// applies it to the next publish at once).
+const RETENTION_REFRESH: Duration = Duration::from_secs(5);
+
+/// Reads the retention table every `RETENTION_REFRESH` until `shutdown`; a failure is logged
+/// and tried again at the next tick (the canaries report outages).
+async fn refresh_retention(backend: Backend, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(RETENTION_REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = backend.refresh_library().await {
+            tracing::debug!(error = %e, "cannot read the retention table from Redis");
+        }
     }
 }
 

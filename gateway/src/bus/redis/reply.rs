@@ -47,7 +47,13 @@ pub(super) fn explain(e: &redis::RedisError) -> String {
 pub(super) fn classify(e: redis::RedisError) -> BusError {
     let detail = e.detail().unwrap_or_default();
     if let Some(reason) = detail.strip_prefix("ssegw: ") {
-        BusError::Rejected(reason.to_string())
+        if reason.starts_with("data is larger than") {
+            BusError::TooLarge(reason.to_string())
+        } else if reason.starts_with("idempotency key already used") {
+            BusError::KeyReused(reason.to_string())
+        } else {
+            BusError::Rejected(reason.to_string())
+        }
     } else if detail.contains("Function not found") {
         BusError::Rejected(detail.to_string())
     } else {

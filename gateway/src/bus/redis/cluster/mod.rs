@@ -20,7 +20,7 @@ use redis::Value;
 use ssegw_protocol::{StreamId, Topic};
 
 use super::commands::read_cmd;
-use super::library::{self, Library};
+use super::library::{self, Functions};
 use super::reply::{classify, malformed, parse_page, unavailable};
 use crate::bus::{BusError, Page};
 use crate::config::{ClusterTarget, Durability};
@@ -146,10 +146,8 @@ pub(super) struct ClusterCommands {
     reads: tokio::sync::OnceCell<ClusterConnection>,
     writer: ClusterClient,
     writes: tokio::sync::OnceCell<ClusterConnection>,
-    pub(super) library: Arc<str>,
-    /// What `ssegw_channels` answers for `library`: `"sharded"`.
-    pub(super) channels: &'static str,
-    pub(super) install_functions: bool,
+    /// The library to load (sharded), and the fleet's retention table.
+    pub(super) functions: Arc<Functions>,
     /// Where the library version found is shown (`/status`, metrics); `None` for `publish`.
     pub(super) stats: Option<Arc<Stats>>,
     pub(super) timeout: Duration,
@@ -158,9 +156,7 @@ pub(super) struct ClusterCommands {
 impl ClusterCommands {
     pub(super) fn new(
         target: ClusterTarget,
-        library: Arc<str>,
-        channels: &'static str,
-        install_functions: bool,
+        functions: Arc<Functions>,
         timeout: Duration,
     ) -> Result<ClusterCommands, BusError> {
         let client = |retries| {
@@ -190,9 +186,7 @@ impl ClusterCommands {
             writer: client(0)?,
             writes: tokio::sync::OnceCell::new(),
             target,
-            library,
-            channels,
-            install_functions,
+            functions,
             stats: None,
             timeout,
         })
@@ -433,6 +427,30 @@ impl ClusterCommands {
     /// the cluster connection only reaches the nodes it has seen in its own slot map, and a
     /// primary that just joined may not be one of them yet.
     pub(super) async fn load_library_on(&self, addr: &str) -> Result<(), BusError> {
+        let run = self.direct(addr).await?;
+        library::ensure(&self.functions, addr, run, |version| self.record_library(version)).await
+    }
+
+    /// Loads `retention` in the library on the primary at `addr` (`sse-gateway namespace`).
+    pub(super) async fn load_retention_on(
+        &self,
+        addr: &str,
+        retention: &ssegw_protocol::retention::Retention,
+    ) -> Result<(), BusError> {
+        let run = self.direct(addr).await?;
+        library::load_retention(&self.functions, addr, run, retention).await
+    }
+
+    /// A connection of its own to the node at `addr`, as a function that runs one command on
+    /// it within the timeout.
+    async fn direct(
+        &self,
+        addr: &str,
+    ) -> Result<
+        impl Fn(redis::Cmd) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Value, BusError>> + Send>>
+            + '_,
+        BusError,
+    > {
         let (host, port) = split_addr(addr)
             .ok_or_else(|| BusError::Unavailable(format!("not host:port: {addr}")))?;
         let info = self.target.node(host, port).map_err(unavailable)?;
@@ -445,23 +463,19 @@ impl ClusterCommands {
             Err(_) => return Err(BusError::Unavailable(format!("{addr}: no answer in time"))),
             Ok(result) => result.map_err(unavailable)?,
         };
-        let library = Library {
-            code: &self.library,
-            channels: self.channels,
-            install: self.install_functions,
-        };
-        let run = |cmd: redis::Cmd| {
+        let addr = addr.to_string();
+        let timeout = self.timeout;
+        Ok(move |cmd: redis::Cmd| {
             let mut conn = conn.clone();
-            async move {
-                match tokio::time::timeout(self.timeout, cmd.query_async::<Value>(&mut conn)).await
-                {
+            let addr = addr.clone();
+            Box::pin(async move {
+                match tokio::time::timeout(timeout, cmd.query_async::<Value>(&mut conn)).await {
                     Err(_) => Err(BusError::Unavailable(format!("{addr}: no answer in time"))),
                     Ok(Err(e)) => Err(classify(e)),
                     Ok(Ok(value)) => Ok(value),
                 }
-            }
-        };
-        library::ensure(&library, addr, run, |version| self.record_library(version)).await
+            }) as std::pin::Pin<Box<dyn std::future::Future<Output = Result<Value, BusError>> + Send>>
+        })
     }
 
     fn record_library(&self, version: u64) {
