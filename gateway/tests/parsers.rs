@@ -883,7 +883,14 @@ fn check_publish(
         Value::Null => None,
         other => Some(other.to_string()),
     };
-    match body.validate(max_event_bytes) {
+    let retention = ssegw_protocol::retention::Retention::new(
+        ssegw_protocol::retention::Limits {
+            max_data_bytes: max_event_bytes,
+            ..Default::default()
+        },
+        0,
+    );
+    match body.validate(&retention) {
         Ok(request) => {
             prop_assert!(is_topic(request.topic.as_str()));
             prop_assert_eq!(request.topic.as_str(), topic);
@@ -1076,7 +1083,17 @@ fn id_and_body_near_misses() {
     );
     let check_body = |text: &str, part: &str| {
         let message = match serde_json::from_str::<PublishBody>(text) {
-            Ok(body) => body.validate(64).unwrap_err().message().to_owned(),
+            Ok(body) => body
+                .validate(&ssegw_protocol::retention::Retention::new(
+                    ssegw_protocol::retention::Limits {
+                        max_data_bytes: 64,
+                        ..Default::default()
+                    },
+                    0,
+                ))
+                .unwrap_err()
+                .message()
+                .to_owned(),
             Err(e) => e.to_string(),
         };
         assert!(message.contains(part), "{text}: {message}");
