@@ -9,9 +9,9 @@ use tracing::Instrument;
 
 use crate::bus::{Publish, RedisBus};
 use crate::config::{NamespaceAction, NamespaceArgs, PublishArgs};
+use crate::telemetry;
 use ssegw_protocol::retention::{Limits, Retention};
 use ssegw_protocol::script::IdempotencyKey;
-use crate::telemetry;
 
 /// Publishes the event in a `publish` span (exported when OTLP is configured), whose trace
 /// context travels with the event; returns its id.

@@ -71,7 +71,10 @@ impl std::fmt::Debug for Publish<'_> {
             .field("topic", self.topic)
             .field("event", &self.event)
             .field("data_bytes", &self.data.len())
-            .field("idempotency", &self.idempotency.map(|(k, w)| (k.as_str(), w)))
+            .field(
+                "idempotency",
+                &self.idempotency.map(|(k, w)| (k.as_str(), w)),
+            )
             .finish()
     }
 }
@@ -118,10 +121,7 @@ impl Bus {
     /// Stores and publishes several events in order, in one round trip to Redis (one per
     /// shard in a cluster); one result per event, in the same order. Not atomic: when Redis
     /// fails part-way, the events before the failure may be stored.
-    pub async fn publish_many(
-        &self,
-        publishes: &[Publish<'_>],
-    ) -> Vec<Result<StreamId, BusError>> {
+    pub async fn publish_many(&self, publishes: &[Publish<'_>]) -> Vec<Result<StreamId, BusError>> {
         match self {
             Bus::Redis(bus) => bus.publish_many(publishes).await,
             Bus::Memory(bus) => publishes.iter().map(|p| bus.publish(p)).collect(),

@@ -341,17 +341,16 @@ pub(super) async fn publish(
         span.record("trace_id", traceparent.trace_id());
     }
     let publish = async {
-        let batch = match req.mime_type() {
-            Ok(Some(mime)) if mime.essence_str() == "application/json" => false,
-            Ok(Some(mime)) if mime.essence_str() == "application/x-ndjson" => true,
-            _ => {
-                return Err(ApiError::new(
+        let batch =
+            match req.mime_type() {
+                Ok(Some(mime)) if mime.essence_str() == "application/json" => false,
+                Ok(Some(mime)) if mime.essence_str() == "application/x-ndjson" => true,
+                _ => return Err(ApiError::new(
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
                     "Content-Type must be application/json (one event) or application/x-ndjson \
                      (a batch, one event per line)",
-                ))
-            }
-        };
+                )),
+            };
         let key = match req.headers().get("idempotency-key") {
             None => None,
             Some(value) => Some(
@@ -367,21 +366,20 @@ pub(super) async fn publish(
                     })?,
             ),
         };
-        let retention = state
-            .bus
-            .retention()
-            .unwrap_or_else(|| {
-                // Before the fleet's table was read: this replica's own flag.
-                let seed = ssegw_protocol::retention::Limits {
-                    max_data_bytes: state.stream.max_event_bytes,
-                    ..Default::default()
-                };
-                Retention::new(seed, 0)
-            });
+        let retention = state.bus.retention().unwrap_or_else(|| {
+            // Before the fleet's table was read: this replica's own flag.
+            let seed = ssegw_protocol::retention::Limits {
+                max_data_bytes: state.stream.max_event_bytes,
+                ..Default::default()
+            };
+            Retention::new(seed, 0)
+        });
         // JSON escaping can grow data up to six-fold (`\u0000`); sizes are checked after.
         let per_event = retention.max_data_bytes() * 6 + 4096;
         let limit = if batch {
-            per_event.saturating_mul(state.publish.batch_max).min(MAX_BATCH_BODY)
+            per_event
+                .saturating_mul(state.publish.batch_max)
+                .min(MAX_BATCH_BODY)
         } else {
             per_event
         };
@@ -428,7 +426,9 @@ pub(super) async fn publish(
                 .map(|n| IdempotencyKey::new(&format!("{key}/{n}")))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|_| {
-                    ApiError::bad_request("Idempotency-Key is too long for a batch: at most 245 bytes")
+                    ApiError::bad_request(
+                        "Idempotency-Key is too long for a batch: at most 245 bytes",
+                    )
                 })?,
         };
         let publishes: Vec<Publish> = requests
@@ -476,7 +476,8 @@ async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::Bytes
     use futures_util::StreamExt;
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("could not read publish body: {e}")))?;
+        let chunk = chunk
+            .map_err(|e| ApiError::bad_request(format!("could not read publish body: {e}")))?;
         if body.len() + chunk.len() > limit {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -507,7 +508,8 @@ fn parse_batch(
                 format!("a batch holds at most {max} events"),
             ));
         }
-        let at_line = |e: ApiError| ApiError::new(e.status(), format!("line {}: {}", n + 1, e.message()));
+        let at_line =
+            |e: ApiError| ApiError::new(e.status(), format!("line {}: {}", n + 1, e.message()));
         let request = serde_json::from_slice::<PublishBody>(line)
             .map_err(|e| ApiError::bad_request(format!("invalid publish body: {e}")))
             .and_then(|body| body.validate(retention))
@@ -515,7 +517,9 @@ fn parse_batch(
         requests.push(request);
     }
     if requests.is_empty() {
-        return Err(ApiError::bad_request("empty batch: send one JSON object per line"));
+        return Err(ApiError::bad_request(
+            "empty batch: send one JSON object per line",
+        ));
     }
     Ok(requests)
 }

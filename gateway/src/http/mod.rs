@@ -24,29 +24,29 @@ use error::only;
 /// Every route; with `pages`, also the demo and status pages (`pages::routes`).
 pub fn routes(cfg: &mut web::ServiceConfig, pages: bool) {
     cfg.service(only(
-            web::resource("/events").route(web::get().to(events)),
-            "GET",
-        ))
-        .service(only(
-            web::resource("/publish").route(web::post().to(publish)),
-            "POST",
-        ))
-        .service(only(
-            web::resource("/healthz").route(web::get().to(healthz)),
-            "GET",
-        ))
-        .service(only(
-            web::resource("/readyz").route(web::get().to(readyz)),
-            "GET",
-        ))
-        .service(only(
-            web::resource("/status").route(web::get().to(status)),
-            "GET",
-        ))
-        .service(only(
-            web::resource("/metrics").route(web::get().to(metrics)),
-            "GET",
-        ));
+        web::resource("/events").route(web::get().to(events)),
+        "GET",
+    ))
+    .service(only(
+        web::resource("/publish").route(web::post().to(publish)),
+        "POST",
+    ))
+    .service(only(
+        web::resource("/healthz").route(web::get().to(healthz)),
+        "GET",
+    ))
+    .service(only(
+        web::resource("/readyz").route(web::get().to(readyz)),
+        "GET",
+    ))
+    .service(only(
+        web::resource("/status").route(web::get().to(status)),
+        "GET",
+    ))
+    .service(only(
+        web::resource("/metrics").route(web::get().to(metrics)),
+        "GET",
+    ));
     if pages {
         pages::routes(cfg);
     }

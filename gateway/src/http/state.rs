@@ -39,9 +39,8 @@ pub fn status_json(state: &AppState) -> serde_json::Value {
     body["bus"] = state.bus.describe().into();
     // The retention publishes are held to: the fleet's table in Redis as last read (`null`
     // until it was), or the embedded bus's flags.
-    body["retention"] = state
-        .bus
-        .retention()
-        .map_or(serde_json::Value::Null, |r| crate::publisher::retention_json(&r));
+    body["retention"] = state.bus.retention().map_or(serde_json::Value::Null, |r| {
+        crate::publisher::retention_json(&r)
+    });
     body
 }

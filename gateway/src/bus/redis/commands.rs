@@ -293,8 +293,13 @@ impl Commands {
                 self.query::<Value>(&cmd, &mut conn).await
             }
         };
-        library::load_retention(&self.functions, self.pools.endpoint.address(), run, retention)
-            .await
+        library::load_retention(
+            &self.functions,
+            self.pools.endpoint.address(),
+            run,
+            retention,
+        )
+        .await
     }
 
     /// Runs several publish `FCALL`s in one pipeline on one connection, then, for
@@ -336,13 +341,17 @@ impl Commands {
             self.load_library(&mut conn).await?;
             let mut again = redis::pipe();
             again.ignore_errors();
-            let resend: Vec<usize> = (0..replies.len()).filter(|&i| missing(&replies[i])).collect();
+            let resend: Vec<usize> = (0..replies.len())
+                .filter(|&i| missing(&replies[i]))
+                .collect();
             for &i in &resend {
                 again.add_command(cmds[i].clone());
             }
             let answers: Vec<redis::RedisResult<String>> =
                 match tokio::time::timeout(self.timeout, again.query_async(&mut conn)).await {
-                    Err(_) => return Err(BusError::Unavailable("Redis did not answer in time".into())),
+                    Err(_) => {
+                        return Err(BusError::Unavailable("Redis did not answer in time".into()))
+                    }
                     Ok(result) => result.map_err(classify)?,
                 };
             for (i, answer) in resend.into_iter().zip(answers) {
@@ -354,10 +363,7 @@ impl Commands {
             Some(durability) => Some(self.wait(&mut conn, durability).await),
         };
         Ok((
-            replies
-                .into_iter()
-                .map(|r| r.map_err(classify))
-                .collect(),
+            replies.into_iter().map(|r| r.map_err(classify)).collect(),
             confirmed,
         ))
     }

@@ -55,7 +55,10 @@ impl Functions {
 
     /// The newest table seen in Redis; `None` before any was read.
     pub(in crate::bus::redis) fn retention(&self) -> Option<Retention> {
-        self.newest.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.newest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The table to load where a node has none, or an older one.
@@ -159,7 +162,13 @@ where
         let wanted = functions.wanted();
         // Where there is no library, another replica may be loading one right now: load only if
         // there is still none, and look again otherwise.
-        match load(&run, &functions.settings(wanted.clone()), found.is_some() || unversioned).await {
+        match load(
+            &run,
+            &functions.settings(wanted.clone()),
+            found.is_some() || unversioned,
+        )
+        .await
+        {
             Err(BusError::Rejected(message) | BusError::Unavailable(message))
                 if message.contains("already exists") =>
             {
@@ -177,7 +186,9 @@ where
                 %node,
                 "brought the fleet's newer retention table to this node"
             ),
-            None => tracing::info!(generation = wanted.generation(), %node, "loaded the ssegw function library"),
+            None => {
+                tracing::info!(generation = wanted.generation(), %node, "loaded the ssegw function library")
+            }
         }
         functions.observe(&wanted);
         record(ours);
@@ -250,9 +261,8 @@ where
             )))
         }
     };
-    Retention::parse(&text).map_err(|e| {
-        BusError::Unavailable(format!("{} answered {e}", script::RETENTION_FUNCTION))
-    })
+    Retention::parse(&text)
+        .map_err(|e| BusError::Unavailable(format!("{} answered {e}", script::RETENTION_FUNCTION)))
 }
 
 /// The version of the library the node has (`FCALL ssegw_version 0`): `None` when it has none,

@@ -146,11 +146,7 @@ impl RedisBus {
                 let endpoint = Arc::new(Endpoint::new(target.clone(), timeout));
                 Backend::Single(Commands {
                     pools: Arc::new(Pools::new(endpoint, pool_size, timeout)),
-                    functions: Arc::new(Functions::new(
-                        retention_seed,
-                        false,
-                        install_functions,
-                    )),
+                    functions: Arc::new(Functions::new(retention_seed, false, install_functions)),
                     stats: None,
                     timeout,
                 })
@@ -252,7 +248,10 @@ impl RedisBus {
                 });
                 let mut results: Vec<Option<Result<StreamId, BusError>>> =
                     publishes.iter().map(|_| None).collect();
-                for (i, result) in futures_util::future::join_all(runs).await.into_iter().flatten()
+                for (i, result) in futures_util::future::join_all(runs)
+                    .await
+                    .into_iter()
+                    .flatten()
                 {
                     results[i] = Some(result);
                 }

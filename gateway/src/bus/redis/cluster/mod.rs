@@ -428,7 +428,10 @@ impl ClusterCommands {
     /// primary that just joined may not be one of them yet.
     pub(super) async fn load_library_on(&self, addr: &str) -> Result<(), BusError> {
         let run = self.direct(addr).await?;
-        library::ensure(&self.functions, addr, run, |version| self.record_library(version)).await
+        library::ensure(&self.functions, addr, run, |version| {
+            self.record_library(version)
+        })
+        .await
     }
 
     /// Loads `retention` in the library on the primary at `addr` (`sse-gateway namespace`).
@@ -447,8 +450,11 @@ impl ClusterCommands {
         &self,
         addr: &str,
     ) -> Result<
-        impl Fn(redis::Cmd) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Value, BusError>> + Send>>
-            + '_,
+        impl Fn(
+                redis::Cmd,
+            ) -> std::pin::Pin<
+                Box<dyn std::future::Future<Output = Result<Value, BusError>> + Send>,
+            > + '_,
         BusError,
     > {
         let (host, port) = split_addr(addr)
@@ -474,7 +480,10 @@ impl ClusterCommands {
                     Ok(Err(e)) => Err(classify(e)),
                     Ok(Ok(value)) => Ok(value),
                 }
-            }) as std::pin::Pin<Box<dyn std::future::Future<Output = Result<Value, BusError>> + Send>>
+            })
+                as std::pin::Pin<
+                    Box<dyn std::future::Future<Output = Result<Value, BusError>> + Send>,
+                >
         })
     }
 
