@@ -8,7 +8,7 @@ use ssegw_protocol::{StreamId, Topic, Traceparent};
 use tracing::Instrument;
 
 use crate::bus::{Publish, RedisBus};
-use crate::config::{NamespaceAction, NamespaceArgs, PublishArgs};
+use crate::config::{NamespaceAction, NamespaceArgs, NamespaceTarget, PublishArgs};
 use crate::telemetry;
 use ssegw_protocol::retention::{Limits, Retention};
 use ssegw_protocol::script::IdempotencyKey;
@@ -114,14 +114,23 @@ async fn publish_http(
 
 /// `sse-gateway namespace list|set|unset`: prints the table (after the change) as JSON.
 pub async fn namespace(args: NamespaceArgs) -> anyhow::Result<serde_json::Value> {
-    let target = args
-        .redis
-        .target()?
-        .context("the retention table lives in Redis: give --redis-url, --redis-sentinels or --redis-cluster")?;
-    let bus = RedisBus::connect(&target, 2, args.redis_timeout, Limits::default(), true)?;
+    let connect = |target: &NamespaceTarget| -> anyhow::Result<RedisBus> {
+        let redis = target.redis.target()?.context(
+            "the retention table lives in Redis: give --redis-url, --redis-sentinels or \
+             --redis-cluster",
+        )?;
+        Ok(RedisBus::connect(
+            &redis,
+            2,
+            target.redis_timeout,
+            Limits::default(),
+            true,
+        )?)
+    };
     let retention = match args.action {
-        NamespaceAction::List => bus.refresh_retention().await?,
+        NamespaceAction::List(target) => connect(&target)?.refresh_retention().await?,
         NamespaceAction::Set(set) => {
+            let bus = connect(&set.target)?;
             if let Some(prefix) = &set.prefix {
                 ssegw_protocol::retention::check_prefix(prefix)?;
             }
@@ -144,15 +153,16 @@ pub async fn namespace(args: NamespaceArgs) -> anyhow::Result<serde_json::Value>
             })
             .await?
         }
-        NamespaceAction::Unset { prefix } => {
-            bus.change_retention(|retention, generation| {
-                if retention.remove(&prefix, generation) {
-                    Ok(())
-                } else {
-                    Err(format!("there is no namespace {prefix:?}"))
-                }
-            })
-            .await?
+        NamespaceAction::Unset { prefix, target } => {
+            connect(&target)?
+                .change_retention(|retention, generation| {
+                    if retention.remove(&prefix, generation) {
+                        Ok(())
+                    } else {
+                        Err(format!("there is no namespace {prefix:?}"))
+                    }
+                })
+                .await?
         }
     };
     Ok(retention_json(&retention))

@@ -372,8 +372,9 @@ async fn a_batch_redis_takes_in_part_answers_per_event() {
 
 fn namespace(redis: &RedisServer, args: &[&str]) -> Value {
     let out = Command::new(BIN)
-        .args(["namespace", "--redis-url", &redis.url()])
+        .arg("namespace")
         .args(args)
+        .args(["--redis-url", &redis.url()])
         .output()
         .unwrap();
     assert!(
@@ -499,8 +500,9 @@ async fn namespaces_change_retention_at_run_time() {
         (&["unset", "nothing."][..], "no namespace"),
     ] {
         let out = Command::new(BIN)
-            .args(["namespace", "--redis-url", &redis.url()])
+            .arg("namespace")
             .args(args)
+            .args(["--redis-url", &redis.url()])
             .output()
             .unwrap();
         assert!(!out.status.success(), "{args:?}");

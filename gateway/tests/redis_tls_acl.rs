@@ -20,14 +20,14 @@ const PUBLISHER_PASSWORD: &str = "publisher-pw-3e7a";
 /// pub/sub on topic channels and its canary, the commands the functions run, the connection
 /// pool's `UNWATCH`, and as keys the topics' streams only: its `FCALL`s declare the stream
 /// key, never the topic.
-const GATEWAY_ACL: &str = "resetkeys ~ssegw:s:* resetchannels &ssegw:c:* \
+const GATEWAY_ACL: &str = "resetkeys ~ssegw:s:* ~ssegw:i:* resetchannels &ssegw:c:* \
      &ssegw:canary:* -@all +fcall +fcall_ro +function|load +subscribe +unsubscribe \
-     +publish +ping +unwatch +xadd +xrange +xlen +xsetid +xinfo|stream +exists \
-     +expire +time";
+     +publish +ping +unwatch +xadd +xrange +xrevrange +xlen +xtrim +xdel +xinfo|stream +exists \
+     +pttl +expire +time +get +set";
 
 /// What a service that only publishes needs (docs/deploy.md, "Least privilege").
-const PUBLISHER_ACL: &str = "resetkeys ~ssegw:s:* ~orders ~t resetchannels &ssegw:c:* -@all \
-     +fcall +publish +xadd +xrange +xlen +xsetid +exists +expire +time";
+const PUBLISHER_ACL: &str = "resetkeys ~ssegw:s:* ~ssegw:i:* ~orders ~t resetchannels &ssegw:c:* -@all \
+     +fcall +publish +xadd +xrange +xrevrange +xlen +xtrim +xdel +exists +pttl +expire +time +get +set";
 
 /// A TLS-only Redis whose default user is off, with an administrator and, when `gateway_acl` is
 /// given, a `gateway` user with those rules.
@@ -178,6 +178,43 @@ async fn subscribe_publish_and_resume_over_tls_as_an_acl_user() {
             (missed.as_str(), "three")
         ]
     );
+
+    // The retention table changed with the same flags (the gateway's user may load
+    // functions): publishes then trim, and keyed publishes keep their records, within the ACL.
+    let set = Command::new(env!("CARGO_BIN_EXE_sse-gateway"))
+        .args(["namespace", "set", "--default", "--max-len", "2"])
+        .args(&flags)
+        .output()
+        .unwrap();
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    for i in 0..6 {
+        http_publish(&b, "orders", &format!("trimmed {i}"), None).await;
+    }
+    let len: u64 = redis::cmd("XLEN")
+        .arg("ssegw:s:{orders}")
+        .query(&mut publisher.get_connection().unwrap())
+        .unwrap();
+    assert!(len <= 3, "{len} events kept of a table keeping 2");
+    let mut keyed = redis::cmd("FCALL");
+    keyed
+        .arg("ssegw_publish")
+        .arg(1)
+        .arg("orders")
+        .arg("once")
+        .arg("")
+        .arg("")
+        .arg("order-1");
+    let first: String = keyed
+        .query(&mut publisher.get_connection().unwrap())
+        .expect("a keyed FCALL as a publishing service's user");
+    let again: String = keyed
+        .query(&mut publisher.get_connection().unwrap())
+        .unwrap();
+    assert_eq!(first, again);
 
     // The credentials appear nowhere the replica shows.
     let (_, status) = get_json(a.addr(), "/status");

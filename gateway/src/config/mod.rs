@@ -52,18 +52,23 @@ pub enum Command {
 pub struct NamespaceArgs {
     #[command(subcommand)]
     pub action: NamespaceAction,
+}
+
+/// Where the fleet's table is.
+#[derive(Args, Debug)]
+pub struct NamespaceTarget {
     /// The fleet's Redis (--redis-url, --redis-sentinels or --redis-cluster, and the other
     /// --redis-* settings).
     #[command(flatten)]
     pub redis: RedisArgs,
-    #[arg(long, env = "SSEGW_REDIS_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration, global = true)]
+    #[arg(long, env = "SSEGW_REDIS_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub redis_timeout: Duration,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum NamespaceAction {
     /// Print the table: the default, then each namespace (JSON).
-    List,
+    List(NamespaceTarget),
     /// Set the limits of a namespace (a topic prefix such as `chat.`), or with --default those
     /// of every topic outside the namespaces. Limits not given keep their current value (for
     /// a new namespace: the default's). Applies to the next publish, on every replica.
@@ -72,6 +77,8 @@ pub enum NamespaceAction {
     Unset {
         /// The namespace's prefix.
         prefix: String,
+        #[command(flatten)]
+        target: NamespaceTarget,
     },
 }
 
@@ -92,6 +99,8 @@ pub struct NamespaceSet {
     /// Largest event data accepted, in bytes.
     #[arg(long)]
     pub max_event_bytes: Option<usize>,
+    #[command(flatten)]
+    pub target: NamespaceTarget,
 }
 
 #[derive(Args, Debug, Clone)]
