@@ -630,3 +630,110 @@ async fn a_publish_that_timed_out_is_stored_at_most_once() {
         "{kept:?} (next was {id})"
     );
 }
+
+/// The publish path on a cluster: `sse-gateway namespace` loads the table on every primary
+/// (each shard's topics trim by it, the replica shows it), keyed publishes over HTTP and with
+/// `redis-cli -c` (two declared keys) store once, and a batch spanning the shards comes back in
+/// order.
+#[actix_web::test]
+async fn namespaces_keys_and_batches_span_the_shards() {
+    let cluster = start_cluster();
+    let flags = flags(&cluster, &[]);
+    let gw = Gateway::start(&strs(&flags));
+    let topics: Vec<String> = topics_on_every_primary(&cluster, 1)
+        .into_iter()
+        .map(|(topic, _)| topic)
+        .collect();
+    let namespace = std::process::Command::new(env!("CARGO_BIN_EXE_sse-gateway"))
+        .args(["namespace", "set", "--default", "--max-len", "2"])
+        .args(&flags[..2])
+        .output()
+        .unwrap();
+    assert!(
+        namespace.status.success(),
+        "{}",
+        String::from_utf8_lossy(&namespace.stderr)
+    );
+    for topic in &topics {
+        for i in 0..5 {
+            redis_cli_publish(&cluster, topic, &format!("e{i}"));
+        }
+        assert!(
+            stream(&cluster, topic).len() <= 3,
+            "{topic} keeps 2 on its shard"
+        );
+    }
+    wait_until("the replica to show the cluster's table", || {
+        let (_, status) = support::get_json(gw.addr, "/status");
+        status["retention"]["default"]["max_len"] == 2
+    });
+
+    let keyed = |topic: &str| {
+        let owner = cluster.owner_of_slot(slot_of(topic)).unwrap();
+        let (host, port) = owner.rsplit_once(':').unwrap();
+        let output = std::process::Command::new("redis-cli")
+            .args(["-c", "-h", host, "-p", port, "FCALL", "ssegw_publish", "2"])
+            .arg(format!("ssegw:s:{{{topic}}}"))
+            .arg(format!("ssegw:i:{{{topic}}}:k1"))
+            .args(["once", "", "", "k1"])
+            .output()
+            .unwrap();
+        String::from_utf8(output.stdout).unwrap().trim().to_string()
+    };
+    for topic in &topics {
+        let first = keyed(topic);
+        assert!(first.contains('-'), "{first}");
+        assert_eq!(keyed(topic), first);
+    }
+
+    let mut sse = Sse::open(
+        &gw,
+        &topics
+            .iter()
+            .map(|t| format!("topic={t}"))
+            .collect::<Vec<_>>()
+            .join("&"),
+        None,
+    )
+    .await;
+    sse.baseline().await;
+    let body: String = (0..30)
+        .map(|i| {
+            serde_json::json!({ "topic": topics[i % topics.len()], "data": format!("b{i}") })
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    let send = || async {
+        let mut response = awc::Client::default()
+            .post(gw.url("/publish"))
+            .insert_header(("content-type", "application/x-ndjson"))
+            .insert_header(("idempotency-key", "batch-1"))
+            .send_body(body.clone())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.json::<serde_json::Value>().await.unwrap()
+    };
+    let first = send().await;
+    assert_eq!(
+        send().await,
+        first,
+        "the same batch with its key is published once"
+    );
+    let events = sse.take(30).await;
+    for topic in &topics {
+        let sent: Vec<String> = (0..30)
+            .filter(|i| topics[i % topics.len()] == *topic)
+            .map(|i| format!("b{i}"))
+            .collect();
+        let got: Vec<String> = events
+            .iter()
+            .filter(|e| sent.contains(&e.data))
+            .map(|e| e.data.clone())
+            .collect();
+        assert_eq!(got, sent, "{topic}: in order, once");
+    }
+    sse.assert_quiet(std::time::Duration::from_millis(300))
+        .await;
+}
