@@ -55,6 +55,11 @@ async fn publish_in_span(
         Some(target) => {
             let seed = args.retention.limits()?;
             let bus = RedisBus::connect(&target, 2, args.redis_timeout, seed, true)?;
+            if key.is_some() {
+                // A library from before version 4 would take the key for an unknown argument
+                // and store a repeat again: make sure Redis has this version's (or a newer).
+                bus.refresh_retention().await?;
+            }
             Ok(bus.publish(&publish).await?)
         }
         None => {
@@ -114,7 +119,8 @@ async fn publish_http(
 
 /// `sse-gateway namespace list|set|unset`: prints the table (after the change) as JSON.
 pub async fn namespace(args: NamespaceArgs) -> anyhow::Result<serde_json::Value> {
-    let connect = |target: &NamespaceTarget| -> anyhow::Result<RedisBus> {
+    // `list` only reads: it loads no library (`install` false) where there is none yet.
+    let connect = |target: &NamespaceTarget, install: bool| -> anyhow::Result<RedisBus> {
         let redis = target.redis.target()?.context(
             "the retention table lives in Redis: give --redis-url, --redis-sentinels or \
              --redis-cluster",
@@ -124,13 +130,13 @@ pub async fn namespace(args: NamespaceArgs) -> anyhow::Result<serde_json::Value>
             2,
             target.redis_timeout,
             Limits::default(),
-            true,
+            install,
         )?)
     };
     let retention = match args.action {
-        NamespaceAction::List(target) => connect(&target)?.refresh_retention().await?,
+        NamespaceAction::List(target) => connect(&target, false)?.refresh_retention().await?,
         NamespaceAction::Set(set) => {
-            let bus = connect(&set.target)?;
+            let bus = connect(&set.target, true)?;
             if let Some(prefix) = &set.prefix {
                 ssegw_protocol::retention::check_prefix(prefix)?;
             }
@@ -154,7 +160,7 @@ pub async fn namespace(args: NamespaceArgs) -> anyhow::Result<serde_json::Value>
             .await?
         }
         NamespaceAction::Unset { prefix, target } => {
-            connect(&target)?
+            connect(&target, true)?
                 .change_retention(|retention, generation| {
                     if retention.remove(&prefix, generation) {
                         Ok(())

@@ -517,4 +517,14 @@ async fn namespaces_change_retention_at_run_time() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("lives in Redis"));
+    // `list` only reads: on a Redis without the library it says so and loads nothing.
+    let empty = RedisServer::start();
+    let out = Command::new(BIN)
+        .args(["namespace", "list", "--redis-url", &empty.url()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not in Redis"));
+    let libraries: Vec<redis::Value> = empty.cmd(&redis::cmd("FUNCTION").arg("LIST")).unwrap();
+    assert!(libraries.is_empty(), "list loaded a library");
 }
