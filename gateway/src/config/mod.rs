@@ -100,7 +100,9 @@ pub struct ServeArgs {
     /// serves many topics.
     #[arg(long, env = "SSEGW_CLIENT_BUFFER", default_value_t = 128)]
     pub client_buffer: usize,
-    /// Redis command connections in the pool.
+    /// Redis connections for commands that need one to themselves: a publish that waits for
+    /// --publish-replicas, the subscriber's backfills and canaries. Other publishes and history
+    /// reads share one pipelined connection.
     #[arg(long, env = "SSEGW_REDIS_POOL_SIZE", default_value_t = 16)]
     pub redis_pool_size: usize,
     /// Longest wait for Redis (connect, pool checkout, command) before failing.
