@@ -138,7 +138,13 @@ impl Pools {
         if let Some(shared) = self.checked(|c| c.shared.clone()) {
             return Ok(shared);
         }
-        let _resolving = self.resolving.lock().await;
+        // Bounded: behind a caller whose connect hangs (a blackholed primary), the queue would
+        // otherwise wait one timeout per caller ahead of it.
+        let Ok(_resolving) = tokio::time::timeout(self.timeout, self.resolving.lock()).await else {
+            return Err(BusError::Unavailable(
+                "connecting to Redis timed out".into(),
+            ));
+        };
         if let Some(shared) = self.checked(|c| c.shared.clone()) {
             return Ok(shared);
         }
@@ -192,7 +198,10 @@ impl Pools {
     async fn resolve<R>(&self, pick: impl FnOnce(&Current) -> R) -> Result<R, BusError> {
         {
             let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(current) = current.as_ref().filter(|c| c.epoch == self.endpoint.epoch()) {
+            if let Some(current) = current
+                .as_ref()
+                .filter(|c| c.epoch == self.endpoint.epoch())
+            {
                 return Ok(pick(current));
             }
         }
@@ -209,9 +218,11 @@ impl Pools {
                 // The manager straight from the connection info: deadpool-redis's own `Config`
                 // copies the address without its TLS parameters (the CA, the client
                 // certificate).
-                let manager =
-                    deadpool_redis::Manager::new_with_config(info.clone(), self.connection_config())
-                        .map_err(unavailable)?;
+                let manager = deadpool_redis::Manager::new_with_config(
+                    info.clone(),
+                    self.connection_config(),
+                )
+                .map_err(unavailable)?;
                 let pool = Pool::builder(manager)
                     .max_size(self.size)
                     // deadpool waits forever by default; a drained pool must fail like a dead
