@@ -165,7 +165,9 @@ pub struct ServeArgs {
     /// Most events in one batch publish (`POST /publish` with NDJSON).
     #[arg(long, env = "SSEGW_PUBLISH_BATCH_MAX", default_value_t = 1000)]
     pub publish_batch_max: usize,
-    /// Redis command connections in the pool.
+    /// Redis connections for commands that need one to themselves: a publish that waits for
+    /// --publish-replicas, the subscriber's backfills and canaries. Other publishes and history
+    /// reads share one pipelined connection.
     #[arg(long, env = "SSEGW_REDIS_POOL_SIZE", default_value_t = 16)]
     pub redis_pool_size: usize,
     /// Longest wait for Redis (connect, pool checkout, command) before failing.

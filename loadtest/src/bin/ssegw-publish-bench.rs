@@ -18,7 +18,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 #[derive(Parser)]
-#[command(name = "ssegw-publish-bench", about = "Publishes over HTTP as fast as a replica takes it")]
+#[command(
+    name = "ssegw-publish-bench",
+    about = "Publishes over HTTP as fast as a replica takes it"
+)]
 struct Cli {
     /// The replica's address.
     #[arg(long, default_value = "127.0.0.1:8080")]
@@ -65,7 +68,10 @@ async fn main() -> anyhow::Result<()> {
     }
     let elapsed = start.elapsed().as_secs_f64();
     let after = cli.pid.and_then(procstat::sample);
-    let (events, requests) = (events.load(Ordering::Relaxed), requests.load(Ordering::Relaxed));
+    let (events, requests) = (
+        events.load(Ordering::Relaxed),
+        requests.load(Ordering::Relaxed),
+    );
     println!(
         "batch {}: {:.0} events/s, {:.0} requests/s ({} events in {:.1} s, {} connections x {} pipelined)",
         cli.batch,
@@ -105,11 +111,18 @@ async fn connection(
     let request = |next_topic: &mut usize| {
         let mut body = String::new();
         for _ in 0..cli.batch {
-            body.push_str(&format!(r#"{{"topic":"bench{}","data":"{data}"}}"#, *next_topic % cli.topics));
+            body.push_str(&format!(
+                r#"{{"topic":"bench{}","data":"{data}"}}"#,
+                *next_topic % cli.topics
+            ));
             body.push('\n');
             *next_topic += cli.connections;
         }
-        let kind = if cli.batch == 1 { "application/json" } else { "application/x-ndjson" };
+        let kind = if cli.batch == 1 {
+            "application/json"
+        } else {
+            "application/x-ndjson"
+        };
         format!(
             "POST /publish HTTP/1.1\r\nHost: bench\r\nContent-Type: {kind}\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
@@ -117,21 +130,28 @@ async fn connection(
     };
     let mut owed = 0;
     for _ in 0..cli.pipeline {
-        stream.write_all(request(&mut next_topic).as_bytes()).await?;
+        stream
+            .write_all(request(&mut next_topic).as_bytes())
+            .await?;
         owed += 1;
     }
     let mut buf = Vec::with_capacity(64 * 1024);
     while owed > 0 {
         while let Some((status, body, used)) = http1::parse_sized_response(&buf)? {
             if status != 200 {
-                bail!("the gateway answered {status}: {}", String::from_utf8_lossy(body));
+                bail!(
+                    "the gateway answered {status}: {}",
+                    String::from_utf8_lossy(body)
+                );
             }
             buf.drain(..used);
             owed -= 1;
             events.fetch_add(cli.batch as u64, Ordering::Relaxed);
             requests.fetch_add(1, Ordering::Relaxed);
             if Instant::now() < deadline {
-                stream.write_all(request(&mut next_topic).as_bytes()).await?;
+                stream
+                    .write_all(request(&mut next_topic).as_bytes())
+                    .await?;
                 owed += 1;
             }
         }

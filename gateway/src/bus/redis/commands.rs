@@ -1,14 +1,21 @@
-//! `Commands`: the pool of command connections to the Redis primary (deadpool), shared by the
-//! request handlers and the subscriber task: `FCALL`s with a timeout, the function library
-//! loaded again when Redis lost it, and pipelined reads of many topics. The only place that runs
-//! commands. Errors that say the node may no longer be the primary tell the `Endpoint`, and the
-//! pool follows the primary it names.
+//! `Commands`: the command connections to the Redis primary, used by the request handlers and
+//! the subscriber task: `FCALL`s with a timeout, the function library loaded again when Redis
+//! lost it, and pipelined reads of many topics. The only place that runs commands. Errors that
+//! say the node may no longer be the primary tell the `Endpoint`, and the connections follow the
+//! primary it names.
+//!
+//! Publishes and history reads are pipelined on one shared connection (redis-rs's
+//! `MultiplexedConnection`): concurrent calls never wait for each other's round trips, and none
+//! pays for a pool checkout, which costs deadpool-redis a round trip of its own (`UNWATCH` +
+//! `PING`). What needs a connection to itself takes one from the pool (deadpool): a publish
+//! followed by its `WAIT`, and the subscriber's library check, backfills and canaries.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_redis::{Pool, Runtime};
-use redis::Value;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Value};
 use ssegw_protocol::script;
 use ssegw_protocol::{StreamId, Topic};
 
@@ -44,24 +51,40 @@ pub(super) struct Commands {
     pub(super) timeout: Duration,
 }
 
-/// The pool of connections to the current primary: built for the address the endpoint names,
-/// and built anew for another address once the endpoint's epoch says the primary may have
-/// moved (connections to the old one are dropped as their users return them).
+/// The connections to the current primary: built for the address the endpoint names, and
+/// built anew for another address once the endpoint's epoch says the primary may have moved
+/// (connections to the old one are dropped as their users let go of them).
 pub(super) struct Pools {
     endpoint: Arc<Endpoint>,
     size: usize,
     timeout: Duration,
-    /// The pool, the address it connects to and the epoch it was checked at. Held only to
-    /// read or replace it, never across an `.await`.
+    /// The connections, the address they go to and the epoch it was checked at. Held only to
+    /// read or replace them, never across an `.await`.
     current: std::sync::Mutex<Option<Current>>,
-    /// One caller at a time asks the endpoint for the primary; the others wait for its answer.
+    /// One caller at a time asks the endpoint for the primary or opens the shared connection;
+    /// the others wait for its answer.
     resolving: tokio::sync::Mutex<()>,
+    /// Numbers the shared connections, so that a caller discards only the one it saw fail.
+    next_shared: std::sync::atomic::AtomicU64,
 }
 
 struct Current {
     epoch: u64,
     address: String,
+    client: redis::Client,
+    /// Connections used by one caller at a time.
     pool: Pool,
+    /// The connection every caller pipelines on, once one was opened; `None` again after a
+    /// call on it failed, so that the next caller opens another.
+    shared: Option<Shared>,
+}
+
+/// The shared connection to the primary: clones of it send on the same socket. Its driver task
+/// runs on the runtime of the caller that opened it, in practice a request handler's worker.
+#[derive(Clone)]
+pub(super) struct Shared {
+    id: u64,
+    conn: MultiplexedConnection,
 }
 
 impl Pools {
@@ -72,6 +95,7 @@ impl Pools {
             timeout,
             current: std::sync::Mutex::new(None),
             resolving: tokio::sync::Mutex::new(()),
+            next_shared: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -79,22 +103,104 @@ impl Pools {
         &self.endpoint
     }
 
-    fn checked(&self) -> Option<Pool> {
+    /// Connections of either kind: no response timeout of redis-rs's own (500 ms by default,
+    /// which would cut a longer `WAIT` or a slow call short); every call is bounded by ours.
+    fn connection_config(&self) -> AsyncConnectionConfig {
+        AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(None)
+    }
+
+    /// What `pick` takes from the connections, if they are for the endpoint's current epoch.
+    fn checked<R>(&self, pick: impl FnOnce(&Current) -> Option<R>) -> Option<R> {
         let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         current
             .as_ref()
             .filter(|c| c.epoch == self.endpoint.epoch())
-            .map(|c| c.pool.clone())
+            .and_then(pick)
     }
 
     /// The pool for the primary as of the endpoint's current epoch.
     async fn pool(&self) -> Result<Pool, BusError> {
-        if let Some(pool) = self.checked() {
+        if let Some(pool) = self.checked(|c| Some(c.pool.clone())) {
             return Ok(pool);
         }
         let _resolving = self.resolving.lock().await;
-        if let Some(pool) = self.checked() {
-            return Ok(pool);
+        self.resolve(|c| c.pool.clone()).await
+    }
+
+    /// The shared connection to the primary as of the endpoint's current epoch, opened if
+    /// there is none.
+    async fn shared(&self) -> Result<Shared, BusError> {
+        if let Some(shared) = self.checked(|c| c.shared.clone()) {
+            return Ok(shared);
+        }
+        // Bounded: behind a caller whose connect hangs (a blackholed primary), the queue would
+        // otherwise wait one timeout per caller ahead of it.
+        let Ok(_resolving) = tokio::time::timeout(self.timeout, self.resolving.lock()).await else {
+            return Err(BusError::Unavailable(
+                "connecting to Redis timed out".into(),
+            ));
+        };
+        if let Some(shared) = self.checked(|c| c.shared.clone()) {
+            return Ok(shared);
+        }
+        let (epoch, client) = self.resolve(|c| (c.epoch, c.client.clone())).await?;
+        let config = self.connection_config();
+        let conn = match tokio::time::timeout(
+            self.timeout,
+            client.get_multiplexed_async_connection_with_config(&config),
+        )
+        .await
+        {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => {
+                self.suspect(&e);
+                return Err(unavailable(e));
+            }
+            Err(_) => {
+                self.endpoint.moved("the primary did not answer in time");
+                return Err(BusError::Unavailable(
+                    "connecting to Redis timed out".into(),
+                ));
+            }
+        };
+        let shared = Shared {
+            id: self
+                .next_shared
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            conn,
+        };
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        // Kept only for the primary it was opened to; after a move it serves this call alone.
+        if let Some(current) = current.as_mut().filter(|c| c.epoch == epoch) {
+            current.shared = Some(shared.clone());
+        }
+        Ok(shared)
+    }
+
+    /// A call on shared connection `id` failed: the next caller opens another. A connection
+    /// opened meanwhile stays.
+    fn discard(&self, id: u64) {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(current) = current.as_mut() {
+            if current.shared.as_ref().is_some_and(|s| s.id == id) {
+                current.shared = None;
+            }
+        }
+    }
+
+    /// `pick` from the connections for the endpoint's current epoch, asking the endpoint for
+    /// the primary first if the epoch moved. Called holding `resolving`.
+    async fn resolve<R>(&self, pick: impl FnOnce(&Current) -> R) -> Result<R, BusError> {
+        {
+            let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(current) = current
+                .as_ref()
+                .filter(|c| c.epoch == self.endpoint.epoch())
+            {
+                return Ok(pick(current));
+            }
         }
         let epoch = self.endpoint.epoch();
         let info = self.endpoint.primary().await?;
@@ -109,7 +215,11 @@ impl Pools {
                 // The manager straight from the connection info: deadpool-redis's own `Config`
                 // copies the address without its TLS parameters (the CA, the client
                 // certificate).
-                let manager = deadpool_redis::Manager::new(info).map_err(unavailable)?;
+                let manager = deadpool_redis::Manager::new_with_config(
+                    info.clone(),
+                    self.connection_config(),
+                )
+                .map_err(unavailable)?;
                 let pool = Pool::builder(manager)
                     .max_size(self.size)
                     // deadpool waits forever by default; a drained pool must fail like a dead
@@ -123,15 +233,28 @@ impl Pools {
                 *current = Some(Current {
                     epoch,
                     address,
+                    client: redis::Client::open(info).map_err(unavailable)?,
                     pool,
+                    shared: None,
                 });
             }
         }
-        Ok(current.as_ref().expect("just set").pool.clone())
+        Ok(pick(current.as_ref().expect("just set")))
+    }
+
+    /// After an error that says the node may no longer be the primary (it is read-only now,
+    /// or unreachable), the endpoint asks the sentinels again.
+    fn suspect(&self, e: &redis::RedisError) {
+        if e.code() == Some("READONLY") {
+            self.endpoint.moved("the node answered READONLY");
+        } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+            self.endpoint.moved("the connection to the primary failed");
+        }
     }
 }
 
 impl Commands {
+    /// A connection of the pool, to use alone.
     pub(super) async fn connection(&self) -> Result<deadpool_redis::Connection, BusError> {
         let pool = self.pools.pool().await?;
         pool.get().await.map_err(|e| match e {
@@ -143,20 +266,17 @@ impl Commands {
         })
     }
 
-    /// After an error that says the node may no longer be the primary (it is read-only now,
-    /// or unreachable), the endpoint asks the sentinels again.
-    fn suspect(&self, e: &redis::RedisError) {
-        if e.code() == Some("READONLY") {
-            self.pools.endpoint.moved("the node answered READONLY");
-        } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
-            self.pools
-                .endpoint
-                .moved("the connection to the primary failed");
-        }
+    /// The shared connection, for calls that need no connection to themselves.
+    pub(super) async fn shared(&self) -> Result<Shared, BusError> {
+        self.pools.shared().await
     }
 
-    /// Runs an `FCALL`, loading the library first if Redis lost it (a restart without
-    /// persistence, `FUNCTION FLUSH`).
+    fn suspect(&self, e: &redis::RedisError) {
+        self.pools.suspect(e)
+    }
+
+    /// Runs an `FCALL` on the shared connection, loading the library first if Redis lost it (a
+    /// restart without persistence, `FUNCTION FLUSH`).
     ///
     /// A `READONLY` answer means the node was demoted and the call did nothing: it is sent once
     /// more, to the primary the sentinels name now.
@@ -164,10 +284,30 @@ impl Commands {
         &self,
         cmd: &redis::Cmd,
     ) -> Result<T, BusError> {
-        self.fcall_holding(cmd).await.map(|(_, value)| value)
+        match self.fcall_shared(self.shared().await?, cmd).await {
+            Err(BusError::Unavailable(reason)) if reason.contains("READONLY") => {
+                self.fcall_shared(self.shared().await?, cmd).await
+            }
+            other => other,
+        }
     }
 
-    /// `fcall`, returning the connection it ran on too.
+    /// `fcall_on` the shared connection. An outage drops the connection for every caller: it
+    /// may be broken (a cut, or a link that no longer answers, which redis-rs does not notice
+    /// by itself), and opening another costs one round trip.
+    pub(super) async fn fcall_shared<T: redis::FromRedisValue>(
+        &self,
+        mut shared: Shared,
+        cmd: &redis::Cmd,
+    ) -> Result<T, BusError> {
+        let result = self.fcall_on(&mut shared.conn, cmd).await;
+        if let Err(BusError::Unavailable(_)) = &result {
+            self.pools.discard(shared.id);
+        }
+        result
+    }
+
+    /// `fcall` on a connection of the pool, returning the connection too.
     async fn fcall_holding<T: redis::FromRedisValue>(
         &self,
         cmd: &redis::Cmd,
@@ -187,6 +327,11 @@ impl Commands {
     /// Runs the publish `FCALL`, then `WAIT`s on the same connection for `durability`'s
     /// replicas; returns the id and how many replicas confirmed every write on the connection
     /// so far. A demoted node's `READONLY` is retried as in `fcall`.
+    ///
+    /// Both run on a connection of the pool, not the shared one. `WAIT` counts the writes of
+    /// its connection up to itself, so on the shared one it would still confirm this event
+    /// (and others' too: a conservative answer), but it blocks its connection in Redis until
+    /// the replicas answer, and every call pipelined behind it would wait as long.
     pub(super) async fn fcall_confirmed(
         &self,
         cmd: &redis::Cmd,
@@ -222,7 +367,7 @@ impl Commands {
 
     pub(super) async fn fcall_on<T: redis::FromRedisValue>(
         &self,
-        conn: &mut deadpool_redis::Connection,
+        conn: &mut MultiplexedConnection,
         cmd: &redis::Cmd,
     ) -> Result<T, BusError> {
         match self.query(cmd, conn).await {
@@ -243,7 +388,7 @@ impl Commands {
     pub(super) async fn query<T: redis::FromRedisValue>(
         &self,
         cmd: &redis::Cmd,
-        conn: &mut deadpool_redis::Connection,
+        conn: &mut MultiplexedConnection,
     ) -> Result<T, BusError> {
         match tokio::time::timeout(self.timeout, cmd.query_async(conn)).await {
             Err(_) => {
@@ -264,7 +409,7 @@ impl Commands {
     /// with `--redis-install-functions false`, only checks that an administrator did.
     pub(super) async fn load_library(
         &self,
-        conn: &mut deadpool_redis::Connection,
+        conn: &mut MultiplexedConnection,
     ) -> Result<(), BusError> {
         // One command at a time on `conn`: the closure borrows it for each.
         let conn = tokio::sync::Mutex::new(conn);
@@ -377,7 +522,9 @@ impl Commands {
     }
 
     /// Reads several topics in one pipelined round trip: `count` events after each position,
-    /// or only the head where no position is given.
+    /// or only the head where no position is given. On a connection of the pool: the
+    /// subscriber's backfills run on its own runtime, where the shared connection's driver
+    /// should not be started.
     pub(super) async fn read_many(
         &self,
         requests: &[(&Topic, Option<StreamId>)],

@@ -315,10 +315,10 @@ impl RedisBus {
         let key = (topic.clone(), after, count);
         match &self.backend {
             Backend::Single(commands) => {
-                let connect = || async { commands.connection().await.map_err(Err) };
-                let query = |mut conn: deadpool_redis::Connection| async move {
+                let connect = || async { commands.shared().await.map_err(Err) };
+                let query = |shared| async move {
                     let cmd = read_cmd(topic, Some(after), count);
-                    let reply: Value = commands.fcall_on(&mut conn, &cmd).await?;
+                    let reply: Value = commands.fcall_shared(shared, &cmd).await?;
                     parse_page(reply).map(Arc::new).ok_or_else(malformed)
                 };
                 self.reads.run(key, since, connect, query).await
