@@ -379,16 +379,20 @@ async fn entries_written_around_the_publish_function_cannot_forge_fields() {
     assert!(!sse.raw().contains("forged"), "{}", sse.raw());
 }
 
-/// `ssegw_read` calls Redis has served so far.
+/// History reads Redis has served so far: `ssegw_read` calls and the plain `XRANGE`s a resume
+/// from a held position is read with.
 fn history_reads(redis: &support::RedisServer) -> u64 {
     let info: String = redis
         .cmd(redis::cmd("INFO").arg("commandstats"))
         .expect("INFO commandstats");
     // FCALLs of every function are counted together; nothing but the reads runs meanwhile.
-    info.lines()
-        .find_map(|line| line.strip_prefix("cmdstat_fcall:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .map_or(0, |calls| calls.parse().expect("a count"))
+    let calls = |command: &str| {
+        info.lines()
+            .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |calls| calls.parse::<u64>().expect("a count"))
+    };
+    calls("fcall") + calls("xrange")
 }
 
 #[actix_web::test]

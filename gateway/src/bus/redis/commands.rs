@@ -39,6 +39,20 @@ pub(super) fn read_cmd(topic: &Topic, after: Option<StreamId>, count: usize) -> 
     cmd
 }
 
+/// `XRANGE ssegw:s:{<topic>} <after> + COUNT <count + 1>`: a resume page read without the
+/// library when the position is an event the stream holds (`reply::parse_range`). A plain
+/// `XRANGE` costs Redis a fraction of `ssegw_read`, whose time goes to turning the entries into
+/// Lua values and back (BENCHMARKS.md, 2026-12-03, the publish path).
+pub(super) fn range_cmd(topic: &Topic, after: StreamId, count: usize) -> redis::Cmd {
+    let mut cmd = redis::cmd("XRANGE");
+    cmd.arg(script::stream_key(topic))
+        .arg(after.to_string())
+        .arg("+")
+        .arg("COUNT")
+        .arg(count + 1);
+    cmd
+}
+
 /// Command-connection work shared by request handlers and the subscriber task.
 #[derive(Clone)]
 pub(super) struct Commands {

@@ -40,10 +40,10 @@ use crate::config::{BusConfig, Durability, RedisTarget, Topology};
 use crate::fanout::hub::{Hub, Interest};
 use cluster::subscriber::ClusterSubscriber;
 use cluster::ClusterCommands;
-use commands::{read_cmd, Commands, Pools};
+use commands::{range_cmd, read_cmd, Commands, Pools};
 use endpoint::Endpoint;
 use library::Functions;
-use reply::{malformed, parse_page};
+use reply::{malformed, parse_page, parse_range};
 use subscriber::Subscriber;
 
 pub struct RedisBus {
@@ -316,7 +316,14 @@ impl RedisBus {
         match &self.backend {
             Backend::Single(commands) => {
                 let connect = || async { commands.shared().await.map_err(Err) };
-                let query = |shared| async move {
+                let query = |shared: commands::Shared| async move {
+                    if after != StreamId::ZERO {
+                        let range = range_cmd(topic, after, count);
+                        let reply: Value = commands.fcall_shared(shared.clone(), &range).await?;
+                        if let Some(page) = parse_range(reply, after)? {
+                            return Ok(Arc::new(page));
+                        }
+                    }
                     let cmd = read_cmd(topic, Some(after), count);
                     let reply: Value = commands.fcall_shared(shared, &cmd).await?;
                     parse_page(reply).map(Arc::new).ok_or_else(malformed)
@@ -326,6 +333,13 @@ impl RedisBus {
             Backend::Cluster(commands) => {
                 let connect = || async { commands.connection().await.map_err(Err) };
                 let query = |mut conn| async move {
+                    if after != StreamId::ZERO {
+                        let range = range_cmd(topic, after, count);
+                        let reply = commands.fcall(&mut conn, topic, &range).await?;
+                        if let Some(page) = parse_range(reply, after)? {
+                            return Ok(Arc::new(page));
+                        }
+                    }
                     let cmd = read_cmd(topic, Some(after), count);
                     let reply = commands.fcall(&mut conn, topic, &cmd).await?;
                     parse_page(reply).map(Arc::new).ok_or_else(malformed)

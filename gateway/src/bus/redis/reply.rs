@@ -94,6 +94,42 @@ pub(super) fn parse_page(reply: Value) -> Option<Page> {
     Some(Page { gap, head, entries })
 }
 
+/// A resume page from a plain `XRANGE <stream> <after> + COUNT <count + 1>` (see
+/// `commands::range_cmd`): when its first entry is `after` itself, the position is an event this
+/// stream holds, so nothing after it was trimmed and it belongs to this history (the Lua `read`
+/// decides the same first), and the rest is the page. `Ok(None)` when the first entry is not
+/// `after`: only `ssegw_read` can tell what the position is then. `Err` for a malformed reply.
+pub(super) fn parse_range(reply: Value, after: StreamId) -> Result<Option<Page>, BusError> {
+    let Value::Array(raw_entries) = reply else {
+        return Err(malformed());
+    };
+    let first = match raw_entries.first() {
+        None => return Ok(None),
+        Some(Value::Array(parts)) => parts
+            .first()
+            .and_then(as_text)
+            .and_then(|id| StreamId::parse(id).ok())
+            .ok_or_else(malformed)?,
+        Some(_) => return Err(malformed()),
+    };
+    if first != after {
+        return Ok(None);
+    }
+    let entries = raw_entries[1..]
+        .iter()
+        .map(parse_entry)
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(malformed)?;
+    // Only a page read without a position needs the stream's true head (`catch_up`); here the
+    // newest id the page knows stands for it.
+    let head = entries.last().map_or(after, |e| e.id);
+    Ok(Some(Page {
+        gap: None,
+        head,
+        entries,
+    }))
+}
+
 /// `[id, [field, value, ...]]` with fields `d` (data) and optionally `e` (event type) and `t`
 /// (traceparent).
 fn parse_entry(entry: &Value) -> Option<Arc<Event>> {
@@ -132,4 +168,53 @@ fn parse_entry(entry: &Value) -> Option<Arc<Event>> {
     Some(Arc::new(
         Event::new(id, event.as_ref(), data?).traced(traceparent),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, data: &str) -> Value {
+        Value::Array(vec![
+            Value::BulkString(id.into()),
+            Value::Array(vec![
+                Value::BulkString(b"d".to_vec()),
+                Value::BulkString(data.into()),
+            ]),
+        ])
+    }
+
+    fn ids(page: &Page) -> Vec<String> {
+        page.entries.iter().map(|e| e.id.to_string()).collect()
+    }
+
+    #[test]
+    fn a_range_from_a_held_position_is_a_page_and_anything_else_asks_the_library() {
+        let after = StreamId::new(5, 0);
+        let page = parse_range(
+            Value::Array(vec![
+                entry("5-0", "a"),
+                entry("6-0", "b"),
+                entry("6-1", "c"),
+            ]),
+            after,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (page.gap, ids(&page), page.head),
+            (None, vec!["6-0".into(), "6-1".into()], StreamId::new(6, 1))
+        );
+        let caught_up = parse_range(Value::Array(vec![entry("5-0", "a")]), after)
+            .unwrap()
+            .unwrap();
+        assert_eq!((ids(&caught_up).len(), caught_up.head), (0, after));
+        // Trimmed past, never held, or an empty stream: only ssegw_read can say which.
+        assert!(parse_range(Value::Array(vec![entry("7-0", "x")]), after)
+            .unwrap()
+            .is_none());
+        assert!(parse_range(Value::Array(vec![]), after).unwrap().is_none());
+        assert!(parse_range(Value::Nil, after).is_err());
+        assert!(parse_range(Value::Array(vec![entry("5-0", "a"), Value::Int(1)]), after).is_err());
+    }
 }
