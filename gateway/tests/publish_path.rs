@@ -525,6 +525,6 @@ async fn namespaces_change_retention_at_run_time() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not in Redis"));
-    let libraries: Vec<redis::Value> = empty.cmd(&redis::cmd("FUNCTION").arg("LIST")).unwrap();
+    let libraries: Vec<redis::Value> = empty.cmd(redis::cmd("FUNCTION").arg("LIST")).unwrap();
     assert!(libraries.is_empty(), "list loaded a library");
 }

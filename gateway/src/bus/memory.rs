@@ -21,6 +21,8 @@ pub struct MemoryBus {
     logs: Arc<Mutex<HashMap<Topic, Log>>>,
     /// The flags' retention: the embedded bus has no namespaces.
     settings: Limits,
+    /// `settings` as a table, as `Bus::retention` answers.
+    retention: Arc<Retention>,
     /// Idempotency records: the first publish's id and a fingerprint of its event, until the
     /// deadline; dropped as they expire.
     first_publishes: Mutex<HashMap<(Topic, IdempotencyKey), FirstPublish>>,
@@ -51,6 +53,7 @@ impl MemoryBus {
         let bus = MemoryBus {
             logs: Arc::new(Mutex::new(HashMap::new())),
             settings: config.retention_seed,
+            retention: Arc::new(Retention::new(config.retention_seed, 0)),
             first_publishes: Mutex::new(HashMap::new()),
             hub,
         };
@@ -78,8 +81,8 @@ impl MemoryBus {
         bus
     }
 
-    pub fn retention(&self) -> Retention {
-        Retention::new(self.settings, 0)
+    pub fn retention(&self) -> Arc<Retention> {
+        self.retention.clone()
     }
 
     pub fn publish(&self, publish: &Publish<'_>) -> Result<StreamId, BusError> {

@@ -130,7 +130,7 @@ impl Bus {
 
     /// The retention table publishes are held to: the fleet's, as last read from Redis
     /// (`None` before it was), or the embedded bus's, from the flags.
-    pub fn retention(&self) -> Option<Retention> {
+    pub fn retention(&self) -> Option<Arc<Retention>> {
         match self {
             Bus::Redis(bus) => bus.retention(),
             Bus::Memory(bus) => Some(bus.retention()),

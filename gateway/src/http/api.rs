@@ -3,6 +3,7 @@
 //! `PublishBody`). Every input is validated here, before the hub or the bus is touched.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse, ResponseError};
@@ -372,7 +373,7 @@ pub(super) async fn publish(
                 max_data_bytes: state.stream.max_event_bytes,
                 ..Default::default()
             };
-            Retention::new(seed, 0)
+            Arc::new(Retention::new(seed, 0))
         });
         // JSON escaping can grow data up to six-fold (`\u0000`); sizes are checked after.
         let per_event = retention.max_data_bytes() * 6 + 4096;

@@ -4,7 +4,7 @@
 //! standalone pool's, or the cluster connection routed to one primary.
 
 use std::future::Future;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use redis::Value;
 use ssegw_protocol::retention::{Limits, Retention};
@@ -27,8 +27,9 @@ pub(in crate::bus::redis) struct Functions {
     pub(in crate::bus::redis) install: bool,
     /// The table for a Redis that has none: this replica's flags, generation 0.
     seed: Retention,
-    /// The newest table seen on any node. Held only to read or replace it.
-    newest: Mutex<Option<Retention>>,
+    /// The newest table seen on any node, shared with every request that checks a publish
+    /// against it. Held only to read or replace it.
+    newest: Mutex<Option<Arc<Retention>>>,
 }
 
 impl Functions {
@@ -43,7 +44,11 @@ impl Functions {
 
     /// What `ssegw_channels` answers for this replica's library.
     pub(in crate::bus::redis) fn channels(&self) -> &'static str {
-        self.settings(Retention::default()).channels()
+        if self.sharded {
+            "sharded"
+        } else {
+            "global"
+        }
     }
 
     fn settings(&self, retention: Retention) -> ScriptSettings {
@@ -54,7 +59,7 @@ impl Functions {
     }
 
     /// The newest table seen in Redis; `None` before any was read.
-    pub(in crate::bus::redis) fn retention(&self) -> Option<Retention> {
+    pub(in crate::bus::redis) fn retention(&self) -> Option<Arc<Retention>> {
         self.newest
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -63,14 +68,15 @@ impl Functions {
 
     /// The table to load where a node has none, or an older one.
     fn wanted(&self) -> Retention {
-        self.retention().unwrap_or_else(|| self.seed.clone())
+        self.retention()
+            .map_or_else(|| self.seed.clone(), |newest| (*newest).clone())
     }
 
     /// Keeps `seen` if it is newer than what was seen so far.
     pub(in crate::bus::redis) fn observe(&self, seen: &Retention) {
         let mut newest = self.newest.lock().unwrap_or_else(|e| e.into_inner());
         if newest.as_ref().is_none_or(|known| newer(seen, known)) {
-            *newest = Some(seen.clone());
+            *newest = Some(Arc::new(seen.clone()));
         }
     }
 }

@@ -264,7 +264,7 @@ impl RedisBus {
     }
 
     /// The fleet's retention table as last read from Redis; `None` before it was.
-    pub fn retention(&self) -> Option<Retention> {
+    pub fn retention(&self) -> Option<Arc<Retention>> {
         match &self.backend {
             Backend::Single(commands) => commands.functions.retention(),
             Backend::Cluster(commands) => commands.functions.retention(),
@@ -276,6 +276,7 @@ impl RedisBus {
     pub async fn refresh_retention(&self) -> Result<Retention, BusError> {
         self.backend.refresh_library().await?;
         self.retention()
+            .map(|r| (*r).clone())
             .ok_or_else(|| BusError::Unavailable("no retention table in Redis".into()))
     }
 
