@@ -461,6 +461,27 @@ impl Commands {
         .await
     }
 
+    /// Runs a pipeline on `conn` within the timeout; a primary that does not answer in time, or
+    /// that the error says may have moved, is reported to the endpoint.
+    async fn query_pipe<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+        conn: &mut deadpool_redis::Connection,
+    ) -> Result<T, BusError> {
+        match tokio::time::timeout(self.timeout, pipe.query_async(conn)).await {
+            Err(_) => {
+                self.pools
+                    .endpoint
+                    .moved("the primary did not answer in time");
+                Err(BusError::Unavailable("Redis did not answer in time".into()))
+            }
+            Ok(result) => result.map_err(|e| {
+                self.suspect(&e);
+                classify(e)
+            }),
+        }
+    }
+
     /// Runs several publish `FCALL`s in one pipeline on one connection, then, for
     /// `durability`, one `WAIT` for all of them; one result per call, and how many replicas
     /// confirmed them all. A connection that fails part-way fails the calls it did not answer.
@@ -476,18 +497,7 @@ impl Commands {
             pipe.add_command(cmd.clone());
         }
         let mut replies: Vec<redis::RedisResult<String>> =
-            match tokio::time::timeout(self.timeout, pipe.query_async(&mut conn)).await {
-                Err(_) => {
-                    self.pools
-                        .endpoint
-                        .moved("the primary did not answer in time");
-                    return Err(BusError::Unavailable("Redis did not answer in time".into()));
-                }
-                Ok(result) => result.map_err(|e| {
-                    self.suspect(&e);
-                    classify(e)
-                })?,
-            };
+            self.query_pipe(&pipe, &mut conn).await?;
         // Redis lost the library (all calls then failed alike): load it, and send again only
         // the calls that did not run.
         let missing = |r: &redis::RedisResult<String>| {
@@ -507,12 +517,7 @@ impl Commands {
                 again.add_command(cmds[i].clone());
             }
             let answers: Vec<redis::RedisResult<String>> =
-                match tokio::time::timeout(self.timeout, again.query_async(&mut conn)).await {
-                    Err(_) => {
-                        return Err(BusError::Unavailable("Redis did not answer in time".into()))
-                    }
-                    Ok(result) => result.map_err(classify)?,
-                };
+                self.query_pipe(&again, &mut conn).await?;
             for (i, answer) in resend.into_iter().zip(answers) {
                 replies[i] = answer;
             }
@@ -549,19 +554,7 @@ impl Commands {
         for (topic, after) in requests {
             pipe.add_command(read_cmd(topic, *after, count));
         }
-        let replies: Vec<Value> =
-            match tokio::time::timeout(self.timeout, pipe.query_async(&mut conn)).await {
-                Err(_) => {
-                    self.pools
-                        .endpoint
-                        .moved("the primary did not answer in time");
-                    return Err(BusError::Unavailable("Redis did not answer in time".into()));
-                }
-                Ok(result) => result.map_err(|e| {
-                    self.suspect(&e);
-                    classify(e)
-                })?,
-            };
+        let replies: Vec<Value> = self.query_pipe(&pipe, &mut conn).await?;
         replies
             .into_iter()
             .map(parse_page)
