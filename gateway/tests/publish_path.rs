@@ -287,6 +287,22 @@ async fn batches(cluster: Cluster) {
     assert_eq!(status, 400, "an empty batch");
     let (status, _) = post(gw, "text/plain", &[], ndjson(&[("b1", "x")])).await;
     assert_eq!(status, 415);
+    let long = "k".repeat(254);
+    let (status, bad) = post(
+        gw,
+        "application/x-ndjson",
+        &[("idempotency-key", &long)],
+        ndjson(&[("b1", "x")]),
+    )
+    .await;
+    assert_eq!(status, 400, "{bad}");
+    assert!(
+        bad["error"]
+            .as_str()
+            .unwrap()
+            .contains("must fit in 255 bytes"),
+        "{bad}"
+    );
     sse.assert_quiet(Duration::from_millis(300)).await;
     // The same batch sent again with its key is published once.
     let keyed = ndjson(&[("b1", "k1"), ("b2", "k2")]);

@@ -428,7 +428,8 @@ pub(super) async fn publish(
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|_| {
                     ApiError::bad_request(
-                        "Idempotency-Key is too long for a batch: at most 245 bytes",
+                        "Idempotency-Key is too long for a batch: each event's key, <key>/<n>, \
+                         must fit in 255 bytes",
                     )
                 })?,
         };
