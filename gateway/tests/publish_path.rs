@@ -471,6 +471,23 @@ async fn namespaces_change_retention_at_run_time() {
         (3590..=3600).contains(&ttl),
         "chat. expires after an hour: {ttl}"
     );
+    // A short ttl is refreshed by the publishes that follow, however short: the stream lives on
+    // while published to.
+    namespace(&redis, &["set", "brief.", "--ttl", "1s"]);
+    let pttl = || -> i64 {
+        redis
+            .cmd(redis::cmd("PTTL").arg("ssegw:s:{brief.t}"))
+            .unwrap()
+    };
+    fcall(&redis, "brief.t", "first").unwrap();
+    for _ in 0..3 {
+        support::wait_until("the ttl to run down past an eighth", || {
+            (0..800).contains(&pttl())
+        });
+        fcall(&redis, "brief.t", "again").unwrap();
+        assert!(pttl() > 900, "a publish refreshed the ttl: {}", pttl());
+    }
+    assert_eq!(xlen(&redis, "brief.t"), 4);
     // The longest prefix wins; a namespace may allow larger events than the default.
     namespace(&redis, &["set", "chat.big.", "--max-event-bytes", "100000"]);
     let big = "x".repeat(70_000);

@@ -72,9 +72,10 @@ local function append(key, r, fields)
   end
   -- The stream expires `ttl` seconds after its last publish. EXPIRE is a write that Redis
   -- propagates to replicas and the AOF, the dearest call here: refreshed only when the time
-  -- left is a second short (or the ttl was lowered), never more than once a second.
+  -- left is a second short (an eighth of the ttl when that is less; or the ttl was lowered),
+  -- so at most once a second for any ttl of 8 s or more.
   local left = redis.call('PTTL', key)
-  if left < r.ttl * 1000 - 1000 or left > r.ttl * 1000 then
+  if left < r.ttl * 1000 - math.min(1000, r.ttl * 125) or left > r.ttl * 1000 then
     redis.call('EXPIRE', key, r.ttl)
   end
   return id
