@@ -19,9 +19,7 @@ use crate::fanout::hub::{Hub, Interest};
 
 pub struct MemoryBus {
     logs: Arc<Mutex<HashMap<Topic, Log>>>,
-    /// The flags' retention: the embedded bus has no namespaces.
-    settings: Limits,
-    /// `settings` as a table, as `Bus::retention` answers.
+    /// The flags' retention, its default alone: the embedded bus has no namespaces.
     retention: Arc<Retention>,
     /// Idempotency records: the first publish's id and a fingerprint of its event, until the
     /// deadline; dropped as they expire.
@@ -52,7 +50,6 @@ impl MemoryBus {
     ) -> MemoryBus {
         let bus = MemoryBus {
             logs: Arc::new(Mutex::new(HashMap::new())),
-            settings: config.retention_seed,
             retention: Arc::new(Retention::new(config.retention_seed, 0)),
             first_publishes: Mutex::new(HashMap::new()),
             hub,
@@ -85,6 +82,10 @@ impl MemoryBus {
         self.retention.clone()
     }
 
+    fn limits(&self) -> &Limits {
+        self.retention.default_limits()
+    }
+
     pub fn publish(&self, publish: &Publish<'_>) -> Result<StreamId, BusError> {
         let Publish {
             topic,
@@ -96,10 +97,10 @@ impl MemoryBus {
         if data.is_empty() {
             return Err(BusError::Rejected("data must not be empty".into()));
         }
-        if data.len() > self.settings.max_data_bytes {
+        if data.len() > self.limits().max_data_bytes {
             return Err(BusError::TooLarge(format!(
                 "data is larger than {} bytes",
-                self.settings.max_data_bytes
+                self.limits().max_data_bytes
             )));
         }
         // Held until the event is stored, so that concurrent repeats store it once.
@@ -128,7 +129,7 @@ impl MemoryBus {
                 Some((slot, fingerprint, now + window))
             }
         };
-        let ttl = Duration::from_secs(self.settings.ttl_secs);
+        let ttl = Duration::from_secs(self.limits().ttl_secs);
         let mut logs = self.logs.lock().expect("logs poisoned");
         if live_log(&mut logs, topic, ttl).is_none() {
             logs.insert(
@@ -147,7 +148,7 @@ impl MemoryBus {
         log.entries.push_back(event.clone());
         log.head = id;
         log.touched = Instant::now();
-        while log.entries.len() as u64 > self.settings.max_len {
+        while log.entries.len() as u64 > self.limits().max_len {
             let trimmed = log.entries.pop_front().expect("longer than max_len");
             log.max_deleted = trimmed.id;
         }
@@ -167,7 +168,7 @@ impl MemoryBus {
     }
 
     pub fn read(&self, topic: &Topic, after: StreamId, count: usize) -> Page {
-        let ttl = Duration::from_secs(self.settings.ttl_secs);
+        let ttl = Duration::from_secs(self.limits().ttl_secs);
         let mut logs = self.logs.lock().expect("logs poisoned");
         let Some(log) = live_log(&mut logs, topic, ttl) else {
             let gap = (after != StreamId::ZERO).then_some(GapReason::Lost);

@@ -10,6 +10,7 @@ use redis::Value;
 use ssegw_protocol::retention::{Limits, Retention};
 use ssegw_protocol::script::{self, ScriptSettings};
 
+use super::reply::text_reply;
 use crate::bus::BusError;
 
 /// The library this replica loads, and the fleet's retention table as far as it has seen it.
@@ -257,16 +258,7 @@ where
 {
     let mut cmd = redis::cmd("FCALL");
     cmd.arg(script::RETENTION_FUNCTION).arg(0);
-    let text = match run(cmd).await? {
-        Value::BulkString(text) => String::from_utf8_lossy(&text).into_owned(),
-        Value::SimpleString(text) => text,
-        other => {
-            return Err(BusError::Unavailable(format!(
-                "{} answered {other:?}",
-                script::RETENTION_FUNCTION
-            )))
-        }
-    };
+    let text = text_reply(run(cmd).await?)?;
     Retention::parse(&text)
         .map_err(|e| BusError::Unavailable(format!("{} answered {e}", script::RETENTION_FUNCTION)))
 }
@@ -301,12 +293,7 @@ where
     let mut cmd = redis::cmd("FCALL");
     cmd.arg(script::CHANNELS_FUNCTION).arg(0);
     match run(cmd).await {
-        Ok(Value::BulkString(kind)) => Ok(String::from_utf8_lossy(&kind).into_owned()),
-        Ok(Value::SimpleString(kind)) => Ok(kind),
-        Ok(other) => Err(BusError::Unavailable(format!(
-            "{} answered {other:?}",
-            script::CHANNELS_FUNCTION
-        ))),
+        Ok(kind) => text_reply(kind),
         Err(BusError::Rejected(message)) if message.contains("Function not found") => {
             Ok("global".into())
         }

@@ -43,7 +43,7 @@ use cluster::ClusterCommands;
 use commands::{range_cmd, read_cmd, Commands, Pools};
 use endpoint::Endpoint;
 use library::Functions;
-use reply::{malformed, parse_page, parse_range};
+use reply::{malformed, parse_page, parse_range, text_reply};
 use subscriber::Subscriber;
 
 pub struct RedisBus {
@@ -393,14 +393,5 @@ async fn refresh_retention(backend: Backend, shutdown: CancellationToken) {
         if let Err(e) = backend.refresh_library().await {
             tracing::debug!(error = %e, "cannot read the retention table from Redis");
         }
-    }
-}
-
-/// The id a publish answered, as text.
-fn text_reply(value: Value) -> Result<String, BusError> {
-    match value {
-        Value::BulkString(bytes) => String::from_utf8(bytes).map_err(|_| malformed()),
-        Value::SimpleString(text) => Ok(text),
-        other => Err(BusError::Unavailable(format!("unexpected reply {other:?}"))),
     }
 }

@@ -61,6 +61,15 @@ pub(super) fn classify(e: redis::RedisError) -> BusError {
     }
 }
 
+/// A reply that should be text (a publish's id, a library's answers), as text.
+pub(super) fn text_reply(value: Value) -> Result<String, BusError> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes).map_err(|_| malformed()),
+        Value::SimpleString(text) => Ok(text),
+        other => Err(BusError::Unavailable(format!("unexpected reply {other:?}"))),
+    }
+}
+
 fn as_text(value: &Value) -> Option<&str> {
     match value {
         Value::BulkString(bytes) => std::str::from_utf8(bytes).ok(),
