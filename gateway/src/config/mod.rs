@@ -153,9 +153,9 @@ pub struct ServeArgs {
     #[arg(long, env = "SSEGW_WRITE_COALESCE", default_value = "0ms", value_parser = humantime::parse_duration)]
     pub write_coalesce: Duration,
     /// Deliveries a connection may fall behind on one topic before it is closed as too slow
-    /// (with --write-coalesce, a batch counts as one). Each topic holds this many deliveries
-    /// in memory on each replica, whatever its subscribers: keep it modest when a replica
-    /// serves many topics.
+    /// (with --write-coalesce, a batch counts as one). A topic holds only the deliveries one
+    /// of its subscribers has yet to write, so memory grows with a lagging client's backlog,
+    /// up to this many, and shrinks back when it catches up.
     #[arg(long, env = "SSEGW_CLIENT_BUFFER", default_value_t = 128)]
     pub client_buffer: usize,
     /// How long an idempotency key (`Idempotency-Key` on `POST /publish`) is remembered: a

@@ -10,16 +10,17 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::ThreadId;
 use std::time::Duration;
 
 use ssegw_protocol::frame::GapReason;
 use ssegw_protocol::{StreamId, Topic};
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
+use super::broadcast;
 use super::event::{Batch, Delivery, Event};
 use super::sweep::{self, Sink, SinkKey};
 use crate::telemetry::{self, stats::Stats};
@@ -50,8 +51,10 @@ pub struct Channel {
     sender: broadcast::Sender<Delivery>,
     state: Mutex<ChannelState>,
     /// Becomes true once the bus has subscribed the topic and knows its head position; joiners
-    /// wait on it before they read history, so nothing published after the read is missed.
-    ready: watch::Sender<bool>,
+    /// wait on it (woken by `became_ready`) before they read history, so nothing published
+    /// after the read is missed. Not a `watch`: that costs some 360 bytes a topic.
+    ready: AtomicBool,
+    became_ready: Notify,
     /// With a write-coalescing delay: the delay, and where the channel asks to be flushed.
     coalesce: Option<(Duration, mpsc::UnboundedSender<Flush>)>,
 }
@@ -75,11 +78,12 @@ impl Channel {
         let mut state = self.lock();
         state.latest = state.latest.max(head);
         drop(state);
-        self.ready.send_replace(true);
+        self.ready.store(true, Ordering::Release);
+        self.became_ready.notify_waiters();
     }
 
     pub fn is_ready(&self) -> bool {
-        *self.ready.borrow()
+        self.ready.load(Ordering::Acquire)
     }
 
     pub fn latest(&self) -> StreamId {
@@ -312,7 +316,8 @@ impl Hub {
                 topic: topic.clone(),
                 sender: broadcast::channel(self.capacity).0,
                 state: Mutex::new(ChannelState::default()),
-                ready: watch::channel(false).0,
+                ready: AtomicBool::new(false),
+                became_ready: Notify::new(),
                 coalesce: self.coalesce.clone(),
             });
             // A send error means the bus is gone (shutdown); joiners then time out waiting.
@@ -488,7 +493,7 @@ async fn relay(
             while queued.len() < MAX_GATHERED {
                 match from.try_recv() {
                     Ok(delivery) => queued.push(delivery),
-                    Err(broadcast::error::TryRecvError::Empty) => break,
+                    Err(broadcast::TryRecvError::Empty) => break,
                     Err(_) => break 'relay,
                 }
             }
@@ -560,7 +565,7 @@ impl<'a> Meanwhile<'a> {
                 self.queued.push(next.clone());
                 Some(next)
             }
-            Err(broadcast::error::TryRecvError::Empty) => None,
+            Err(broadcast::TryRecvError::Empty) => None,
             Err(_) => {
                 self.fell_behind = true;
                 None
@@ -626,9 +631,16 @@ impl Membership {
     /// Waits until the topic is subscribed at the bus; returns the position from which this
     /// member receives every event through `receiver`.
     pub async fn ready(&self) -> StreamId {
-        let mut ready = self.channel.ready.subscribe();
-        // The sender lives in `self.channel`, so the wait cannot fail.
-        let _ = ready.wait_for(|ready| *ready).await;
+        loop {
+            let notified = self.channel.became_ready.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before looking, so that `set_ready` after the look wakes this wait.
+            notified.as_mut().enable();
+            if self.channel.is_ready() {
+                break;
+            }
+            notified.await;
+        }
         self.channel.latest()
     }
 
@@ -976,7 +988,7 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(matches!(
             m.receiver.recv().await,
-            Err(broadcast::error::RecvError::Closed)
+            Err(broadcast::RecvError::Closed)
         ));
     }
 }

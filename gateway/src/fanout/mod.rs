@@ -5,6 +5,7 @@
 //! channel and turns gaps, keep-alives, expiry and drain into frames. Nothing here talks to
 //! Redis or parses HTTP: history comes through the `Bus`, sockets through the HTTP layer.
 
+pub mod broadcast;
 pub mod event;
 pub mod hub;
 pub mod sse;

@@ -10,12 +10,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::broadcast::{RecvError, TryRecvError};
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::future::select_all;
 use futures_util::stream::Stream;
 use ssegw_protocol::frame::{self, GapReason};
 use ssegw_protocol::{cursor, StreamId, TopicSet};
-use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 

@@ -12,9 +12,9 @@ use std::os::fd::{BorrowedFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 
+use super::broadcast;
 use bytes::{Bytes, BytesMut};
 use ssegw_protocol::{frame, StreamId};
-use tokio::sync::broadcast;
 
 use super::event::Delivery;
 use crate::telemetry::stats::Stats;
@@ -554,9 +554,9 @@ mod tests {
     use std::sync::atomic::Ordering;
     use std::sync::Arc;
 
+    use crate::fanout::broadcast;
     use bytes::Bytes;
     use ssegw_protocol::{frame, StreamId};
-    use tokio::sync::broadcast;
 
     use super::{
         chunk_size_line, insert, remove, start, step, Left, Run, Sink, SinkKey, Swept, GROW_EVERY,

@@ -34,8 +34,8 @@ use actix_web::rt::net::TcpStream;
 use bytes::Bytes;
 use ssegw_protocol::StreamId;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::broadcast;
 
+use crate::fanout::broadcast;
 use crate::fanout::event::Delivery;
 use crate::fanout::sse::Connection;
 use crate::fanout::sweep::{self, Sink, SinkKey};
