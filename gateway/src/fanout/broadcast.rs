@@ -122,6 +122,15 @@ impl<T> Sender<T> {
         subscribe(&self.shared)
     }
 
+    /// Values held: those some receiver has yet to read.
+    pub fn len(&self) -> usize {
+        self.shared.lock().queue.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn receiver_count(&self) -> usize {
         self.shared.lock().receivers
     }

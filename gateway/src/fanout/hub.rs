@@ -767,6 +767,43 @@ mod tests {
         assert_eq!(a.channel.latest(), StreamId::new(7, 0));
     }
 
+    #[test]
+    fn a_topic_holds_a_backlog_only_while_a_member_lags() {
+        // Capacity 8 (see `hub`).
+        let hub = hub(Duration::ZERO);
+        let mut fast = hub.join(&topic("t"));
+        let mut slow = hub.join(&topic("t"));
+        let channel = fast.channel.clone();
+        for ms in 1..=5 {
+            hub.dispatch(&topic("t"), event(ms));
+            assert_eq!(received(&mut fast), [format!("{ms}-0")]);
+        }
+        assert_eq!(channel.sender.len(), 5, "the slow member's backlog");
+        for ms in 6..=20 {
+            hub.dispatch(&topic("t"), event(ms));
+            assert!(channel.sender.len() <= 8, "never more than the buffer");
+            assert_eq!(received(&mut fast), [format!("{ms}-0")]);
+        }
+        assert!(matches!(
+            slow.receiver.try_recv(),
+            Err(broadcast::TryRecvError::Lagged(12))
+        ));
+        let caught_up = received(&mut slow);
+        assert_eq!(caught_up.first().map(String::as_str), Some("13-0"));
+        assert_eq!(caught_up.len(), 8);
+        assert_eq!(channel.sender.len(), 0, "nothing held once both have read");
+        hub.dispatch(&topic("t"), event(21));
+        assert_eq!(channel.sender.len(), 1);
+        drop(slow);
+        assert_eq!(
+            channel.sender.len(),
+            1,
+            "the fast member has yet to read it"
+        );
+        assert_eq!(received(&mut fast), ["21-0"]);
+        assert_eq!(channel.sender.len(), 0);
+    }
+
     #[tokio::test]
     async fn ready_reports_the_newest_known_position() {
         let hub = hub(Duration::ZERO);

@@ -30,6 +30,12 @@ const SUBSCRIBE_BATCH: usize = 1000;
 const READ_BATCH: usize = 64;
 /// Events per topic per read while backfilling after a reconnect.
 const BACKFILL_PAGE: usize = 200;
+/// How long a topic stays subscribed after its last local subscriber left. A client that comes
+/// back within it (a page reload, a dropped connection resuming) costs Redis no SUBSCRIBE and
+/// no UNSUBSCRIBE, and the topics left meanwhile are unsubscribed together, a few times per
+/// linger, in one command instead of one per connection. Meanwhile the replica receives the
+/// topic's events and drops them.
+pub(super) const UNSUBSCRIBE_LINGER: Duration = Duration::from_secs(1);
 
 /// Owns the replica's pub/sub connection: applies the hub's interest changes in batches,
 /// dispatches every message to the hub, checks the link with canaries, and after a reconnect
@@ -106,6 +112,10 @@ impl Subscriber {
     ) -> Option<String> {
         let (mut sink, mut messages) = pubsub.split();
         let mut subscribed = HashSet::new();
+        // Topics no local subscriber wants any more, still subscribed until their linger ends.
+        let mut leaving: HashMap<Topic, Instant> = HashMap::new();
+        let mut linger_ticks = tokio::time::interval(UNSUBSCRIBE_LINGER / 4);
+        linger_ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         if let Err(e) = sink.subscribe(&self.canary_channel).await {
             return Some(e.to_string());
         }
@@ -141,7 +151,12 @@ impl Subscriber {
                     while let Ok(more) = self.interest.try_recv() {
                         batch.push(more);
                     }
-                    if let Err(e) = self.apply(&mut sink, &mut subscribed, batch).await {
+                    if let Err(e) = self.apply(&mut sink, &mut subscribed, &mut leaving, batch).await {
+                        return Some(e.to_string());
+                    }
+                }
+                _ = linger_ticks.tick(), if !leaving.is_empty() => {
+                    if let Err(e) = self.unsubscribe_lingering(&mut sink, &mut subscribed, &mut leaving).await {
                         return Some(e.to_string());
                     }
                 }
@@ -185,12 +200,14 @@ impl Subscriber {
         }
     }
 
-    /// Applies a batch of interest changes: one UNSUBSCRIBE for the topics left, then the new
-    /// channels are joined.
+    /// Applies a batch of interest changes: the topics left start their linger (see
+    /// `UNSUBSCRIBE_LINGER`), then the new channels are joined; a topic joined again while it
+    /// lingers is still subscribed.
     async fn apply(
         &self,
         sink: &mut redis::aio::PubSubSink,
         subscribed: &mut HashSet<Topic>,
+        leaving: &mut HashMap<Topic, Instant>,
         batch: Vec<Interest>,
     ) -> Result<(), BusError> {
         // Later changes to a topic override earlier ones in the same batch.
@@ -216,14 +233,44 @@ impl Subscriber {
                     .is_some_and(|now| Arc::ptr_eq(&now, c))
             })
             .collect();
-        if !leave.is_empty() {
-            let names: Vec<String> = leave.iter().map(script::channel).collect();
-            sink.unsubscribe(&names).await.map_err(unavailable)?;
-            for topic in &leave {
-                subscribed.remove(topic);
-            }
+        let due = Instant::now() + UNSUBSCRIBE_LINGER;
+        for topic in leave {
+            leaving.insert(topic, due);
+        }
+        for channel in &join {
+            leaving.remove(&channel.topic);
         }
         self.join(sink, subscribed, join).await
+    }
+
+    /// Unsubscribes, in one command, the topics whose linger is over and that nobody here
+    /// joined again meanwhile.
+    async fn unsubscribe_lingering(
+        &self,
+        sink: &mut redis::aio::PubSubSink,
+        subscribed: &mut HashSet<Topic>,
+        leaving: &mut HashMap<Topic, Instant>,
+    ) -> Result<(), BusError> {
+        let now = Instant::now();
+        let mut over = Vec::new();
+        leaving.retain(|topic, due| {
+            if *due > now {
+                return true;
+            }
+            // A join still queued in the interest queue finds the topic subscribed.
+            if self.hub.channel(topic).is_none() {
+                over.push(topic.clone());
+            }
+            false
+        });
+        for topics in over.chunks(SUBSCRIBE_BATCH) {
+            let names: Vec<String> = topics.iter().map(script::channel).collect();
+            sink.unsubscribe(&names).await.map_err(unavailable)?;
+        }
+        for topic in &over {
+            subscribed.remove(topic);
+        }
+        Ok(())
     }
 
     /// Subscribes the channels not yet subscribed on this connection, then brings each up to
