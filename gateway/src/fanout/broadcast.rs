@@ -342,7 +342,7 @@ mod tests {
 
     #[test]
     fn receivers_read_from_when_they_joined_and_leaving_releases_their_part() {
-        let (tx, mut first) = channel::<u32>(8);
+        let (tx, first) = channel::<u32>(8);
         tx.send(1).unwrap();
         let mut second = first.resubscribe();
         assert!(second.is_empty());
