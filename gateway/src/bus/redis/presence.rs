@@ -74,7 +74,9 @@ impl Presence {
 }
 
 /// Writes a report every interval until `stop`, then withdraws them all. A report that fails
-/// is logged and the next one tries again (the canaries report outages).
+/// is tried again at the next interval; the first failure of a run is a warning (a Redis user
+/// without the presence keys and commands, say), the others are logged at debug level (the
+/// canaries report outages).
 async fn report_every_interval(
     backend: Backend,
     hub: Arc<Hub>,
@@ -83,6 +85,7 @@ async fn report_every_interval(
     stop: CancellationToken,
 ) {
     let mut reporter = Reporter::default();
+    let mut failing = false;
     let mut tick = tokio::time::interval(config.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -99,9 +102,18 @@ async fn report_every_interval(
             written = write(&backend, &replica, config.expiry(), &report) => written,
         };
         match written {
-            Ok(()) => reporter.written(&report),
+            Ok(()) => {
+                if std::mem::take(&mut failing) {
+                    tracing::info!("presence reports written again");
+                }
+                reporter.written(&report);
+            }
             Err(e) => {
-                tracing::debug!(error = %e, topics = report.counts.len(), "presence report failed");
+                if std::mem::replace(&mut failing, true) {
+                    tracing::debug!(error = %e, "presence report failed");
+                } else {
+                    tracing::warn!(error = %e, "presence report failed; this replica's subscribers are not counted by /presence until one succeeds");
+                }
                 reporter.failed(&report);
             }
         }
