@@ -8,7 +8,8 @@
 //! `MultiplexedConnection`): concurrent calls never wait for each other's round trips, and none
 //! pays for a pool checkout, which costs deadpool-redis a round trip of its own (`UNWATCH` +
 //! `PING`). What needs a connection to itself takes one from the pool (deadpool): a publish
-//! followed by its `WAIT`, and the subscriber's library check, backfills and canaries.
+//! followed by its `WAIT`, the subscriber's library check, backfills and canaries, and a
+//! replica's presence report (`run_all`, pipelines of one command per topic).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -548,18 +549,21 @@ impl Commands {
         ))
     }
 
-    /// Runs `cmds` in order on a connection of the pool, in pipelines of at most
+    /// Runs `cmds` in order on `conn`, a connection of the pool, in pipelines of at most
     /// `PIPELINE_MAX` commands (a replica's presence report: one command per topic), not on the
     /// shared connection, where publishes would wait behind them. Replies are dropped; the
     /// first error fails the call, and the commands after it may or may not have run.
-    pub(super) async fn run_all(&self, cmds: &[redis::Cmd]) -> Result<(), BusError> {
-        let mut conn = self.connection().await?;
+    pub(super) async fn run_all(
+        &self,
+        conn: &mut deadpool_redis::Connection,
+        cmds: &[redis::Cmd],
+    ) -> Result<(), BusError> {
         for chunk in cmds.chunks(PIPELINE_MAX) {
             let mut pipe = redis::pipe();
             for cmd in chunk {
                 pipe.add_command(cmd.clone()).ignore();
             }
-            self.query_pipe::<(), _>(&pipe, &mut conn).await?;
+            self.query_pipe::<(), _>(&pipe, conn).await?;
         }
         Ok(())
     }

@@ -135,15 +135,46 @@ fn del(topic: &Topic, replica: &str) -> redis::Cmd {
 }
 
 /// Writes one report (see the module's comment): the registry entry first, so that a reader
-/// who finds a topic's report also finds whose it is.
+/// who finds a topic's report also finds whose it is. On one primary the whole report, `TIME`
+/// included, goes on one connection of the pool: never on the shared connection, which it would
+/// open, and where it would hold up the publishes pipelined behind it.
 async fn write(
     backend: &Backend,
     replica: &str,
     expiry: Duration,
     report: &Report,
 ) -> Result<(), BusError> {
-    let now = time(backend).await?;
     let expiry_ms = expiry.as_millis() as u64;
+    match backend {
+        Backend::Single(commands) => {
+            let mut conn = commands.connection().await?;
+            let time = commands
+                .query::<Value>(&redis::cmd("TIME"), &mut conn)
+                .await?;
+            let now = parse_time(&time).ok_or_else(malformed)?;
+            let (mut all, topics) = report_cmds(replica, expiry_ms, now, report);
+            all.extend(topics);
+            commands.run_all(&mut conn, &all).await
+        }
+        Backend::Cluster(commands) => {
+            let time = commands
+                .run_at(PRESENCE_REPLICAS, redis::cmd("TIME"))
+                .await?;
+            let now = parse_time(&time).ok_or_else(malformed)?;
+            let (registry, topics) = report_cmds(replica, expiry_ms, now, report);
+            commands.run_each(registry).await?;
+            commands.run_each(topics).await.map(drop)
+        }
+    }
+}
+
+/// A report's commands at Redis time `now`: the registry's, then the topics'.
+fn report_cmds(
+    replica: &str,
+    expiry_ms: u64,
+    now: u64,
+    report: &Report,
+) -> (Vec<redis::Cmd>, Vec<redis::Cmd>) {
     let registry = vec![
         redis::cmd("ZADD")
             .arg(PRESENCE_REPLICAS)
@@ -168,38 +199,17 @@ async fn write(
         );
     }
     topics.extend(report.gone.iter().map(|topic| del(topic, replica)));
-    match backend {
-        Backend::Single(commands) => {
-            let mut all = registry;
-            all.extend(topics);
-            commands.run_all(&all).await
-        }
-        Backend::Cluster(commands) => {
-            commands.run_each(registry).await?;
-            commands.run_each(topics).await.map(drop)
-        }
-    }
+    (registry, topics)
 }
 
 async fn run_all(backend: &Backend, cmds: Vec<redis::Cmd>) -> Result<(), BusError> {
     match backend {
-        Backend::Single(commands) => commands.run_all(&cmds).await,
+        Backend::Single(commands) => {
+            let mut conn = commands.connection().await?;
+            commands.run_all(&mut conn, &cmds).await
+        }
         Backend::Cluster(commands) => commands.run_each(cmds).await.map(drop),
     }
-}
-
-/// Redis's time, in milliseconds, on the node that keeps the registry: every report and read
-/// is stamped and aged by that one clock.
-async fn time(backend: &Backend) -> Result<u64, BusError> {
-    let reply = match backend {
-        Backend::Single(commands) => commands.fcall::<Value>(&redis::cmd("TIME")).await?,
-        Backend::Cluster(commands) => {
-            commands
-                .run_at(PRESENCE_REPLICAS, redis::cmd("TIME"))
-                .await?
-        }
-    };
-    parse_time(&reply).ok_or_else(malformed)
 }
 
 /// The fleet's figure for each of `topics`, in order.
