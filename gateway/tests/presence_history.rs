@@ -4,8 +4,8 @@
 //! elsewhere, are not counted twice past it), a SIGTERMed one withdraws its reports at once.
 //! History: the newest events, after a position, a trimmed, a lost and an invalid position
 //! (each the same outcome a resume from there gets), the limits and the 400s, on Redis and on
-//! the embedded bus; both routes' authorization table; and both across a Redis Cluster's
-//! shards.
+//! the embedded bus; both routes' authorization table; both across a Redis Cluster's shards,
+//! and through a Sentinel failover.
 
 mod support;
 
@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 
 use jsonwebtoken::{encode, get_current_timestamp, EncodingKey, Header};
 use serde_json::{json, Value};
-use ssegw_testkit::{slot_of, Cluster as RedisCluster, ClusterOptions, Reply as NodeReply};
+use ssegw_testkit::{
+    slot_of, Cluster as RedisCluster, ClusterOptions, Reply as NodeReply, Sentinel,
+    SentinelOptions,
+};
 use support::{
     get_json, http_publish, Cluster, Gateway, GatewayProcess, RedisServer, Replica, Sse, WAIT,
 };
@@ -649,4 +652,60 @@ async fn presence_and_history_across_a_clusters_shards() {
     let b_only: [&dyn ReplicaAddr; 1] = [&b];
     wait_for_presence(&b_only, &names, &vec![(2, 1); names.len()]).await;
     drop(streams);
+}
+
+/// A number a node answered (`TIME`'s seconds and microseconds, a sorted set's score).
+fn number(reply: &NodeReply) -> f64 {
+    match reply {
+        NodeReply::Bulk(bytes) => std::str::from_utf8(bytes).unwrap().parse().unwrap(),
+        NodeReply::Integer(n) => *n as f64,
+        other => panic!("not a number: {other:?}"),
+    }
+}
+
+#[actix_web::test]
+async fn presence_and_history_follow_a_sentinel_failover() {
+    let group = Sentinel::start(SentinelOptions::default()).expect("a Sentinel group");
+    let sentinels = group.sentinel_addrs().join(",");
+    let flags = [
+        "--redis-sentinels",
+        &sentinels,
+        "--redis-master-name",
+        group.master_name(),
+        "--redis-timeout",
+        "1s",
+        "--canary-interval",
+        "100ms",
+        "--presence-interval",
+        INTERVAL,
+    ];
+    let a = Gateway::start(&flags);
+    let b = Gateway::start(&flags);
+    let _streams = [
+        open(&a, "topic=s", 1).await,
+        open(&b, "topic=s", 2).await,
+    ];
+    let both: [&dyn ReplicaAddr; 2] = [&a, &b];
+    wait_for_presence(&both, &["s"], &[(3, 2)]).await;
+    let sent = support::try_blocking_http_publish(a.addr, "s", "before", None).unwrap();
+
+    let primary = group.failover().expect("SENTINEL FAILOVER");
+    // Both replicas report to the new primary: each one's registry entry there is renewed
+    // after the failover (a report's score is its Redis time plus the expiry).
+    let NodeReply::Array(time) = group.command(&primary, &["TIME"]).unwrap() else {
+        panic!("TIME answers an array");
+    };
+    let failed_over_ms = number(&time[0]) * 1000.0 + number(&time[1]) / 1000.0;
+    for gw in [&a, &b] {
+        let id = replica_id(gw);
+        support::wait_until("a report to the new primary", || {
+            let score = group.command(&primary, &["ZSCORE", "ssegw:p:replicas", &id]);
+            matches!(&score, Ok(NodeReply::Bulk(_)))
+                && number(&score.unwrap()) > failed_over_ms + EXPIRY_MS as f64
+        });
+    }
+    wait_for_presence(&both, &["s"], &[(3, 2)]).await;
+    let after = support::try_blocking_http_publish(b.addr, "s", "after", None).unwrap();
+    let (events, next, gap) = history(&a, &format!("topic=s&after={sent}")).await;
+    assert_eq!((ids(&events), next.as_str(), gap), (vec![after.as_str()], after.as_str(), Value::Null));
 }

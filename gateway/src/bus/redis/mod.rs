@@ -59,7 +59,7 @@ pub struct RedisBus {
     reads: SingleFlight<(Topic, StreamId, usize), ReadResult>,
     /// The presence report task of a serving replica with `--presence-interval`.
     presence: Option<presence::Presence>,
-    /// How long a graceful stop waits for the reports to be withdrawn.
+    /// `--redis-timeout`.
     timeout: Duration,
 }
 
@@ -389,10 +389,14 @@ impl RedisBus {
         presence::read(&self.backend, topics).await
     }
 
-    /// Stops this replica's presence reports and removes them from Redis (a graceful stop).
+    /// Stops this replica's presence reports and removes them from Redis (a graceful stop),
+    /// waiting a second at most (it takes a round trip): a Redis that does not answer must not
+    /// hold up the exit, and the reports expire anyway.
     pub async fn withdraw_presence(&self) {
         if let Some(presence) = &self.presence {
-            presence.withdraw(self.timeout).await;
+            presence
+                .withdraw(self.timeout.min(Duration::from_secs(1)))
+                .await;
         }
     }
 
