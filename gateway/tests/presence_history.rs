@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 use jsonwebtoken::{encode, get_current_timestamp, EncodingKey, Header};
 use serde_json::{json, Value};
 use ssegw_testkit::{
-    slot_of, Cluster as RedisCluster, ClusterOptions, Reply as NodeReply, Sentinel,
-    SentinelOptions,
+    slot_of, Cluster as RedisCluster, ClusterOptions, Reply as NodeReply, Sentinel, SentinelOptions,
 };
 use support::{
     get_json, http_publish, Cluster, Gateway, GatewayProcess, RedisServer, Replica, Sse, WAIT,
@@ -681,10 +680,7 @@ async fn presence_and_history_follow_a_sentinel_failover() {
     ];
     let a = Gateway::start(&flags);
     let b = Gateway::start(&flags);
-    let _streams = [
-        open(&a, "topic=s", 1).await,
-        open(&b, "topic=s", 2).await,
-    ];
+    let _streams = [open(&a, "topic=s", 1).await, open(&b, "topic=s", 2).await];
     let both: [&dyn ReplicaAddr; 2] = [&a, &b];
     wait_for_presence(&both, &["s"], &[(3, 2)]).await;
     let sent = support::try_blocking_http_publish(a.addr, "s", "before", None).unwrap();
@@ -707,5 +703,8 @@ async fn presence_and_history_follow_a_sentinel_failover() {
     wait_for_presence(&both, &["s"], &[(3, 2)]).await;
     let after = support::try_blocking_http_publish(b.addr, "s", "after", None).unwrap();
     let (events, next, gap) = history(&a, &format!("topic=s&after={sent}")).await;
-    assert_eq!((ids(&events), next.as_str(), gap), (vec![after.as_str()], after.as_str(), Value::Null));
+    assert_eq!(
+        (ids(&events), next.as_str(), gap),
+        (vec![after.as_str()], after.as_str(), Value::Null)
+    );
 }
