@@ -428,6 +428,33 @@ fn token(subscribe: &[&str], publish: &[&str], ttl: i64) -> String {
     .unwrap()
 }
 
+/// A row of the authorization table.
+struct Case {
+    what: &'static str,
+    query: String,
+    header: Option<(&'static str, String)>,
+    status: u16,
+    message: &'static str,
+}
+
+impl Case {
+    fn new(
+        what: &'static str,
+        query: &str,
+        header: Option<(&'static str, String)>,
+        status: u16,
+        message: &'static str,
+    ) -> Case {
+        Case {
+            what,
+            query: query.to_string(),
+            header,
+            status,
+            message,
+        }
+    }
+}
+
 #[actix_web::test]
 async fn both_reads_are_authorized_as_subscribing_is() {
     let redis = RedisServer::start();
@@ -445,107 +472,107 @@ async fn both_reads_are_authorized_as_subscribing_is() {
     let orders = token(&["orders.*"], &[], 60);
     let publish_only = token(&[], &["orders.*"], 60);
     let expired = token(&["orders.*"], &[], -60);
-    let bearer = |t: &str| format!("Bearer {t}");
-    let cookie = |t: &str| format!("ssegw_token={t}");
-    let cases: Vec<(&str, String, Vec<(&str, String)>, u16, &str)> = vec![
-        (
+    let bearer = format!("Bearer {orders}");
+    // What is asked, with which credentials, and the status and message it gets.
+    let header = |t: &str| Some(("Authorization", format!("Bearer {t}")));
+    let cookie = |t: &str| Some(("Cookie", format!("ssegw_token={t}")));
+    let cases = [
+        Case::new(
             "anonymous, anonymous topic",
-            "topic=public.news".into(),
-            vec![],
+            "topic=public.news",
+            None,
             200,
             "",
         ),
-        (
+        Case::new(
             "anonymous, other topic",
-            "topic=orders.eu".into(),
-            vec![],
+            "topic=orders.eu",
+            None,
             401,
             "\"orders.eu\" needs one",
         ),
-        (
+        Case::new(
             "token in the header",
-            "topic=orders.eu".into(),
-            vec![("Authorization", bearer(&orders))],
+            "topic=orders.eu",
+            header(&orders),
             200,
             "",
         ),
-        (
+        Case::new(
             "token in the query",
-            format!("topic=orders.eu&access_token={orders}"),
-            vec![],
+            &format!("topic=orders.eu&access_token={orders}"),
+            None,
             200,
             "",
         ),
-        (
+        Case::new(
             "token in the cookie",
-            "topic=orders.eu".into(),
-            vec![("Cookie", cookie(&orders))],
+            "topic=orders.eu",
+            cookie(&orders),
             200,
             "",
         ),
-        (
+        Case::new(
             "token adds to anonymous",
-            "topic=orders.eu&topic=public.news".into(),
-            vec![("Authorization", bearer(&orders))],
+            "topic=orders.eu&topic=public.news",
+            header(&orders),
             200,
             "",
         ),
-        (
+        Case::new(
             "token, topic not granted",
-            "topic=private.x".into(),
-            vec![("Authorization", bearer(&orders))],
+            "topic=private.x",
+            header(&orders),
             403,
             "topic \"private.x\"",
         ),
-        (
+        Case::new(
             "publish grant only",
-            "topic=orders.eu".into(),
-            vec![("Authorization", bearer(&publish_only))],
+            "topic=orders.eu",
+            header(&publish_only),
             403,
             "topic \"orders.eu\"",
         ),
-        (
+        Case::new(
             "expired token",
-            "topic=orders.eu".into(),
-            vec![("Authorization", bearer(&expired))],
+            "topic=orders.eu",
+            header(&expired),
             401,
             "expired",
         ),
-        (
+        Case::new(
             "invalid token, anonymous topic",
-            "topic=public.news".into(),
-            vec![("Authorization", bearer("not.a.token"))],
+            "topic=public.news",
+            header("not.a.token"),
             401,
             "invalid token",
         ),
-        (
+        Case::new(
             "invalid topic before any token",
-            "topic=%7Bx%7D".into(),
-            vec![],
+            "topic=%7Bx%7D",
+            None,
             400,
             "invalid topic",
         ),
     ];
     for route in ["/presence", "/history"] {
-        for (case, query, headers, status, message) in &cases {
-            if route == "/history" && query.matches("topic=").count() > 1 {
+        for case in &cases {
+            if route == "/history" && case.query.matches("topic=").count() > 1 {
                 continue;
             }
             let headers: Vec<(&str, &str)> =
-                headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            let reply = get(&gw, &format!("{route}?{query}"), &headers).await;
-            assert_eq!(reply.status, *status, "{route}, {case}: {}", reply.json);
-            if *status == 200 {
+                case.header.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let reply = get(&gw, &format!("{route}?{}", case.query), &headers).await;
+            let what = format!("{route}, {}", case.what);
+            assert_eq!(reply.status, case.status, "{what}: {}", reply.json);
+            if case.status == 200 {
                 continue;
             }
             let text = reply.json["error"].as_str().unwrap();
-            assert!(text.contains(message), "{route}, {case}: {text}");
-            if *status != 400 {
+            assert!(text.contains(case.message), "{what}: {text}");
+            if case.status != 400 {
                 let challenge = reply.headers.get("www-authenticate").unwrap();
-                assert!(
-                    challenge.to_str().unwrap().starts_with("Bearer"),
-                    "{route}, {case}"
-                );
+                assert!(challenge.to_str().unwrap().starts_with("Bearer"), "{what}");
             }
         }
     }
@@ -553,7 +580,7 @@ async fn both_reads_are_authorized_as_subscribing_is() {
     let reply = get(
         &gw,
         "/presence?topic=orders.eu&topic=private.x",
-        &[("Authorization", &bearer(&orders))],
+        &[("Authorization", &bearer)],
     )
     .await;
     assert_eq!(reply.status, 403);
