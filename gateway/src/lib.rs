@@ -59,8 +59,11 @@ pub async fn run(
     let _stop_timers_on_return = AbortOnDropHandle::new(tokio::spawn(
         hub.clone().run_timers(config.stream.keepalive),
     ));
+    // Names this replica in Redis (its canary channel, its presence reports) and in `/status`.
+    let replica = uuid::Uuid::new_v4();
     let bus = Arc::new(Bus::start(
         &config.bus,
+        replica,
         hub.clone(),
         interest_rx,
         stop.clone(),
@@ -97,8 +100,10 @@ pub async fn run(
 
     // Built once here: the factory below runs once per worker.
     let state = web::Data::new(AppState {
+        replica,
         hub: hub.clone(),
-        bus,
+        bus: bus.clone(),
+        presence: config.bus.presence,
         stream: Arc::new(config.stream.clone()),
         publish: Arc::new(config.publish.clone()),
         stats: stats.clone(),
@@ -178,6 +183,8 @@ pub async fn run(
         result = server => result?,
         _ = window_over => tracing::info!(left = stats.open(), "drain window over"),
     }
+    // The streams are closed: the clients count wherever they resume, not here as well.
+    bus.withdraw_presence().await;
     Ok(())
 }
 

@@ -421,11 +421,13 @@ async fn a_killed_primary_without_publish_replicas_loses_nothing_silently() {
 
 /// What the gateway needs of a cluster, and nothing more (docs/deploy.md, "Least privilege"):
 /// its functions and the commands they run, sharded pub/sub on topic channels and its
-/// canaries, the slot map, `WAIT`, and as keys the topics' streams only.
-const CLUSTER_GATEWAY_ACL: &str = "on >gateway-pw-6a0 resetkeys ~ssegw:s:* ~ssegw:i:* resetchannels \
-     &ssegw:c:* &ssegw:canary:* -@all +fcall +fcall_ro +function|load +ssubscribe \
+/// canaries, the slot map, `WAIT`, the presence reports and their registry, and as keys the
+/// topics' streams and idempotency records and the presence keys only.
+const CLUSTER_GATEWAY_ACL: &str = "on >gateway-pw-6a0 resetkeys ~ssegw:s:* ~ssegw:i:* ~ssegw:p:* \
+     resetchannels &ssegw:c:* &ssegw:canary:* -@all +fcall +fcall_ro +function|load +ssubscribe \
      +sunsubscribe +spublish +cluster|slots +wait +ping +xadd +xrange +xrevrange +xlen +xtrim +xdel \
-     +xinfo|stream +exists +pttl +expire +time +get +set";
+     +xinfo|stream +exists +pttl +expire +time +get +set +mget +del +zadd +zrem +zrange \
+     +zremrangebyscore";
 
 /// The gateway as an ACL user with only `CLUSTER_GATEWAY_ACL`, publishing with
 /// `--publish-replicas 1`: it loads its library on every primary, subscribes and delivers.

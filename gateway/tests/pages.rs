@@ -196,7 +196,9 @@ async fn pages_can_be_turned_off() {
         let error: serde_json::Value = serde_json::from_str(&body).unwrap();
         let message = error["error"].as_str().unwrap();
         assert!(
-            message.ends_with("see /events, /publish, /healthz, /readyz, /status, /metrics"),
+            message.ends_with(
+                "see /events, /publish, /presence, /history, /healthz, /readyz, /status, /metrics"
+            ),
             "{message}"
         );
     }

@@ -1,5 +1,6 @@
 //! Properties of every parser that takes outside input: topics, event types, stream ids, cursors,
-//! channel messages, the `GET /events` query with `Last-Event-ID`, and the `POST /publish` body.
+//! channel messages, the `GET /events` query with `Last-Event-ID`, the `POST /publish` body,
+//! and the queries of `GET /presence` and `GET /history`.
 //! For arbitrary and near-valid input alike: no panic, every rejection is a 400 or 413 naming
 //! what was wrong, every accepted value fits the documented grammar or round-trips. No I/O.
 //! `fuzz/` runs the same invariants unbounded under cargo-fuzz.
@@ -11,6 +12,8 @@ use proptest::collection::{btree_set, vec};
 use proptest::prelude::*;
 use proptest::sample::{select, Index};
 use serde_json::Value;
+use sse_gateway::http::history::{HistoryRequest, Position, MAX_LIMIT};
+use sse_gateway::http::presence::{PresenceRequest, MAX_TOPICS as MAX_PRESENCE_TOPICS};
 use sse_gateway::http::{ApiError, PublishBody, SubscribeRequest};
 use ssegw_protocol::cursor::{self, CursorError};
 use ssegw_protocol::frame::{EventType, EventTypeError};
@@ -720,6 +723,117 @@ proptest! {
         prop_assert_eq!(&request.topics, &set);
         prop_assert_eq!(request.last_event_id.as_deref(), Some(id.as_str()));
         prop_assert_eq!(cursor::decode(&request.topics, &id), Ok(positions));
+    }
+}
+
+// `GET /presence` and `GET /history`: their query strings.
+
+proptest! {
+    #[test]
+    fn presence_survives_any_query(
+        query in prop_oneof![
+            any::<String>(),
+            "((topic|access_token|%74opic)(=[-a-z0-9%&=+._:/@ {]{0,12})?&?){0,10}",
+        ],
+    ) {
+        match PresenceRequest::parse(&query) {
+            Ok(request) => {
+                let names: Vec<&str> = request.topics.iter().map(Topic::as_str).collect();
+                prop_assert!((1..=MAX_PRESENCE_TOPICS).contains(&names.len()), "{names:?}");
+                prop_assert!(names.iter().all(|n| is_topic(n)), "{names:?}");
+                prop_assert!(names.windows(2).all(|w| w[0] < w[1]), "{names:?}");
+            }
+            Err(e) => {
+                prop_assert_eq!(e.status().as_u16(), 400, "{}", e.message());
+                prop_assert!(e.message().contains("topic"), "{}", e.message());
+            }
+        }
+    }
+
+    #[test]
+    fn history_survives_any_query(
+        query in prop_oneof![
+            any::<String>(),
+            "((topic|after|limit|access_token)(=[-a-z0-9%&=+._:/@ {]{0,12})?&?){0,8}",
+        ],
+    ) {
+        match HistoryRequest::parse(&query) {
+            Ok(request) => {
+                prop_assert!(is_topic(request.topic.as_str()));
+                prop_assert!((1..=MAX_LIMIT).contains(&request.limit), "{}", request.limit);
+            }
+            Err(e) => {
+                prop_assert_eq!(e.status().as_u16(), 400, "{}", e.message());
+                let names_one = ["topic", "after", "limit"].iter().any(|p| e.message().contains(p));
+                prop_assert!(names_one, "{}", e.message());
+            }
+        }
+    }
+
+    /// One valid topic, and an `after` and a `limit` of known kinds, in any order: a bad
+    /// `after` is named first, then a bad `limit`; otherwise the position and limit are read
+    /// as documented (an id: after it; a cursor of several topics: invalid; nothing or empty:
+    /// the newest; no limit: 100).
+    #[test]
+    fn history_answers_follow_the_query(
+        topic in topic_name(),
+        after in prop_oneof![
+            Just(None),
+            Just(Some(String::new())),
+            position().prop_map(|p| Some(p.to_string())),
+            set_and_positions(2..=4).prop_map(|(set, p)| Some(cursor::encode(&set, &p))),
+            "[a-z]{1,8}".prop_map(Some),
+        ],
+        limit in prop_oneof![Just(None), (0..=1200usize).prop_map(|n| Some(n.to_string())), "[a-z]{1,4}".prop_map(Some)],
+        order in any::<u64>(),
+    ) {
+        let mut params = vec![format!("topic={}", query_encode(&topic, order))];
+        if let Some(after) = &after {
+            params.push(format!("after={}", query_encode(after, order.rotate_left(7))));
+        }
+        if let Some(limit) = &limit {
+            params.push(format!("limit={limit}"));
+        }
+        let n = params.len();
+        params.rotate_left(order as usize % n);
+        let query = params.join("&");
+        let got = HistoryRequest::parse(&query);
+        let position = match after.as_deref() {
+            None | Some("") => Some(Position::Newest),
+            Some(id) => match StreamId::parse(id) {
+                Ok(id) => Some(Position::After(id)),
+                Err(_) if id.contains('.') => Some(Position::Invalid),
+                Err(_) => None,
+            },
+        };
+        let wanted_limit = match limit.as_deref() {
+            None => Some(100),
+            Some(text) => text.parse::<usize>().ok().filter(|n| (1..=MAX_LIMIT).contains(n)),
+        };
+        match (got, position, wanted_limit) {
+            (Ok(request), Some(position), Some(limit)) => {
+                prop_assert_eq!(request.topic.as_str(), topic.as_str());
+                prop_assert_eq!(request.position, position, "{}", query);
+                prop_assert_eq!(request.limit, limit, "{}", query);
+            }
+            (Err(e), None, _) => prop_assert!(e.message().starts_with("invalid after"), "{}", e.message()),
+            (Err(e), Some(_), None) => prop_assert!(e.message().starts_with("invalid limit"), "{}", e.message()),
+            (got, _, _) => prop_assert!(false, "{query:?}: unexpected {got:?}"),
+        }
+    }
+
+    /// Only a cursor of several topics is a cursor: never a stream id, never a single topic's.
+    #[test]
+    fn cursors_are_told_from_other_ids(
+        (set, positions) in set_and_positions(1..=16),
+        other in "\\PC{0,40}",
+    ) {
+        let id = cursor::encode(&set, &positions);
+        prop_assert_eq!(cursor::is_cursor(&id), set.len() > 1, "{}", id);
+        if cursor::is_cursor(&other) {
+            prop_assert!(StreamId::parse(&other).is_err());
+            prop_assert!(other.split('.').count() >= 4, "{}", other);
+        }
     }
 }
 

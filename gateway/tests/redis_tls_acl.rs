@@ -18,12 +18,13 @@ const PUBLISHER_PASSWORD: &str = "publisher-pw-3e7a";
 
 /// What the gateway needs, and nothing more (docs/deploy.md, "Least privilege"): its functions,
 /// pub/sub on topic channels and its canary, the commands the functions run, the connection
-/// pool's `UNWATCH`, and as keys the topics' streams only: its `FCALL`s declare the stream
-/// key, never the topic.
-const GATEWAY_ACL: &str = "resetkeys ~ssegw:s:* ~ssegw:i:* resetchannels &ssegw:c:* \
+/// pool's `UNWATCH`, the presence reports and their registry, and as keys the topics' streams
+/// and idempotency records and the presence keys only: its `FCALL`s declare the stream key,
+/// never the topic.
+const GATEWAY_ACL: &str = "resetkeys ~ssegw:s:* ~ssegw:i:* ~ssegw:p:* resetchannels &ssegw:c:* \
      &ssegw:canary:* -@all +fcall +fcall_ro +function|load +subscribe +unsubscribe \
      +publish +ping +unwatch +xadd +xrange +xrevrange +xlen +xtrim +xdel +xinfo|stream +exists \
-     +pttl +expire +time +get +set";
+     +pttl +expire +time +get +set +mget +del +zadd +zrem +zrange +zremrangebyscore";
 
 /// What a service that only publishes needs (docs/deploy.md, "Least privilege").
 const PUBLISHER_ACL: &str = "resetkeys ~ssegw:s:* ~ssegw:i:* ~orders ~t resetchannels &ssegw:c:* -@all \
@@ -134,8 +135,10 @@ async fn subscribe_publish_and_resume_over_tls_as_an_acl_user() {
     let redis = SecureRedis::start(true, GATEWAY_ACL);
     let password = redis.password_file(GATEWAY_PASSWORD);
     let flags = redis.flags(&password);
-    let a = Gateway::start(&as_strs(&flags));
-    let b = Gateway::start(&as_strs(&flags));
+    let mut serve = as_strs(&flags);
+    serve.extend(["--presence-interval", "200ms"]);
+    let a = Gateway::start(&serve);
+    let b = Gateway::start(&serve);
 
     let mut sse = Sse::open(&a, "topic=orders", None).await;
     sse.baseline().await;
@@ -166,6 +169,15 @@ async fn subscribe_publish_and_resume_over_tls_as_an_acl_user() {
             (over_cli.as_str(), "from the CLI")
         ]
     );
+    // Presence and history within the ACL: B counts A's subscriber, and reads the newest.
+    wait_until("B to count A's subscriber", || {
+        let (status, body) = get_json(b.addr(), "/presence?topic=orders");
+        status == 200 && body["topics"]["orders"]["subscribers"] == 1
+    });
+    let (status, history) = get_json(b.addr(), "/history?topic=orders&limit=2");
+    assert_eq!(status, 200, "{history}");
+    assert_eq!(history["next"].as_str(), Some(over_cli.as_str()));
+    assert_eq!(history["events"][0]["data"], "two");
     drop(sse);
 
     let missed = http_publish(&b, "orders", "three", None).await;

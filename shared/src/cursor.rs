@@ -71,6 +71,20 @@ pub fn decode(topics: &TopicSet, text: &str) -> Result<Vec<StreamId>, CursorErro
     Ok(positions)
 }
 
+/// Whether `text` has the form of a cursor of several topics (whatever their set): an event id
+/// the gateway issued that is not a single topic's stream id.
+pub fn is_cursor(text: &str) -> bool {
+    let mut parts = text.split('.');
+    let (Some(fp), Some(base)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    let Ok(base) = parse_base36(base) else {
+        return false;
+    };
+    let positions: Result<Vec<_>, _> = parts.map(|p| parse_position(base, p)).collect();
+    fp.len() == 4 && parse_base36(fp).is_ok() && positions.is_ok_and(|p| p.len() >= 2)
+}
+
 fn parse_position(base: u64, text: &str) -> Result<StreamId, CursorError> {
     if text == "_" {
         return Ok(StreamId::ZERO);
@@ -193,6 +207,29 @@ mod tests {
         assert_eq!(decode(&set(&["a", "b"]), ""), Err(CursorError::Malformed));
     }
 
+    #[test]
+    fn tells_cursors_from_other_ids() {
+        let cursor = encode(
+            &set(&["a", "b"]),
+            &[StreamId::new(10, 0), StreamId::new(9, 1)],
+        );
+        for (text, expected) in [
+            (cursor.as_str(), true),
+            ("k3f9.m3w9hc3f.0.n-2._", true),
+            ("k3f9.m3w9hc3f._._", true),
+            // One position is no cursor: a single topic's id is its stream id.
+            ("k3f9.m3w9hc3f.0", false),
+            ("1732492800123-0", false),
+            ("zzzz.a.b", false),
+            ("k3f.m3w9hc3f.0.0", false),
+            ("K3F9.m3w9hc3f.0.0", false),
+            ("", false),
+            ("garbage", false),
+        ] {
+            assert_eq!(is_cursor(text), expected, "{text:?}");
+        }
+    }
+
     proptest::proptest! {
         #[test]
         fn round_trips(raw in proptest::collection::vec((0u64..1u64 << 45, 0u64..1000), 2..6)) {
@@ -206,6 +243,7 @@ mod tests {
 
         #[test]
         fn never_panics(s in "\\PC{0,64}") {
+            let _ = is_cursor(&s);
             let _ = decode(&set(&["a", "b"]), &s);
             let _ = decode(&set(&["a"]), &s);
         }

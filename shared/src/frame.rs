@@ -82,6 +82,25 @@ fn body(event: Option<&str>, data: &str) -> Bytes {
     out.freeze()
 }
 
+/// The event type and data of a body made by [`event_body`], as an `EventSource` reads them:
+/// the data's lines joined with LF, so each line break of the published data (CRLF, LF or CR)
+/// is an LF here. `None` for anything `event_body` does not make.
+pub fn body_fields(body: &[u8]) -> Option<(Option<&str>, String)> {
+    let text = std::str::from_utf8(body).ok()?.strip_suffix("\n\n")?;
+    let mut lines = text.split('\n').peekable();
+    let event = match lines.peek() {
+        Some(line) if line.starts_with("event: ") => lines.next().map(|l| &l["event: ".len()..]),
+        _ => None,
+    };
+    let data = lines
+        .map(|line| line.strip_prefix("data: "))
+        .collect::<Option<Vec<&str>>>()?;
+    if data.is_empty() {
+        return None;
+    }
+    Some((event, data.join("\n")))
+}
+
 /// `id: <id>\n` followed by `body`: a complete event frame.
 pub fn with_id(id: &str, body: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(id.len() + 5 + body.len());
@@ -208,6 +227,30 @@ mod tests {
     }
 
     #[test]
+    fn bodies_read_back_as_an_event_source_reads_them() {
+        let order = EventType::new("order").unwrap();
+        for (event, data, expected) in [
+            (None, "hello", Some((None, "hello"))),
+            (Some(&order), "a\r\nb\rc", Some((Some("order"), "a\nb\nc"))),
+            (None, "", Some((None, ""))),
+            (None, "a\n", Some((None, "a\n"))),
+        ] {
+            let body = event_body(event, data);
+            let got = body_fields(&body);
+            let got = got.as_ref().map(|(e, d)| (*e, d.as_str()));
+            assert_eq!(got, expected, "{data:?}");
+        }
+        for junk in [
+            &b"data: x\n"[..],
+            b"event: x\n\n",
+            b"id: 1-0\ndata: x\n\n",
+            b"\xff\n\n",
+        ] {
+            assert_eq!(body_fields(junk), None, "{junk:?}");
+        }
+    }
+
+    #[test]
     fn event_types() {
         assert!(EventType::new("order.created:v1").is_ok());
         assert_eq!(EventType::new(""), Err(EventTypeError::Length));
@@ -224,7 +267,8 @@ mod tests {
             let block = text.strip_suffix("\n\n").unwrap();
             let rebuilt: Vec<&str> = block.split('\n').map(|l| l.strip_prefix("data: ").unwrap()).collect();
             let expected = data.replace("\r\n", "\n").replace('\r', "\n");
-            proptest::prop_assert_eq!(rebuilt.join("\n"), expected);
+            proptest::prop_assert_eq!(rebuilt.join("\n"), expected.clone());
+            proptest::prop_assert_eq!(body_fields(&body), Some((None, expected)));
         }
     }
 }

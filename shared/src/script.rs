@@ -1,7 +1,7 @@
-//! The Redis side of the contract: key and channel layout, the Lua library the gateway loads
-//! (`ssegw_publish`, `ssegw_read`, with the fleet's retention compiled in), the same publish
-//! logic as a plain `EVAL` script, and the message format the publish logic sends on a topic's
-//! channel.
+//! The Redis side of the contract: key and channel layout (streams, idempotency records,
+//! channels, presence reports), the Lua library the gateway loads (`ssegw_publish`,
+//! `ssegw_read`, with the fleet's retention compiled in), the same publish logic as a plain
+//! `EVAL` script, and the message format the publish logic sends on a topic's channel.
 
 use crate::event_id::StreamId;
 use crate::frame::EventType;
@@ -154,6 +154,19 @@ pub fn stream_key(topic: &Topic) -> String {
     format!("ssegw:s:{{{topic}}}")
 }
 
+/// A replica's presence report for a topic: `<subscribers> <reported-at ms>`, written every
+/// reporting interval with an expiry, so that a replica that stops reporting drops out by
+/// itself. The topic is the hash tag: in a Redis Cluster every replica's report of a topic is
+/// on the topic's shard, and one `MGET` reads them all.
+pub fn presence_key(topic: &Topic, replica: &str) -> String {
+    format!("ssegw:p:{{{topic}}}:{replica}")
+}
+
+/// The replicas that report presence: a sorted set of replica ids, each scored with the Redis
+/// time (milliseconds) at which its last report expires; entries past it are removed by the
+/// next report of any replica. A reader learns from it whose reports to look for.
+pub const PRESENCE_REPLICAS: &str = "ssegw:p:replicas";
+
 const CHANNEL_PREFIX: &str = "ssegw:c:{";
 
 /// The pub/sub channel a topic's events are published on.
@@ -232,6 +245,7 @@ mod tests {
         let t = Topic::new("orders.eu").unwrap();
         assert_eq!(stream_key(&t), "ssegw:s:{orders.eu}");
         assert_eq!(channel(&t), "ssegw:c:{orders.eu}");
+        assert_eq!(presence_key(&t, "r1"), "ssegw:p:{orders.eu}:r1");
         assert_eq!(topic_of_channel(&channel(&t)), Some(t));
         assert_eq!(topic_of_channel("other"), None);
         assert_eq!(topic_of_channel("ssegw:c:{a b}"), None);

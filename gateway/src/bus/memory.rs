@@ -1,5 +1,6 @@
 //! The embedded bus: history and fan-out in this process, for a single node without Redis.
-//! Same ids, retention and gap semantics as the Redis bus; nothing survives a restart.
+//! Same ids, retention and gap semantics as the Redis bus; nothing survives a restart. Its
+//! presence is the hub's own counts, read when asked.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -12,6 +13,7 @@ use ssegw_protocol::{StreamId, Topic};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::presence::TopicPresence;
 use super::{gap_for, BusError, Page, Publish};
 use crate::config::BusConfig;
 use crate::fanout::event::Event;
@@ -195,6 +197,34 @@ impl MemoryBus {
                 .cloned()
                 .collect(),
         }
+    }
+}
+
+impl MemoryBus {
+    /// The `count` newest events of `topic`, in stream order.
+    pub fn newest(&self, topic: &Topic, count: usize) -> Vec<Arc<Event>> {
+        let ttl = Duration::from_secs(self.limits().ttl_secs);
+        let mut logs = self.logs.lock().expect("logs poisoned");
+        let Some(log) = live_log(&mut logs, topic, ttl) else {
+            return Vec::new();
+        };
+        let skip = log.entries.len().saturating_sub(count);
+        log.entries.iter().skip(skip).cloned().collect()
+    }
+
+    /// Each topic's subscribers on this node, counted now.
+    pub fn presence(&self, topics: &[Topic]) -> Vec<TopicPresence> {
+        topics
+            .iter()
+            .map(|topic| {
+                let subscribers = self.hub.channel(topic).map_or(0, |c| c.members() as u64);
+                TopicPresence {
+                    subscribers,
+                    replicas: u32::from(subscribers > 0),
+                    age: (subscribers > 0).then_some(Duration::ZERO),
+                }
+            })
+            .collect()
     }
 }
 

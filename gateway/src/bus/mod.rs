@@ -1,10 +1,13 @@
-//! The bus: where events are published, stored and received. Two implementations with the same
-//! semantics (ids, history, gap detection): Redis for a fleet of replicas (`redis`), and an
-//! embedded in-memory bus for a single node (`memory`); concurrent reads of one history page
-//! share one call (`single_flight`). Only this module talks to Redis. It hands each event to
-//! the hub once and never touches a client's stream or parses HTTP.
+//! The bus: where events are published, stored and received, and where the fleet's presence
+//! counts are kept. Two implementations with the same semantics (ids, history, gap detection):
+//! Redis for a fleet of replicas (`redis`), and an embedded in-memory bus for a single node
+//! (`memory`); concurrent reads of one history page share one call (`single_flight`); what
+//! presence means, apart from where it is kept, is `presence`. Only this module talks to
+//! Redis. It hands each event to the hub once and never touches a client's stream or parses
+//! HTTP.
 
 mod memory;
+pub mod presence;
 mod redis;
 mod single_flight;
 
@@ -23,6 +26,7 @@ use crate::fanout::event::Event;
 use crate::fanout::hub::{Hub, Interest};
 
 pub use self::memory::MemoryBus;
+pub use self::presence::TopicPresence;
 pub use self::redis::RedisBus;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -97,15 +101,19 @@ pub enum Bus {
 
 impl Bus {
     /// Starts the bus that `config` names, feeding `hub` and serving its `interest` queue until
-    /// `shutdown`. Never fails on an unreachable Redis: the replica stays not-ready and retries.
+    /// `shutdown`; `replica` names this replica in Redis. Never fails on an unreachable Redis:
+    /// the replica stays not-ready and retries.
     pub fn start(
         config: &BusConfig,
+        replica: uuid::Uuid,
         hub: Arc<Hub>,
         interest: mpsc::UnboundedReceiver<Interest>,
         shutdown: CancellationToken,
     ) -> Result<Bus, BusError> {
         Ok(match &config.redis {
-            Some(target) => Bus::Redis(RedisBus::start(target, config, hub, interest, shutdown)?),
+            Some(target) => Bus::Redis(RedisBus::start(
+                target, config, replica, hub, interest, shutdown,
+            )?),
             None => Bus::Memory(MemoryBus::start(config, hub, interest, shutdown)),
         })
     }
@@ -149,6 +157,31 @@ impl Bus {
         match self {
             Bus::Redis(bus) => bus.read(topic, after, count, since).await,
             Bus::Memory(bus) => Ok(Arc::new(bus.read(topic, after, count))),
+        }
+    }
+
+    /// The `count` newest events of `topic`, in stream order.
+    pub async fn newest(&self, topic: &Topic, count: usize) -> Result<Vec<Arc<Event>>, BusError> {
+        match self {
+            Bus::Redis(bus) => bus.newest(topic, count).await,
+            Bus::Memory(bus) => Ok(bus.newest(topic, count)),
+        }
+    }
+
+    /// Each of `topics`' subscribers: over the fleet's live presence reports, or on the
+    /// embedded bus this node's, counted now.
+    pub async fn presence(&self, topics: &[Topic]) -> Result<Vec<TopicPresence>, BusError> {
+        match self {
+            Bus::Redis(bus) => bus.presence(topics).await,
+            Bus::Memory(bus) => Ok(bus.presence(topics)),
+        }
+    }
+
+    /// Stops reporting presence and removes this replica's reports: the last step of a
+    /// graceful stop, once its streams are closed.
+    pub async fn withdraw_presence(&self) {
+        if let Bus::Redis(bus) = self {
+            bus.withdraw_presence().await;
         }
     }
 

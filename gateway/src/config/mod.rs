@@ -18,6 +18,7 @@ pub use self::redis::{
     ClusterTarget, Durability, RedisArgs, RedisTarget, SentinelTarget, TlsMode, Topology,
 };
 use crate::auth::{AuthConfig, VerifyingKey};
+pub use crate::bus::presence::PresenceConfig;
 use crate::telemetry::TelemetryConfig;
 
 #[derive(Parser, Debug)]
@@ -173,6 +174,12 @@ pub struct ServeArgs {
     /// Longest wait for Redis (connect, pool checkout, command) before failing.
     #[arg(long, env = "SSEGW_REDIS_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub redis_timeout: Duration,
+    /// How often the replica writes its subscriber count per topic to Redis, for `GET
+    /// /presence`; a report counts for three intervals, so a replica that dies drops out of the
+    /// counts within three intervals. 0 turns presence off (no reports, no `/presence`).
+    /// Between 100ms and 60s.
+    #[arg(long, env = "SSEGW_PRESENCE_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub presence_interval: Duration,
     /// Serve the built-in pages: the demo at `/` and the live status page at `/status/page`
     /// with its event stream `/status/stream`. Turn them off where only the API should be
     /// reachable.
@@ -421,6 +428,8 @@ pub struct BusConfig {
     pub client_buffer: usize,
     /// The retention this replica seeds an empty Redis with; the embedded bus's retention.
     pub retention_seed: Limits,
+    /// `--presence-interval`; `None`: presence is off.
+    pub presence: Option<PresenceConfig>,
 }
 
 /// How publishes over HTTP are taken.
@@ -653,6 +662,12 @@ impl ServeArgs {
             self.write_coalesce <= Duration::from_secs(1),
             "--write-coalesce (SSEGW_WRITE_COALESCE) must be at most 1s",
         )?;
+        check(
+            self.presence_interval.is_zero()
+                || (Duration::from_millis(100)..=Duration::from_secs(60))
+                    .contains(&self.presence_interval),
+            "--presence-interval (SSEGW_PRESENCE_INTERVAL) must be 0 (off) or between 100ms and 60s",
+        )?;
         let transport = self.transport()?;
         let auth = self.auth.auth_config()?;
         let cors = self.auth.cors_config()?;
@@ -682,6 +697,9 @@ impl ServeArgs {
                 canary_interval: self.canary_interval,
                 client_buffer: self.client_buffer,
                 retention_seed,
+                presence: (!self.presence_interval.is_zero()).then_some(PresenceConfig {
+                    interval: self.presence_interval,
+                }),
             },
             publish: PublishConfig {
                 idempotency_window: self.idempotency_window,
@@ -790,6 +808,20 @@ mod tests {
         check_flags(&["--canary-interval", "0s"], Some("SSEGW_CANARY_INTERVAL"));
         check_flags(&["--pages", "maybe"], Some("--pages"));
         check_flags(&["--h2c", "yes"], None);
+        check_flags(&["--presence-interval", "0"], None);
+        check_flags(&["--presence-interval", "250ms"], None);
+        check_flags(
+            &["--presence-interval", "50ms"],
+            Some("SSEGW_PRESENCE_INTERVAL"),
+        );
+        check_flags(
+            &["--presence-interval", "2m"],
+            Some("SSEGW_PRESENCE_INTERVAL"),
+        );
+        check_flags(
+            &["--presence-interval", "often"],
+            Some("--presence-interval"),
+        );
     }
 
     #[test]
@@ -890,6 +922,11 @@ mod tests {
         assert_eq!(config.stream.write_coalesce, Duration::ZERO);
         assert_eq!(config.bus.client_buffer, 128);
         assert_eq!(config.bus.canary_interval, Duration::from_secs(1));
+        let presence = config.bus.presence.unwrap();
+        assert_eq!(presence.interval, Duration::from_secs(2));
+        assert_eq!(presence.expiry(), Duration::from_secs(6));
+        let off = Config::from_flags([OPEN, "--presence-interval=0"]).unwrap();
+        assert!(off.bus.presence.is_none());
         assert_eq!(config.bus.retention_seed, Limits::default());
         assert_eq!(config.publish.idempotency_window, Duration::from_secs(300));
         assert_eq!(config.publish.batch_max, 1000);

@@ -375,6 +375,16 @@ impl Hub {
             .collect()
     }
 
+    /// Each topic with local subscribers and how many: what the replica reports for presence.
+    pub fn member_counts(&self) -> Vec<(Topic, u64)> {
+        let channels = self.channels.lock().expect("hub poisoned");
+        channels
+            .iter()
+            .map(|(topic, channel)| (topic.clone(), channel.members() as u64))
+            .filter(|(_, members)| *members > 0)
+            .collect()
+    }
+
     /// Number of topics with local subscribers.
     pub fn topic_count(&self) -> usize {
         self.channels.lock().expect("hub poisoned").len()
@@ -744,8 +754,15 @@ mod tests {
         );
         drop(a);
         assert!(rx.try_recv().is_err());
+        let _c = hub.join(&topic("u"));
+        assert!(matches!(rx.try_recv(), Ok(Interest::Subscribe(c)) if c.topic == topic("u")));
+        let mut counts = hub.member_counts();
+        counts.sort();
+        assert_eq!(counts, [(topic("t"), 1), (topic("u"), 1)]);
         drop(b);
         assert!(matches!(rx.try_recv(), Ok(Interest::Unsubscribe(t)) if t == topic("t")));
+        assert_eq!(hub.member_counts(), [(topic("u"), 1)]);
+        drop(_c);
         assert_eq!(hub.topic_count(), 0);
     }
 

@@ -625,7 +625,14 @@ pub(crate) mod tests {
         let config = Config::from_flags(["--anonymous-subscribe=*"]).unwrap();
         let (interest_tx, interest_rx) = tokio::sync::mpsc::unbounded_channel();
         let hub = Arc::new(Hub::new(16, interest_tx, std::time::Duration::ZERO));
-        let bus = Bus::start(&config.bus, hub.clone(), interest_rx, Default::default()).unwrap();
+        let bus = Bus::start(
+            &config.bus,
+            uuid::Uuid::new_v4(),
+            hub.clone(),
+            interest_rx,
+            Default::default(),
+        )
+        .unwrap();
         let topic = Topic::new("t").unwrap();
         let membership = hub.join(&topic);
         Connection::new(

@@ -1,6 +1,7 @@
 //! The API's handlers: `GET /events` (subscribe), `POST /publish`, `/healthz`, `/readyz`,
 //! `/status` and `/metrics`, and the parsing of their input (`SubscribeRequest`,
-//! `PublishBody`). Every input is validated here, before the hub or the bus is touched.
+//! `PublishBody`); `subscriber_grant`, which also authorizes the reads of `/presence` and
+//! `/history`. Every input is validated here, before the hub or the bus is touched.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -89,7 +90,12 @@ pub(super) async fn events(
         req.headers().get("last-event-id").map(|h| h.as_bytes()),
         state.stream.max_topics,
     )?;
-    let grant = subscriber_grant(&req, &request, &state)?;
+    let grant = subscriber_grant(
+        &req,
+        request.access_token.as_ref(),
+        request.topics.iter(),
+        &state,
+    )?;
     if state.drain.is_cancelled() {
         state.stats.record(&state.stats.refused_draining);
         return Err(ApiError::unavailable(
@@ -174,23 +180,24 @@ pub(super) async fn events(
     }
 }
 
-/// Checks the subscriber's token (or anonymous access) against every requested topic.
-fn subscriber_grant(
+/// Checks a subscriber's token (or anonymous access) against every one of `topics`, the token
+/// taken from where subscribers may send it (the header, `access_token`, the cookie): for
+/// `GET /events`, and for the reads authorized as subscribing is (`/presence`, `/history`).
+pub(super) fn subscriber_grant<'a>(
     req: &HttpRequest,
-    request: &SubscribeRequest,
+    access_token: Option<&Redacted>,
+    topics: impl IntoIterator<Item = &'a Topic>,
     state: &AppState,
 ) -> Result<Grant, ApiError> {
     let auth = &state.auth;
-    let query_token = request.access_token.as_ref().map(|s| s.0.as_str());
+    let query_token = access_token.map(|s| s.0.as_str());
     auth.subscriber_token(req, query_token)
-        .and_then(|token| {
-            auth.authorize(Action::Subscribe, token.as_deref(), request.topics.iter())
-        })
+        .and_then(|token| auth.authorize(Action::Subscribe, token.as_deref(), topics))
         .map_err(|e| ApiError::auth(e, &state.stats))
 }
 
 /// A client's value in an error message: quoted, and cut short when long.
-fn quote(value: &str) -> String {
+pub(super) fn quote(value: &str) -> String {
     const SHOWN: usize = 64;
     match value.char_indices().nth(SHOWN) {
         None => format!("{value:?}"),

@@ -1,13 +1,15 @@
 //! The HTTP surface: the route table, and what it is made of: the handlers of the API
-//! (`api`), the one error type that maps to responses (`error`), what every handler shares
-//! (`state`), the built-in pages, the listener that hands event streams off (`handoff`) and
-//! TLS. Handlers validate everything before touching the hub or the bus; nothing here frames
+//! (`api`; the reads `presence` and `history`), the one error type that maps to responses
+//! (`error`), what every handler shares (`state`), the built-in pages, the listener that hands
+//! event streams off (`handoff`) and TLS. Handlers validate everything before touching the hub or the bus; nothing here frames
 //! events or talks to Redis directly.
 
 pub mod api;
 pub mod error;
 pub mod handoff;
+pub mod history;
 pub mod pages;
+pub mod presence;
 pub mod state;
 pub mod tls;
 
@@ -30,6 +32,14 @@ pub fn routes(cfg: &mut web::ServiceConfig, pages: bool) {
     .service(only(
         web::resource("/publish").route(web::post().to(publish)),
         "POST",
+    ))
+    .service(only(
+        web::resource("/presence").route(web::get().to(presence::presence)),
+        "GET",
+    ))
+    .service(only(
+        web::resource("/history").route(web::get().to(history::history)),
+        "GET",
     ))
     .service(only(
         web::resource("/healthz").route(web::get().to(healthz)),
@@ -59,7 +69,8 @@ pub fn routes(cfg: &mut web::ServiceConfig, pages: bool) {
         Err::<HttpResponse, _>(ApiError::new(
             StatusCode::NOT_FOUND,
             format!(
-                "no route for {}; see /events, /publish, /healthz, /readyz, /status, /metrics{pages}",
+                "no route for {}; see /events, /publish, /presence, /history, /healthz, /readyz, \
+                 /status, /metrics{pages}",
                 req.path()
             ),
         ))

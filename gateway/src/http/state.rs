@@ -7,15 +7,19 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Auth;
 use crate::bus::Bus;
-use crate::config::{PublishConfig, StreamConfig};
+use crate::config::{PresenceConfig, PublishConfig, StreamConfig};
 use crate::fanout::hub::Hub;
 use crate::telemetry::stats::Stats;
 use crate::telemetry::Metrics;
 
 /// Shared by every worker; built once, outside the `HttpServer` factory.
 pub struct AppState {
+    /// Names this replica in Redis and in `/status`.
+    pub replica: uuid::Uuid,
     pub hub: Arc<Hub>,
     pub bus: Arc<Bus>,
+    /// `--presence-interval`; `None`: presence is off (`/presence` answers 404).
+    pub presence: Option<PresenceConfig>,
     pub stream: Arc<StreamConfig>,
     pub publish: Arc<PublishConfig>,
     pub stats: Arc<Stats>,
@@ -34,6 +38,7 @@ pub struct AppState {
 /// `/status/stream`.
 pub fn status_json(state: &AppState) -> serde_json::Value {
     let mut body = state.stats.to_json();
+    body["replica"] = state.replica.to_string().into();
     body["topics"] = state.hub.topic_count().into();
     body["ready"] = (state.bus.is_ready() && !state.drain.is_cancelled()).into();
     body["bus"] = state.bus.describe().into();

@@ -8,7 +8,8 @@
 //! `MultiplexedConnection`): concurrent calls never wait for each other's round trips, and none
 //! pays for a pool checkout, which costs deadpool-redis a round trip of its own (`UNWATCH` +
 //! `PING`). What needs a connection to itself takes one from the pool (deadpool): a publish
-//! followed by its `WAIT`, and the subscriber's library check, backfills and canaries.
+//! followed by its `WAIT`, the subscriber's library check, backfills and canaries, and a
+//! replica's presence report (`run_all`, pipelines of one command per topic).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,6 +53,22 @@ pub(super) fn range_cmd(topic: &Topic, after: StreamId, count: usize) -> redis::
         .arg(count + 1);
     cmd
 }
+
+/// `XREVRANGE ssegw:s:{<topic>} + - COUNT <count>`: the topic's newest events, newest first
+/// (`GET /history` without a position). No gap can apply: nothing is asked after a position.
+pub(super) fn newest_cmd(topic: &Topic, count: usize) -> redis::Cmd {
+    let mut cmd = redis::cmd("XREVRANGE");
+    cmd.arg(script::stream_key(topic))
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(count);
+    cmd
+}
+
+/// Most commands sent in one pipeline by `Commands::run_all`: bounds the buffers on both
+/// sides, and a replica's report of many topics goes out in several.
+const PIPELINE_MAX: usize = 1024;
 
 /// Command-connection work shared by request handlers and the subscriber task.
 #[derive(Clone)]
@@ -463,10 +480,10 @@ impl Commands {
 
     /// Runs a pipeline on `conn` within the timeout; a primary that does not answer in time, or
     /// that the error says may have moved, is reported to the endpoint.
-    async fn query_pipe<T: redis::FromRedisValue>(
+    async fn query_pipe<T: redis::FromRedisValue, C: redis::aio::ConnectionLike>(
         &self,
         pipe: &redis::Pipeline,
-        conn: &mut deadpool_redis::Connection,
+        conn: &mut C,
     ) -> Result<T, BusError> {
         match tokio::time::timeout(self.timeout, pipe.query_async(conn)).await {
             Err(_) => {
@@ -530,6 +547,43 @@ impl Commands {
             replies.into_iter().map(|r| r.map_err(classify)).collect(),
             confirmed,
         ))
+    }
+
+    /// Runs `cmds` in order on `conn`, a connection of the pool, in pipelines of at most
+    /// `PIPELINE_MAX` commands (a replica's presence report: one command per topic), not on the
+    /// shared connection, where publishes would wait behind them. Replies are dropped; the
+    /// first error fails the call, and the commands after it may or may not have run.
+    pub(super) async fn run_all(
+        &self,
+        conn: &mut deadpool_redis::Connection,
+        cmds: &[redis::Cmd],
+    ) -> Result<(), BusError> {
+        for chunk in cmds.chunks(PIPELINE_MAX) {
+            let mut pipe = redis::pipe();
+            for cmd in chunk {
+                pipe.add_command(cmd.clone()).ignore();
+            }
+            self.query_pipe::<(), _>(&pipe, conn).await?;
+        }
+        Ok(())
+    }
+
+    /// Runs `cmds` in one pipeline on the shared connection (reads of a request: a presence
+    /// read); one reply each, in order.
+    pub(super) async fn pipeline_shared(
+        &self,
+        cmds: &[redis::Cmd],
+    ) -> Result<Vec<Value>, BusError> {
+        let mut shared = self.shared().await?;
+        let mut pipe = redis::pipe();
+        for cmd in cmds {
+            pipe.add_command(cmd.clone());
+        }
+        let result = self.query_pipe(&pipe, &mut shared.conn).await;
+        if let Err(BusError::Unavailable(_)) = &result {
+            self.pools.discard(shared.id);
+        }
+        result
     }
 
     fn record_library(&self, version: u64) {

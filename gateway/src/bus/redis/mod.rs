@@ -12,13 +12,14 @@
 //! For one primary: `endpoint` names it (one address, or whichever node the sentinels name),
 //! `commands` holds the command connections to it, `subscriber` the pub/sub connection and its
 //! canary. For a cluster: `cluster` (its command path and slot map) and `cluster::subscriber`
-//! (a sharded pub/sub link per primary). Both use `library` to load the function library and
-//! `reply` to read Redis's answers.
+//! (a sharded pub/sub link per primary). Both use `library` to load the function library,
+//! `reply` to read Redis's answers, and `presence` for the replica's presence reports.
 
 mod cluster;
 mod commands;
 mod endpoint;
 mod library;
+mod presence;
 mod reply;
 mod subscriber;
 
@@ -34,16 +35,18 @@ use ssegw_protocol::{StreamId, Topic, Traceparent};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::presence::TopicPresence;
 use super::single_flight::SingleFlight;
 use super::{BusError, Page, Publish};
 use crate::config::{BusConfig, Durability, RedisTarget, Topology};
+use crate::fanout::event::Event;
 use crate::fanout::hub::{Hub, Interest};
 use cluster::subscriber::ClusterSubscriber;
 use cluster::ClusterCommands;
-use commands::{range_cmd, read_cmd, Commands, Pools};
+use commands::{newest_cmd, range_cmd, read_cmd, Commands, Pools};
 use endpoint::Endpoint;
 use library::Functions;
-use reply::{malformed, parse_page, parse_range, text_reply};
+use reply::{malformed, parse_newest, parse_page, parse_range, text_reply};
 use subscriber::Subscriber;
 
 pub struct RedisBus {
@@ -54,6 +57,10 @@ pub struct RedisBus {
     ready: Arc<AtomicBool>,
     /// History reads under way: a caller asking the same page joins one (see `single_flight`).
     reads: SingleFlight<(Topic, StreamId, usize), ReadResult>,
+    /// The presence report task of a serving replica with `--presence-interval`.
+    presence: Option<presence::Presence>,
+    /// `--redis-timeout`.
+    timeout: Duration,
 }
 
 type ReadResult = Result<Arc<Page>, BusError>;
@@ -69,10 +76,13 @@ enum Backend {
 
 impl RedisBus {
     /// Starts the bus of a serving replica: command connections plus the pub/sub subscriber
-    /// task (and, with sentinels, the watch of their `+switch-master`).
+    /// task (and, with sentinels, the watch of their `+switch-master`), and with
+    /// `--presence-interval` the presence reports. `replica` names it in Redis (its canary
+    /// channel, its presence reports).
     pub fn start(
         target: &RedisTarget,
         config: &BusConfig,
+        replica: uuid::Uuid,
         hub: Arc<Hub>,
         interest: mpsc::UnboundedReceiver<Interest>,
         shutdown: CancellationToken,
@@ -84,7 +94,6 @@ impl RedisBus {
             config.retention_seed,
             config.install_functions,
         )?;
-        let replica = uuid::Uuid::new_v4();
         if let Backend::Single(commands) = &mut bus.backend {
             commands.stats = Some(hub.stats().clone());
         }
@@ -92,6 +101,15 @@ impl RedisBus {
             Arc::get_mut(commands).expect("not shared yet").stats = Some(hub.stats().clone());
         }
         tokio::spawn(refresh_retention(bus.backend.clone(), shutdown.clone()));
+        bus.presence = config.presence.map(|presence| {
+            presence::Presence::start(
+                bus.backend.clone(),
+                hub.clone(),
+                presence,
+                replica.to_string(),
+                &shutdown,
+            )
+        });
         match &mut bus.backend {
             Backend::Single(commands) => {
                 let endpoint = commands.pools.endpoint().clone();
@@ -157,6 +175,8 @@ impl RedisBus {
             backend,
             ready: Arc::new(AtomicBool::new(false)),
             reads: SingleFlight::new(),
+            presence: None,
+            timeout,
         })
     }
 
@@ -347,6 +367,36 @@ impl RedisBus {
                 };
                 self.reads.run(key, since, connect, query).await
             }
+        }
+    }
+
+    /// The `count` newest events of `topic`, in stream order (`GET /history` without a
+    /// position).
+    pub async fn newest(&self, topic: &Topic, count: usize) -> Result<Vec<Arc<Event>>, BusError> {
+        let cmd = newest_cmd(topic, count);
+        let reply = match &self.backend {
+            Backend::Single(commands) => commands.fcall::<Value>(&cmd).await?,
+            Backend::Cluster(commands) => {
+                let mut conn = commands.connection().await?;
+                commands.run(&mut conn, cmd, None).await?
+            }
+        };
+        parse_newest(reply)
+    }
+
+    /// The fleet's subscribers of each of `topics`, from the replicas' live presence reports.
+    pub async fn presence(&self, topics: &[Topic]) -> Result<Vec<TopicPresence>, BusError> {
+        presence::read(&self.backend, topics).await
+    }
+
+    /// Stops this replica's presence reports and removes them from Redis (a graceful stop),
+    /// waiting a second at most (it takes a round trip): a Redis that does not answer must not
+    /// hold up the exit, and the reports expire anyway.
+    pub async fn withdraw_presence(&self) {
+        if let Some(presence) = &self.presence {
+            presence
+                .withdraw(self.timeout.min(Duration::from_secs(1)))
+                .await;
         }
     }
 

@@ -1,5 +1,6 @@
 //! Reading Redis's answers: errors told apart (the library's refusals are answers, not
-//! outages) and `ssegw_read` pages turned into framed events. No I/O.
+//! outages) and `ssegw_read` pages, resume ranges and the newest events turned into framed
+//! events. No I/O.
 
 use std::sync::Arc;
 
@@ -139,6 +140,20 @@ pub(super) fn parse_range(reply: Value, after: StreamId) -> Result<Option<Page>,
     }))
 }
 
+/// The reply of `commands::newest_cmd` (`XREVRANGE`, newest first) as events in stream order.
+pub(super) fn parse_newest(reply: Value) -> Result<Vec<Arc<Event>>, BusError> {
+    let Value::Array(raw_entries) = reply else {
+        return Err(malformed());
+    };
+    let mut entries = raw_entries
+        .iter()
+        .map(parse_entry)
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(malformed)?;
+    entries.reverse();
+    Ok(entries)
+}
+
 /// `[id, [field, value, ...]]` with fields `d` (data) and optionally `e` (event type) and `t`
 /// (traceparent).
 fn parse_entry(entry: &Value) -> Option<Arc<Event>> {
@@ -225,5 +240,15 @@ mod tests {
         assert!(parse_range(Value::Array(vec![]), after).unwrap().is_none());
         assert!(parse_range(Value::Nil, after).is_err());
         assert!(parse_range(Value::Array(vec![entry("5-0", "a"), Value::Int(1)]), after).is_err());
+    }
+
+    #[test]
+    fn the_newest_come_back_in_stream_order() {
+        let newest =
+            parse_newest(Value::Array(vec![entry("7-0", "c"), entry("6-1", "b")])).unwrap();
+        let ids: Vec<String> = newest.iter().map(|e| e.id.to_string()).collect();
+        assert_eq!(ids, ["6-1", "7-0"]);
+        assert!(parse_newest(Value::Array(vec![])).unwrap().is_empty());
+        assert!(parse_newest(Value::Nil).is_err());
     }
 }

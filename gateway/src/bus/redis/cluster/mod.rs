@@ -238,6 +238,35 @@ impl ClusterCommands {
         }
     }
 
+    /// Runs `cmd` on the primary that owns `key`'s slot, whether or not `cmd` names the key
+    /// (`TIME` of the node that keeps the presence registry).
+    pub(super) async fn run_at(&self, key: &str, cmd: redis::Cmd) -> Result<Value, BusError> {
+        let mut conn = self.connection().await?;
+        let route = Route::new(slot(key.as_bytes()), SlotAddr::Master);
+        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+        self.run(&mut conn, cmd, Some(routing)).await
+    }
+
+    /// Runs each command where its key routes it, `CONCURRENT` at a time over the multiplexed
+    /// node connections (a replica's presence report, one command per topic; reads of a
+    /// request, one per topic); one reply each, in order. The first error fails the call, and
+    /// the others may or may not have run. Only for commands that may run twice.
+    pub(super) async fn run_each(&self, cmds: Vec<redis::Cmd>) -> Result<Vec<Value>, BusError> {
+        use futures_util::stream::{self, StreamExt, TryStreamExt};
+        /// Commands in flight at once: enough to keep every node's connection busy, few
+        /// enough not to queue thousands in redis-rs.
+        const CONCURRENT: usize = 64;
+        let conn = self.connection().await?;
+        stream::iter(cmds)
+            .map(|cmd| {
+                let mut conn = conn.clone();
+                async move { self.run(&mut conn, cmd, None).await }
+            })
+            .buffered(CONCURRENT)
+            .try_collect()
+            .await
+    }
+
     /// Runs an `FCALL` on `topic`'s primary. When a primary answers that it has no library (a
     /// new primary, one restarted empty), the library is loaded on every primary of a fresh
     /// slot map (which one answered is not known: the call may have followed a redirect) and
