@@ -49,10 +49,7 @@ impl SubscribeRequest {
         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
             match &*key {
                 "topic" => {
-                    let topic = Topic::new(&value).map_err(|e| {
-                        ApiError::bad_request(format!("invalid topic {}: {e}", quote(&value)))
-                    })?;
-                    topics.insert(topic);
+                    topics.insert(topic_param(&value)?);
                 }
                 "lastEventId" if !value.is_empty() => query_id = Some(value.into_owned()),
                 "access_token" if !value.is_empty() => {
@@ -196,6 +193,13 @@ pub(super) fn subscriber_grant<'a>(
         .map_err(|e| ApiError::auth(e, &state.stats))
 }
 
+/// A topic a client named (a query's `topic`, a publish's field) as a `Topic`, or the 400
+/// that says why not: the same for every route.
+pub(super) fn topic_param(value: &str) -> Result<Topic, ApiError> {
+    Topic::new(value)
+        .map_err(|e| ApiError::bad_request(format!("invalid topic {}: {e}", quote(value))))
+}
+
 /// A client's value in an error message: quoted, and cut short when long.
 pub(super) fn quote(value: &str) -> String {
     const SHOWN: usize = 64;
@@ -281,9 +285,7 @@ impl PublishBody {
     /// instead of a round trip to Redis; the data's size against `retention`, the fleet's
     /// table as this replica last read it (Redis checks the current one again).
     pub fn validate(self, retention: &Retention) -> Result<PublishRequest, ApiError> {
-        let topic = Topic::new(&self.topic).map_err(|e| {
-            ApiError::bad_request(format!("invalid topic {}: {e}", quote(&self.topic)))
-        })?;
+        let topic = topic_param(&self.topic)?;
         let event = match self.event.as_deref() {
             None | Some("") => None,
             Some(name) => Some(EventType::new(name).map_err(|e| {

@@ -10,7 +10,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use ssegw_protocol::frame::{self, GapReason};
 use ssegw_protocol::{cursor, StreamId, Topic};
 
-use super::api::{quote, subscriber_grant};
+use super::api::{quote, subscriber_grant, topic_param};
 use super::error::ApiError;
 use super::state::AppState;
 use crate::config::Redacted;
@@ -60,9 +60,7 @@ impl HistoryRequest {
         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
             match &*key {
                 "topic" => {
-                    let named = Topic::new(&value).map_err(|e| {
-                        ApiError::bad_request(format!("invalid topic {}: {e}", quote(&value)))
-                    })?;
+                    let named = topic_param(&value)?;
                     if topic.as_ref().is_some_and(|t| *t != named) {
                         return Err(ApiError::bad_request(
                             "more than one topic: history is read one topic at a time",

@@ -8,7 +8,7 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use ssegw_protocol::Topic;
 
-use super::api::{quote, subscriber_grant};
+use super::api::{subscriber_grant, topic_param};
 use super::error::ApiError;
 use super::state::AppState;
 use crate::bus::TopicPresence;
@@ -35,10 +35,7 @@ impl PresenceRequest {
         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
             match &*key {
                 "topic" => {
-                    let topic = Topic::new(&value).map_err(|e| {
-                        ApiError::bad_request(format!("invalid topic {}: {e}", quote(&value)))
-                    })?;
-                    topics.insert(topic);
+                    topics.insert(topic_param(&value)?);
                     if topics.len() > MAX_TOPICS {
                         return Err(ApiError::bad_request(format!(
                             "too many topics: at most {MAX_TOPICS} per request"
