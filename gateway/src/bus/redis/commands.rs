@@ -421,18 +421,26 @@ impl Commands {
         cmd: &redis::Cmd,
         conn: &mut MultiplexedConnection,
     ) -> Result<T, BusError> {
-        match tokio::time::timeout(self.timeout, cmd.query_async(conn)).await {
+        self.bounded(cmd.query_async(conn)).await
+    }
+
+    /// A call within the timeout; a primary that does not answer in time, or that the error
+    /// says may have moved, is reported to the endpoint.
+    async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, BusError> {
+        match tokio::time::timeout(self.timeout, call).await {
             Err(_) => {
                 self.pools
                     .endpoint
                     .moved("the primary did not answer in time");
                 Err(BusError::Unavailable("Redis did not answer in time".into()))
             }
-            Ok(Err(e)) => {
+            Ok(result) => result.map_err(|e| {
                 self.suspect(&e);
-                Err(classify(e))
-            }
-            Ok(Ok(value)) => Ok(value),
+                classify(e)
+            }),
         }
     }
 
@@ -478,25 +486,13 @@ impl Commands {
         .await
     }
 
-    /// Runs a pipeline on `conn` within the timeout; a primary that does not answer in time, or
-    /// that the error says may have moved, is reported to the endpoint.
+    /// Runs a pipeline on `conn` (see `bounded`).
     async fn query_pipe<T: redis::FromRedisValue, C: redis::aio::ConnectionLike>(
         &self,
         pipe: &redis::Pipeline,
         conn: &mut C,
     ) -> Result<T, BusError> {
-        match tokio::time::timeout(self.timeout, pipe.query_async(conn)).await {
-            Err(_) => {
-                self.pools
-                    .endpoint
-                    .moved("the primary did not answer in time");
-                Err(BusError::Unavailable("Redis did not answer in time".into()))
-            }
-            Ok(result) => result.map_err(|e| {
-                self.suspect(&e);
-                classify(e)
-            }),
-        }
+        self.bounded(pipe.query_async(conn)).await
     }
 
     /// Runs several publish `FCALL`s in one pipeline on one connection, then, for
