@@ -122,7 +122,17 @@ impl VerifyingKey {
         Ok(keys)
     }
 
-    fn serves(&self, algorithm: Algorithm, kid: Option<&str>) -> bool {
+    /// Where the key came from (a flag and file), for messages; never the key itself.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    pub(crate) fn decoding_key(&self) -> &DecodingKey {
+        &self.key
+    }
+
+    /// Whether this key may verify a token of `algorithm` naming key `kid`.
+    pub(crate) fn serves(&self, algorithm: Algorithm, kid: Option<&str>) -> bool {
         let algorithm_fits = match self.algorithm {
             Some(own) => own == algorithm,
             None => self.key.family() == algorithm.family(),

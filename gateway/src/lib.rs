@@ -10,6 +10,7 @@ pub mod bus;
 pub mod config;
 pub mod fanout;
 pub mod http;
+pub mod mercure;
 pub mod publisher;
 pub mod telemetry;
 
@@ -111,7 +112,12 @@ pub async fn run(
         drain: shutdown.clone(),
         status_streams: Arc::new(tokio::sync::Semaphore::new(http::pages::MAX_STATUS_STREAMS)),
         metrics,
+        mercure: config
+            .mercure
+            .clone()
+            .map(|c| Arc::new(mercure::Mercure::new(c))),
     });
+    let serve_mercure = config.mercure.is_some();
     let cors = config.cors.clone();
     let pages = config.pages;
     let dead_peer_timeout = config.dead_peer_timeout;
@@ -126,7 +132,7 @@ pub async fn run(
                 no_credentials_without_origin,
             ))
             .app_data(state.clone())
-            .configure(|cfg| http::routes(cfg, pages))
+            .configure(|cfg| http::routes(cfg, pages, serve_mercure))
     };
     let tune = move |tcp: &actix_web::rt::net::TcpStream| tune_socket(tcp, dead_peer_timeout);
     // Workers still serving connections when the drain window is over are stopped.
@@ -215,7 +221,11 @@ fn cors_middleware(config: &CorsConfig) -> actix_cors::Cors {
             header::HeaderName::from_static("last-event-id"),
             header::HeaderName::from_static("traceparent"),
             header::HeaderName::from_static("tracestate"),
+            // Sent by EventSource polyfills (the Mercure JavaScript examples use them).
+            header::CACHE_CONTROL,
         ])
+        // A Mercure subscriber compares it with the id it asked to resume after.
+        .expose_headers([header::HeaderName::from_static("last-event-id")])
         .max_age(3600);
     match config {
         CorsConfig::Off => cors,

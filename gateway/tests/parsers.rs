@@ -431,7 +431,7 @@ proptest! {
     ) {
         let payload = channel_payload(id, event.as_deref(), &unknown, id_at, &data);
         let message = ChannelMessage::parse(&payload);
-        prop_assert_eq!(message, Ok(ChannelMessage { id, event: event.as_deref(), traceparent: None, data: &data }));
+        prop_assert_eq!(message, Ok(ChannelMessage { id, event: event.as_deref(), traceparent: None, mercure: false, data: &data }));
     }
 
     /// The event is written verbatim into the SSE `event:` line, so an accepted one must be a

@@ -33,6 +33,16 @@ local function check_topic(topic)
   end
 end
 
+local function check_traceparent(traceparent)
+  if traceparent ~= nil and (#traceparent ~= 55
+      or not string.find(traceparent, '^00%-[0-9a-f]+%-[0-9a-f]+%-[0-9a-f][0-9a-f]$')
+      or string.sub(traceparent, 36, 36) ~= '-'
+      or string.sub(traceparent, 4, 35) == string.rep('0', 32)
+      or string.sub(traceparent, 37, 52) == string.rep('0', 16)) then
+    return err('invalid traceparent (00-<32 hex trace id>-<16 hex span id>-<2 hex flags>, lower-case)')
+  end
+end
+
 -- The retention of the longest namespace prefix the topic starts with, else the default.
 local function retention_for(topic)
   for i = 1, #NAMESPACES do
@@ -103,6 +113,9 @@ local function publish(keys, args)
   local data, event, traceparent, idem = args[1], args[2], args[3], args[4]
   local bad = check_topic(topic)
   if bad then return bad end
+  if string.sub(topic, 1, 6) == 'ssegw.' then
+    return err('topics starting with ssegw. are reserved to the gateway (the Mercure hub\'s log)')
+  end
   local r = retention_for(topic)
   if data == nil or #data == 0 then
     return err('data must not be empty (browsers do not dispatch events without data)')
@@ -115,13 +128,8 @@ local function publish(keys, args)
     return err('invalid event type (1 to 64 bytes of ASCII letters, digits and - _ . :, not starting with ssegw)')
   end
   if traceparent == '' then traceparent = nil end
-  if traceparent ~= nil and (#traceparent ~= 55
-      or not string.find(traceparent, '^00%-[0-9a-f]+%-[0-9a-f]+%-[0-9a-f][0-9a-f]$')
-      or string.sub(traceparent, 36, 36) ~= '-'
-      or string.sub(traceparent, 4, 35) == string.rep('0', 32)
-      or string.sub(traceparent, 37, 52) == string.rep('0', 16)) then
-    return err('invalid traceparent (00-<32 hex trace id>-<16 hex span id>-<2 hex flags>, lower-case)')
-  end
+  bad = check_traceparent(traceparent)
+  if bad then return bad end
   local idem_key, fingerprint, window
   if idem == '' then idem = nil end
   if idem ~= nil then
@@ -239,6 +247,97 @@ local function read(keys, args)
     entries = redis.call('XRANGE', key, start, '+', 'COUNT', count)
   end
   return {status, last, entries}
+end
+
+-- The Mercure hub's update log is the native topic `ssegw.mercure`: its stream, channel and
+-- retention namespace are the native ones, so every replica follows, backfills and resumes it
+-- as any topic. Its entries carry the encoded update in `d` and the update's id in `m`; an
+-- index maps each update id to its entry, in two generations of hashes (`ssegw:m:{log}:ids:0`
+-- and `:1`, the current one named by `ssegw:m:{log}:gen`): when the current one holds as many
+-- ids as the log keeps events, the older one is dropped and the current becomes the older, so
+-- the two together always index every retained entry, and trimming needs no cleanup.
+local function mercure_keys(keys)
+  local topic, key = topic_and_key(keys[1])
+  if topic ~= 'ssegw.mercure' then
+    return nil, err('the Mercure log is the topic ssegw.mercure')
+  end
+  local base = 'ssegw:m:{' .. topic .. '}:'
+  if keys[2] ~= base .. 'ids:0' or keys[3] ~= base .. 'ids:1' or keys[4] ~= base .. 'gen' then
+    return nil, err('usage: FCALL <function> 4 ssegw:s:{ssegw.mercure} ' .. base .. 'ids:0 ' .. base .. 'ids:1 ' .. base .. 'gen ...')
+  end
+  local gen = redis.call('GET', keys[4]) == '1' and 1 or 0
+  return {topic = topic, key = key, gen = gen, cur = keys[2 + gen], prev = keys[3 - gen], gen_key = keys[4]}
+end
+
+-- mercure_publish(log, ids:0, ids:1, gen; update id, blob, traceparent?) -> entry id
+-- Appends the update (encoded by the publisher, opaque here) to the log, indexes its id (the
+-- first occurrence of an id stays indexed) and publishes it on the log's channel, atomically.
+local function mercure_publish(keys, args)
+  local m, bad = mercure_keys(keys)
+  if not m then return bad end
+  local update_id, blob, traceparent = args[1], args[2], args[3]
+  if update_id == nil or #update_id == 0 or #update_id > 1024 or string.find(update_id, '[\r\n%z]')
+      or string.sub(update_id, 1, 1) == '#' or update_id == 'earliest' then
+    return err('invalid update id (1 to 1024 bytes without CR, LF or NUL, not starting with #, not earliest)')
+  end
+  local r = retention_for(m.topic)
+  if blob == nil or string.sub(blob, 1, 3) ~= 'm1\n' then
+    return err('invalid update (encode it with ssegw_protocol::mercure::update::encode)')
+  end
+  if #blob > r.data then
+    return err('update is larger than ' .. r.data .. ' bytes')
+  end
+  if traceparent == '' then traceparent = nil end
+  bad = check_traceparent(traceparent)
+  if bad then return bad end
+  local fields = {'d', blob, 'm', update_id}
+  if traceparent then
+    fields[#fields + 1] = 't'
+    fields[#fields + 1] = traceparent
+  end
+  local id = append(m.key, r, fields)
+  redis.call('HSETNX', m.cur, update_id, id)
+  if redis.call('HLEN', m.cur) >= r.len then
+    redis.call('UNLINK', m.prev)
+    redis.call('SET', m.gen_key, tostring(1 - m.gen))
+    redis.call('EXPIRE', m.cur, r.ttl)
+    redis.call('EXPIRE', m.gen_key, r.ttl)
+  else
+    -- The index lives as long as the log: refreshed as `append` refreshes the stream.
+    local left = redis.call('PTTL', m.cur)
+    if left < r.ttl * 1000 - math.min(1000, r.ttl * 125) or left > r.ttl * 1000 then
+      redis.call('EXPIRE', m.cur, r.ttl)
+      redis.call('EXPIRE', m.prev, r.ttl)
+      redis.call('SET', m.gen_key, tostring(m.gen), 'EX', r.ttl)
+    end
+  end
+  local header = 'i' .. id .. '\nm' .. update_id .. '\n'
+  if traceparent then header = header .. 't' .. traceparent .. '\n' end
+  if SHARDED then
+    redis.call('SPUBLISH', 'ssegw:c:{' .. m.topic .. '}', header .. '\n' .. blob)
+  else
+    redis.call('PUBLISH', 'ssegw:c:{' .. m.topic .. '}', header .. '\n' .. blob)
+  end
+  return id
+end
+
+-- mercure_find(log, ids:0, ids:1, gen; update id) -> entry id, or '' when the log holds no
+-- entry for it. The first occurrence indexed decides: if its entry is gone (trimmed, or the
+-- index outlived an earlier incarnation of the log), the id is not found, never a later one.
+local function mercure_find(keys, args)
+  local m, bad = mercure_keys(keys)
+  if not m then return bad end
+  local update_id = args[1]
+  if update_id == nil then return err('usage: FCALL ssegw_m_find 4 <keys> <update id>') end
+  local pos = redis.call('HGET', m.prev, update_id) or redis.call('HGET', m.cur, update_id)
+  if not pos then return '' end
+  local entry = redis.call('XRANGE', m.key, pos, pos)
+  if #entry == 0 then return '' end
+  local fields = entry[1][2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'm' and fields[i + 1] == update_id then return pos end
+  end
+  return ''
 end
 
 return publish(KEYS, ARGV)

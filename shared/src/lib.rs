@@ -6,6 +6,7 @@
 pub mod cursor;
 pub mod event_id;
 pub mod frame;
+pub mod mercure;
 pub mod pattern;
 pub mod retention;
 pub mod script;

@@ -25,13 +25,21 @@ pub const CHANNELS_FUNCTION: &str = "ssegw_channels";
 /// flags of the replica that loaded them.
 pub const RETENTION_FUNCTION: &str = "ssegw_retention";
 
+/// `FCALL ssegw_m_publish 4 <mercure_keys> <update id> <blob> [<traceparent>]`: appends a
+/// Mercure update to the hub's log, indexes its id and publishes it (library version 5).
+pub const MERCURE_PUBLISH_FUNCTION: &str = "ssegw_m_publish";
+/// `FCALL_RO ssegw_m_find 4 <mercure_keys> <update id>`: the log entry of an update id, or
+/// an empty string.
+pub const MERCURE_FIND_FUNCTION: &str = "ssegw_m_find";
+
 /// The function library's version, raised with every change of its functions. A newer
 /// library keeps answering the calls of older gateways (same function names and arguments),
 /// so during a rolling upgrade a gateway never replaces a newer library with its own older
 /// one. Version 1 was the library before `ssegw_version` existed; version 3 added sharded
 /// channels (`ssegw_channels`); version 4 the fleet's retention per namespace
-/// (`ssegw_retention`), idempotency keys and cheaper publishes and reads.
-pub const LIBRARY_VERSION: u64 = 4;
+/// (`ssegw_retention`), idempotency keys and cheaper publishes and reads; version 5 the
+/// Mercure hub's log (`ssegw_m_publish`, `ssegw_m_find`) and the reserved `ssegw.` topics.
+pub const LIBRARY_VERSION: u64 = 5;
 
 const CORE: &str = include_str!("../lua/core.lua");
 
@@ -100,7 +108,9 @@ pub fn function_library(settings: &ScriptSettings) -> String {
          redis.register_function{{function_name='{READ_FUNCTION}', callback=read, flags={{'no-writes'}}}}\n\
          redis.register_function{{function_name='{VERSION_FUNCTION}', callback=function() return {LIBRARY_VERSION} end, flags={{'no-writes'}}}}\n\
          redis.register_function{{function_name='{CHANNELS_FUNCTION}', callback=function() return '{}' end, flags={{'no-writes'}}}}\n\
-         redis.register_function{{function_name='{RETENTION_FUNCTION}', callback=function() return RETENTION_TEXT end, flags={{'no-writes'}}}}\n",
+         redis.register_function{{function_name='{RETENTION_FUNCTION}', callback=function() return RETENTION_TEXT end, flags={{'no-writes'}}}}\n\
+         redis.register_function('{MERCURE_PUBLISH_FUNCTION}', mercure_publish)\n\
+         redis.register_function{{function_name='{MERCURE_FIND_FUNCTION}', callback=mercure_find, flags={{'no-writes'}}}}\n",
         settings_block(settings),
         settings.channels()
     )
@@ -114,6 +124,18 @@ pub fn publish_eval_script(settings: &ScriptSettings) -> String {
         "{}{CORE}\nreturn publish(KEYS, ARGV)\n",
         settings_block(settings)
     )
+}
+
+/// The keys every Mercure function declares, in order: the log's stream and the two
+/// generations of its id index and the name of the current one, all tagged with the log topic
+/// (one Redis Cluster slot).
+pub fn mercure_keys(log: &Topic) -> [String; 4] {
+    [
+        stream_key(log),
+        format!("ssegw:m:{{{log}}}:ids:0"),
+        format!("ssegw:m:{{{log}}}:ids:1"),
+        format!("ssegw:m:{{{log}}}:gen"),
+    ]
 }
 
 /// The key of an idempotency record: the first publish's id for `key` on `topic`.
@@ -189,6 +211,8 @@ pub struct ChannelMessage<'a> {
     pub event: Option<&'a str>,
     /// The publisher's trace context; an invalid one is dropped, the event still delivered.
     pub traceparent: Option<Traceparent>,
+    /// Set for a Mercure update (header `m<update id>`): `data` is its encoded blob.
+    pub mercure: bool,
     pub data: &'a [u8],
 }
 
@@ -202,6 +226,7 @@ impl<'a> ChannelMessage<'a> {
         let mut id = None;
         let mut event = None;
         let mut traceparent = None;
+        let mut mercure = false;
         loop {
             let end = rest.iter().position(|&b| b == b'\n').ok_or(MessageError)?;
             let (line, tail) = (&rest[..end], &rest[end + 1..]);
@@ -224,6 +249,7 @@ impl<'a> ChannelMessage<'a> {
                         .ok()
                         .and_then(|t| Traceparent::new(t).ok());
                 }
+                Some((b'm', _)) => mercure = true,
                 Some(_) => {}
             }
         }
@@ -231,6 +257,7 @@ impl<'a> ChannelMessage<'a> {
             id: id.ok_or(MessageError)?,
             event,
             traceparent,
+            mercure,
             data: rest,
         })
     }
@@ -259,6 +286,10 @@ mod tests {
         assert_eq!(m.data, b"line1\nline2");
         let m = ChannelMessage::parse(b"i5-1\nxfuture-field\n\n").unwrap();
         assert_eq!((m.event, m.data), (None, &b""[..]));
+        assert!(!m.mercure);
+        let m = ChannelMessage::parse(b"i5-1\nmurn:uuid:1\n\nm1\n").unwrap();
+        assert!(m.mercure);
+        assert_eq!(m.data, b"m1\n");
         let m = ChannelMessage::parse(
             b"i5-1\nt00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\n\nx",
         )

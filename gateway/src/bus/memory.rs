@@ -131,6 +131,25 @@ impl MemoryBus {
                 Some((slot, fingerprint, now + window))
             }
         };
+        let id = self.append(topic, |id| {
+            Event::new(id, event, data.as_bytes()).traced(traceparent.cloned())
+        });
+        if let Some((slot, fingerprint, until)) = record {
+            first_publishes.insert(
+                slot,
+                FirstPublish {
+                    id,
+                    fingerprint,
+                    until,
+                },
+            );
+        }
+        Ok(id)
+    }
+
+    /// Stores the event `make` builds for the next id of `topic`'s log, keeps the retention and
+    /// hands it to the hub; returns the id.
+    fn append(&self, topic: &Topic, make: impl FnOnce(StreamId) -> Event) -> StreamId {
         let ttl = Duration::from_secs(self.limits().ttl_secs);
         let mut logs = self.logs.lock().expect("logs poisoned");
         if live_log(&mut logs, topic, ttl).is_none() {
@@ -146,7 +165,7 @@ impl MemoryBus {
         }
         let log = logs.get_mut(topic).expect("inserted above");
         let id = next_id(log.head, log.head == StreamId::ZERO);
-        let event = Arc::new(Event::new(id, event, data.as_bytes()).traced(traceparent.cloned()));
+        let event = Arc::new(make(id));
         log.entries.push_back(event.clone());
         log.head = id;
         log.touched = Instant::now();
@@ -154,19 +173,32 @@ impl MemoryBus {
             let trimmed = log.entries.pop_front().expect("longer than max_len");
             log.max_deleted = trimmed.id;
         }
-        if let Some((slot, fingerprint, until)) = record {
-            first_publishes.insert(
-                slot,
-                FirstPublish {
-                    id,
-                    fingerprint,
-                    until,
-                },
-            );
-        }
         // Dispatched under the lock so that each topic's events reach the hub in id order.
         self.hub.dispatch(topic, event);
-        Ok(id)
+        id
+    }
+
+    /// Appends a Mercure update to the hub's log `log`, as `ssegw_m_publish` does.
+    pub fn mercure_publish(&self, log: &Topic, blob: &[u8]) -> Result<StreamId, BusError> {
+        if blob.len() > self.limits().max_data_bytes {
+            return Err(BusError::TooLarge(format!(
+                "update is larger than {} bytes",
+                self.limits().max_data_bytes
+            )));
+        }
+        Ok(self.append(log, |id| Event::mercure(id, blob)))
+    }
+
+    /// The entry of the first retained occurrence of the Mercure update `update_id`, as
+    /// `ssegw_m_find` finds it (here by a scan: the embedded bus serves one node).
+    pub fn mercure_find(&self, log: &Topic, update_id: &str) -> Option<StreamId> {
+        let ttl = Duration::from_secs(self.limits().ttl_secs);
+        let mut logs = self.logs.lock().expect("logs poisoned");
+        live_log(&mut logs, log, ttl)?
+            .entries
+            .iter()
+            .find(|e| e.mercure.as_ref().is_some_and(|u| u.id == update_id))
+            .map(|e| e.id)
     }
 
     pub fn read(&self, topic: &Topic, after: StreamId, count: usize) -> Page {

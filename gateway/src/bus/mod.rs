@@ -136,6 +136,34 @@ impl Bus {
         }
     }
 
+    /// Appends a Mercure update (`blob`, encoded, whose id is `update_id`) to the hub's log
+    /// `log` and publishes it; returns its log entry's id.
+    pub async fn mercure_publish(
+        &self,
+        log: &Topic,
+        update_id: &str,
+        blob: &[u8],
+        traceparent: Option<&Traceparent>,
+    ) -> Result<StreamId, BusError> {
+        match self {
+            Bus::Redis(bus) => bus.mercure_publish(log, update_id, blob, traceparent).await,
+            Bus::Memory(bus) => bus.mercure_publish(log, blob),
+        }
+    }
+
+    /// The log entry of the Mercure update `update_id` (its first occurrence), if the log
+    /// still holds it.
+    pub async fn mercure_find(
+        &self,
+        log: &Topic,
+        update_id: &str,
+    ) -> Result<Option<StreamId>, BusError> {
+        match self {
+            Bus::Redis(bus) => bus.mercure_find(log, update_id).await,
+            Bus::Memory(bus) => Ok(bus.mercure_find(log, update_id)),
+        }
+    }
+
     /// The retention table publishes are held to: the fleet's, as last read from Redis
     /// (`None` before it was), or the embedded bus's, from the flags.
     pub fn retention(&self) -> Option<Arc<Retention>> {

@@ -12,8 +12,10 @@ use clap::{ArgAction, Args, Parser, Subcommand};
 use ssegw_protocol::retention::Limits;
 use ssegw_protocol::{Scope, TopicPattern};
 
+mod mercure;
 mod redis;
 
+pub use self::mercure::{MercureArgs, MercureConfig};
 pub use self::redis::{
     ClusterTarget, Durability, RedisArgs, RedisTarget, SentinelTarget, TlsMode, Topology,
 };
@@ -200,6 +202,8 @@ pub struct ServeArgs {
     pub retention: RetentionArgs,
     #[command(flatten)]
     pub auth: AuthArgs,
+    #[command(flatten)]
+    pub mercure: MercureArgs,
 }
 
 /// Who may subscribe and publish, and from which browser origins (docs/authorization.md).
@@ -361,6 +365,8 @@ pub struct Config {
     pub bus: BusConfig,
     pub publish: PublishConfig,
     pub auth: AuthConfig,
+    /// The Mercure hub, with `--mercure true`.
+    pub mercure: Option<MercureConfig>,
     pub cors: CorsConfig,
     /// Logs, and what goes to OTLP (from the standard `OTEL_*` variables).
     pub telemetry: TelemetryConfig,
@@ -478,6 +484,14 @@ impl RetentionArgs {
 impl AuthArgs {
     /// Reads the key files and checks every setting.
     pub fn auth_config(&self) -> Result<AuthConfig, ConfigError> {
+        let config = self.auth_settings()?;
+        config.check().map_err(ConfigError)?;
+        Ok(config)
+    }
+
+    /// The settings, without `AuthConfig::check` (which a replica serving the Mercure hub does
+    /// not need to pass: its native API may allow nothing).
+    fn auth_settings(&self) -> Result<AuthConfig, ConfigError> {
         let scope = |patterns: &[String], flag: &str| -> Result<Scope, ConfigError> {
             patterns
                 .iter()
@@ -559,7 +573,6 @@ impl AuthArgs {
             query_token: self.query_token,
             close_on_expiry: self.close_on_expiry,
         };
-        config.check().map_err(ConfigError)?;
         Ok(config)
     }
 
@@ -669,7 +682,11 @@ impl ServeArgs {
             "--presence-interval (SSEGW_PRESENCE_INTERVAL) must be 0 (off) or between 100ms and 60s",
         )?;
         let transport = self.transport()?;
-        let auth = self.auth.auth_config()?;
+        let mercure = self.mercure.config(self.auth.jwt_leeway)?;
+        let auth = match mercure {
+            None => self.auth.auth_config()?,
+            Some(_) => self.auth.auth_settings()?,
+        };
         let cors = self.auth.cors_config()?;
         let telemetry =
             TelemetryConfig::from_lookup(|name| std::env::var(name).ok()).map_err(ConfigError)?;
@@ -706,6 +723,7 @@ impl ServeArgs {
                 batch_max: self.publish_batch_max,
             },
             auth,
+            mercure,
             cors,
             telemetry,
         })

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use ssegw_protocol::frame::{EventType, GapReason};
+use ssegw_protocol::mercure::update::{self, Update};
 use ssegw_protocol::{frame, StreamId, Traceparent};
 
 /// One event, framed once per replica and shared by every local subscriber of its topic.
@@ -18,6 +19,9 @@ pub struct Event {
     pub frame: Bytes,
     /// The publisher's trace context, when it gave one.
     pub traceparent: Option<Traceparent>,
+    /// A Mercure update of the hub's log, decoded once per replica; `frame` is then its
+    /// Mercure frame. `None` for native events.
+    pub mercure: Option<Arc<Update>>,
 }
 
 impl Event {
@@ -31,6 +35,35 @@ impl Event {
             body,
             frame,
             traceparent: None,
+            mercure: None,
+        }
+    }
+
+    /// An entry of the Mercure hub's log: the update decoded from its `blob` and framed as the
+    /// Mercure hub frames it. A blob that does not decode (written around the publish
+    /// function) makes an event without an update, which no Mercure subscriber receives.
+    pub fn mercure(id: StreamId, blob: &[u8]) -> Event {
+        match update::decode(blob) {
+            Ok(update) => {
+                let frame = update.frame();
+                Event {
+                    id,
+                    body: frame.clone(),
+                    frame,
+                    traceparent: None,
+                    mercure: Some(Arc::new(update)),
+                }
+            }
+            Err(_) => {
+                tracing::warn!(%id, "ignoring a malformed Mercure update in the hub's log");
+                Event {
+                    id,
+                    body: Bytes::new(),
+                    frame: Bytes::new(),
+                    traceparent: None,
+                    mercure: None,
+                }
+            }
         }
     }
 

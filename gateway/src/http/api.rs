@@ -196,8 +196,18 @@ pub(super) fn subscriber_grant<'a>(
 /// A topic a client named (a query's `topic`, a publish's field) as a `Topic`, or the 400
 /// that says why not: the same for every route.
 pub(super) fn topic_param(value: &str) -> Result<Topic, ApiError> {
-    Topic::new(value)
-        .map_err(|e| ApiError::bad_request(format!("invalid topic {}: {e}", quote(value))))
+    let topic = Topic::new(value)
+        .map_err(|e| ApiError::bad_request(format!("invalid topic {}: {e}", quote(value))))?;
+    // The Mercure hub's log is read and written through /.well-known/mercure only: its
+    // entries hold private updates.
+    if ssegw_protocol::mercure::update::is_reserved(topic.as_str()) {
+        return Err(ApiError::bad_request(format!(
+            "invalid topic {}: topics starting with {} are reserved to the gateway",
+            quote(value),
+            ssegw_protocol::mercure::update::RESERVED_TOPIC_PREFIX
+        )));
+    }
+    Ok(topic)
 }
 
 /// A client's value in an error message: quoted, and cut short when long.
@@ -485,7 +495,10 @@ pub(super) async fn publish(
 const MAX_BATCH_BODY: usize = 64 << 20;
 
 /// Reads the request body, refusing it with 413 as soon as it passes `limit` bytes.
-async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
+pub(crate) async fn read_body(
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<web::BytesMut, ApiError> {
     use futures_util::StreamExt;
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {

@@ -23,8 +23,12 @@ pub use state::AppState;
 use api::{events, healthz, metrics, publish, readyz, status};
 use error::only;
 
-/// Every route; with `pages`, also the demo and status pages (`pages::routes`).
-pub fn routes(cfg: &mut web::ServiceConfig, pages: bool) {
+/// Every route; with `pages`, also the demo and status pages (`pages::routes`); with
+/// `mercure`, the Mercure hub (`mercure::routes`).
+pub fn routes(cfg: &mut web::ServiceConfig, pages: bool, mercure: bool) {
+    if mercure {
+        crate::mercure::routes(cfg);
+    }
     cfg.service(only(
         web::resource("/events").route(web::get().to(events)),
         "GET",

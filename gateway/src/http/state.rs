@@ -32,6 +32,8 @@ pub struct AppState {
     pub status_streams: Arc<tokio::sync::Semaphore>,
     /// Behind `/metrics`, and the OTLP push when configured.
     pub metrics: Arc<Metrics>,
+    /// The Mercure hub, with `--mercure true`.
+    pub mercure: Option<Arc<crate::mercure::Mercure>>,
 }
 
 /// This replica's counters and state, as JSON: the body of `/status`, and of each event of

@@ -384,6 +384,64 @@ impl RedisBus {
         parse_newest(reply)
     }
 
+    /// Appends a Mercure update (its encoded `blob`) to the hub's log `log`, indexes its id and
+    /// publishes it: `FCALL ssegw_m_publish`, with the native publish's durability and its rule
+    /// of never resending what may have run. Returns the log entry's id.
+    pub async fn mercure_publish(
+        &self,
+        log: &Topic,
+        update_id: &str,
+        blob: &[u8],
+        traceparent: Option<&Traceparent>,
+    ) -> Result<StreamId, BusError> {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(script::MERCURE_PUBLISH_FUNCTION)
+            .arg(4)
+            .arg(&script::mercure_keys(log))
+            .arg(update_id)
+            .arg(blob)
+            .arg(traceparent.map_or("", Traceparent::as_str));
+        let (id, confirmed): (String, Option<u32>) = match (&self.backend, self.durability) {
+            (Backend::Single(commands), None) => (commands.fcall(&cmd).await?, None),
+            (Backend::Single(commands), Some(durability)) => {
+                let (id, confirmed) = commands.fcall_confirmed(&cmd, durability).await?;
+                (id, Some(confirmed))
+            }
+            (Backend::Cluster(commands), durability) => {
+                let (id, confirmed) = commands.publish(log, &cmd, durability).await?;
+                (text_reply(id)?, confirmed)
+            }
+        };
+        self.confirmed(&id, confirmed)
+    }
+
+    /// The log entry of the Mercure update `update_id` (its first occurrence), if the log
+    /// still holds it: `FCALL ssegw_m_find`.
+    pub async fn mercure_find(
+        &self,
+        log: &Topic,
+        update_id: &str,
+    ) -> Result<Option<StreamId>, BusError> {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(script::MERCURE_FIND_FUNCTION)
+            .arg(4)
+            .arg(&script::mercure_keys(log))
+            .arg(update_id);
+        let reply: String = match &self.backend {
+            Backend::Single(commands) => commands.fcall(&cmd).await?,
+            Backend::Cluster(commands) => {
+                let mut conn = commands.connection().await?;
+                text_reply(commands.fcall(&mut conn, log, &cmd).await?)?
+            }
+        };
+        if reply.is_empty() {
+            return Ok(None);
+        }
+        StreamId::parse(&reply)
+            .map(Some)
+            .map_err(|_| BusError::Unavailable(format!("unexpected entry id {reply:?}")))
+    }
+
     /// The fleet's subscribers of each of `topics`, from the replicas' live presence reports.
     pub async fn presence(&self, topics: &[Topic]) -> Result<Vec<TopicPresence>, BusError> {
         presence::read(&self.backend, topics).await

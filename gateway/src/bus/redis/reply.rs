@@ -155,7 +155,7 @@ pub(super) fn parse_newest(reply: Value) -> Result<Vec<Arc<Event>>, BusError> {
 }
 
 /// `[id, [field, value, ...]]` with fields `d` (data) and optionally `e` (event type) and `t`
-/// (traceparent).
+/// (traceparent); with `m` (an update id), `d` is a Mercure update.
 fn parse_entry(entry: &Value) -> Option<Arc<Event>> {
     let Value::Array(parts) = entry else {
         return None;
@@ -164,7 +164,7 @@ fn parse_entry(entry: &Value) -> Option<Arc<Event>> {
     let Value::Array(fields) = parts.get(1)? else {
         return None;
     };
-    let (mut data, mut event, mut traceparent) = (None, None, None);
+    let (mut data, mut event, mut traceparent, mut mercure) = (None, None, None, false);
     for pair in fields.chunks(2) {
         match (pair.first(), pair.get(1)) {
             (Some(key), Some(Value::BulkString(value))) => match as_text(key)? {
@@ -184,10 +184,15 @@ fn parse_entry(entry: &Value) -> Option<Arc<Event>> {
                         .ok()
                         .and_then(|t| Traceparent::new(t).ok());
                 }
+                // The update's id, in entries of the Mercure hub's log.
+                "m" => mercure = true,
                 _ => {}
             },
             _ => return None,
         }
+    }
+    if mercure {
+        return Some(Arc::new(Event::mercure(id, data?).traced(traceparent)));
     }
     Some(Arc::new(
         Event::new(id, event.as_ref(), data?).traced(traceparent),

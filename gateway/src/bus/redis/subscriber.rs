@@ -299,6 +299,11 @@ impl Subscriber {
 /// them; anything else on the channel was sent around it, and is `None`.
 pub(super) fn event_of(payload: &[u8]) -> Option<Arc<Event>> {
     let message = ChannelMessage::parse(payload).ok()?;
+    if message.mercure {
+        return Some(Arc::new(
+            Event::mercure(message.id, message.data).traced(message.traceparent),
+        ));
+    }
     let event = message.event.map(EventType::new).transpose().ok()?;
     Some(Arc::new(
         Event::new(message.id, event.as_ref(), message.data).traced(message.traceparent),
