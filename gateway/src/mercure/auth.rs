@@ -128,8 +128,14 @@ impl MercureAuth {
     }
 
     /// Checks the token's signature against the keys of `role` and its registered claims,
-    /// and reads its `mercure` claim (or the `https://mercure.rocks/` one).
-    pub fn verify(&self, token: &str, role: Role) -> Result<Claims, AuthError> {
+    /// and reads its `mercure` claim (or the `https://mercure.rocks/` one); `selector`
+    /// compiles (or finds) the claim's selectors.
+    pub fn verify(
+        &self,
+        token: &str,
+        role: Role,
+        selector: impl Fn(&str) -> Selector,
+    ) -> Result<Claims, AuthError> {
         let invalid = |message: String| AuthError::Invalid(message);
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| invalid("malformed token or unsupported algorithm".into()))?;
@@ -153,7 +159,7 @@ impl MercureAuth {
             .filter(|k| k.serves(algorithm, header.kid.as_deref()))
         {
             match jsonwebtoken::decode::<Token>(token, key.decoding_key(), validation) {
-                Ok(data) => return claims(data.claims),
+                Ok(data) => return claims(data.claims, &selector),
                 Err(e) if *e.kind() == ErrorKind::InvalidSignature => last = Some(e),
                 Err(e) => return Err(invalid(describe(e.kind()))),
             }
@@ -172,7 +178,7 @@ impl MercureAuth {
     }
 }
 
-fn claims(token: Token) -> Result<Claims, AuthError> {
+fn claims(token: Token, selector: &impl Fn(&str) -> Selector) -> Result<Claims, AuthError> {
     let Some(claim) = token.mercure.or(token.namespaced) else {
         return Ok(Claims {
             expires: token.exp,
@@ -186,7 +192,7 @@ fn claims(token: Token) -> Result<Claims, AuthError> {
                 Ok(Some(
                     entries
                         .iter()
-                        .filter_map(|e| e.as_str().map(Selector::new))
+                        .filter_map(|e| e.as_str().map(selector))
                         .collect(),
                 ))
             }

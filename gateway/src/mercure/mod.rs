@@ -9,7 +9,11 @@ pub mod auth;
 pub mod publish;
 pub mod subscribe;
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use actix_web::web;
+use ssegw_protocol::mercure::selector::Selector;
 use ssegw_protocol::mercure::update::LOG_TOPIC;
 use ssegw_protocol::Topic;
 
@@ -19,12 +23,21 @@ use crate::http::AppState;
 /// Most topics an update may carry and most selectors a subscription may give, as the Mercure
 /// hub.
 pub const MAX_TOPICS: usize = 1000;
+/// Most bytes of selectors a subscription may give. A URI template compiles to a regular
+/// expression, which costs some microseconds per byte, and selectors come from anonymous
+/// clients: this bounds what one request can make a replica compile.
+pub const MAX_SELECTOR_BYTES: usize = 16 * 1024;
+/// Distinct selectors kept compiled (`Mercure::selector`); the cache starts over when full.
+const SELECTOR_CACHE: usize = 10_000;
 
 /// What the Mercure handlers share.
 pub struct Mercure {
     pub auth: auth::MercureAuth,
     /// The hub's update log.
     pub log: Topic,
+    /// Selectors compiled once for every subscription and token that names them, as the
+    /// Mercure hub caches them. Held only to look up or insert, never across an `.await`.
+    selectors: Mutex<HashMap<Box<str>, Selector>>,
 }
 
 impl Mercure {
@@ -32,7 +45,28 @@ impl Mercure {
         Mercure {
             auth: auth::MercureAuth::new(config),
             log: Topic::new(LOG_TOPIC).expect("the log topic is a valid topic"),
+            selectors: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The selector `text`, compiled at most once while it stays in the cache.
+    pub fn selector(&self, text: &str) -> Selector {
+        if let Some(selector) = self.cached(text) {
+            return selector;
+        }
+        // Compiled outside the lock: other requests need not wait for it.
+        let selector = Selector::new(text);
+        let mut cache = self.selectors.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= SELECTOR_CACHE {
+            cache.clear();
+        }
+        cache.insert(text.into(), selector.clone());
+        selector
+    }
+
+    fn cached(&self, text: &str) -> Option<Selector> {
+        let cache = self.selectors.lock().unwrap_or_else(|e| e.into_inner());
+        cache.get(text).cloned()
     }
 
     /// The largest update accepted (its topics and data together): the log's limit in the
@@ -55,4 +89,36 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route(web::post().to(publish::publish)),
         "GET, POST",
     ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub() -> Mercure {
+        Mercure::new(MercureConfig {
+            publisher_keys: Vec::new(),
+            subscriber_keys: Vec::new(),
+            algorithms: vec![jsonwebtoken::Algorithm::HS256],
+            anonymous: true,
+            cookie: "mercureAuthorization".into(),
+            publish_origins: Some(Vec::new()),
+            leeway: std::time::Duration::ZERO,
+        })
+    }
+
+    #[test]
+    fn selectors_are_compiled_once_and_the_cache_is_bounded() {
+        let hub = hub();
+        let a = hub.selector("https://ex.com/books/{id}");
+        assert!(a.matches("https://ex.com/books/1"));
+        assert_eq!(hub.selectors.lock().unwrap().len(), 1);
+        let again = hub.selector("https://ex.com/books/{id}");
+        assert!(again.matches("https://ex.com/books/2"));
+        assert_eq!(hub.selectors.lock().unwrap().len(), 1);
+        for i in 0..SELECTOR_CACHE + 5 {
+            hub.selector(&format!("t{i}"));
+        }
+        assert!(hub.selectors.lock().unwrap().len() <= SELECTOR_CACHE);
+    }
 }

@@ -121,7 +121,7 @@ pub(crate) async fn publish(
         })?;
     let claims = mercure
         .auth
-        .verify(&token, Role::Publisher)
+        .verify(&token, Role::Publisher, |text| mercure.selector(text))
         .map_err(|e| ApiError::auth(e, &state.stats))?;
     if claims.publish.as_ref().is_none_or(Vec::is_empty) {
         return Err(ApiError::auth(

@@ -23,7 +23,7 @@ use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 
 use super::auth::Role;
-use super::MAX_TOPICS;
+use super::{MAX_SELECTOR_BYTES, MAX_TOPICS};
 use crate::auth::AuthError;
 use crate::bus::{Bus, Page};
 use crate::config::StreamConfig;
@@ -56,8 +56,14 @@ pub struct SubscribeQuery {
 }
 
 impl SubscribeQuery {
-    pub fn parse(query: &str, header_id: Option<&[u8]>) -> Result<SubscribeQuery, ApiError> {
+    /// Reads the query; `selector` compiles (or finds) a selector.
+    pub fn parse(
+        query: &str,
+        header_id: Option<&[u8]>,
+        selector: impl Fn(&str) -> Selector,
+    ) -> Result<SubscribeQuery, ApiError> {
         let mut selectors: Vec<Selector> = Vec::new();
+        let mut selector_bytes = 0;
         let (mut query_id, mut authorization) = (None, None);
         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
             match &*key {
@@ -67,8 +73,14 @@ impl SubscribeQuery {
                             "Too many \"topic\" parameters: at most {MAX_TOPICS}"
                         )));
                     }
+                    selector_bytes += value.len();
+                    if selector_bytes > MAX_SELECTOR_BYTES {
+                        return Err(ApiError::bad_request(format!(
+                            "the \"topic\" parameters are longer than {MAX_SELECTOR_BYTES} bytes together"
+                        )));
+                    }
                     if !selectors.iter().any(|s| s.as_str() == value) {
-                        selectors.push(Selector::new(&value));
+                        selectors.push(selector(&value));
                     }
                 }
                 "lastEventID" if !value.is_empty() => query_id = Some(value.into_owned()),
@@ -126,6 +138,7 @@ pub(crate) async fn subscribe(
     let query = SubscribeQuery::parse(
         req.query_string(),
         req.headers().get("last-event-id").map(|h| h.as_bytes()),
+        |text| mercure.selector(text),
     )?;
     let token = mercure
         .auth
@@ -135,7 +148,7 @@ pub(crate) async fn subscribe(
         Some(token) => Some(
             mercure
                 .auth
-                .verify(&token, Role::Subscriber)
+                .verify(&token, Role::Subscriber, |text| mercure.selector(text))
                 .map_err(|e| ApiError::auth(e, &state.stats))?,
         ),
         None if mercure.auth.anonymous() => None,
@@ -529,17 +542,18 @@ mod tests {
         let q = SubscribeQuery::parse(
             "topic=a&topic=b&topic=a&lastEventID=x&authorization=t",
             None,
+            Selector::new,
         )
         .unwrap();
         assert_eq!(q.selectors.len(), 2);
         assert_eq!(q.last_event_id.as_deref(), Some("x"));
         assert_eq!(q.authorization.as_deref(), Some("t"));
-        let q = SubscribeQuery::parse("topic=a&lastEventID=x", Some(b"h")).unwrap();
+        let q = SubscribeQuery::parse("topic=a&lastEventID=x", Some(b"h"), Selector::new).unwrap();
         assert_eq!(q.last_event_id.as_deref(), Some("h"), "the header wins");
-        let q = SubscribeQuery::parse("topic=a&lastEventID=x", Some(b"")).unwrap();
+        let q = SubscribeQuery::parse("topic=a&lastEventID=x", Some(b""), Selector::new).unwrap();
         assert_eq!(q.last_event_id.as_deref(), Some("x"));
         assert_eq!(
-            SubscribeQuery::parse("lastEventID=x", None)
+            SubscribeQuery::parse("lastEventID=x", None, Selector::new)
                 .unwrap_err()
                 .status(),
             400
@@ -549,7 +563,16 @@ mod tests {
             .collect::<Vec<_>>()
             .join("&");
         assert_eq!(
-            SubscribeQuery::parse(&many, None).unwrap_err().status(),
+            SubscribeQuery::parse(&many, None, Selector::new)
+                .unwrap_err()
+                .status(),
+            400
+        );
+        let long = format!("topic={}", "x".repeat(MAX_SELECTOR_BYTES + 1));
+        assert_eq!(
+            SubscribeQuery::parse(&long, None, Selector::new)
+                .unwrap_err()
+                .status(),
             400
         );
     }
