@@ -6,7 +6,7 @@
 //! once and in order (no gap: `--publish-replicas 1`); readiness drops while a shard is
 //! unreachable, and only then. A cluster that speaks TLS only, with client certificates and a
 //! password, is served the same way, and a primary that lost the function library gets it
-//! back.
+//! back. The Mercure hub's log publishes and resumes across replicas on the log's shard.
 
 mod support;
 
@@ -738,4 +738,118 @@ async fn namespaces_keys_and_batches_span_the_shards() {
     }
     sse.assert_quiet(std::time::Duration::from_millis(300))
         .await;
+}
+
+/// A Mercure subscription on `gw`: its response's `last-event-id` header and its events.
+async fn mercure_stream(
+    gw: &Gateway,
+    query: &str,
+    last_event_id: Option<&str>,
+) -> (
+    Option<String>,
+    futures_util::stream::LocalBoxStream<'static, eventsource_stream::Event>,
+) {
+    use eventsource_stream::Eventsource;
+    use futures_util::StreamExt;
+    let mut request = awc::Client::builder()
+        .disable_timeout()
+        .finish()
+        .get(gw.url(&format!("/.well-known/mercure?{query}")));
+    if let Some(id) = last_event_id {
+        request = request.insert_header(("Last-Event-ID", id));
+    }
+    let response = request.send().await.expect("GET /.well-known/mercure");
+    assert_eq!(response.status(), 200, "{query}");
+    let header = response
+        .headers()
+        .get("last-event-id")
+        .map(|h| h.to_str().unwrap().to_string());
+    let events = response
+        .eventsource()
+        .filter_map(|e| async move {
+            e.ok()
+                .filter(|e| !e.data.is_empty() || e.event != "message")
+        })
+        .boxed_local();
+    (header, events)
+}
+
+/// Publishes a Mercure update through `gw`; returns its id.
+async fn mercure_publish(gw: &Gateway, token: &str, form: &[(&str, &str)]) -> String {
+    let mut response = awc::Client::default()
+        .post(gw.url("/.well-known/mercure"))
+        .insert_header(("Authorization", format!("Bearer {token}")))
+        .send_form(&form)
+        .await
+        .expect("POST /.well-known/mercure");
+    let body = response.body().await.unwrap();
+    assert_eq!(response.status(), 200, "{}", String::from_utf8_lossy(&body));
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+#[actix_web::test]
+async fn the_mercure_hub_publishes_and_resumes_across_replicas_on_a_cluster() {
+    use futures_util::StreamExt;
+    const SECRET: &str = "a-mercure-secret-of-at-least-32-bytes!";
+    let cluster = start_cluster();
+    let flags = flags(
+        &cluster,
+        &[
+            "--mercure",
+            "true",
+            "--mercure-jwt-secret",
+            SECRET,
+            "--mercure-anonymous",
+            "true",
+        ],
+    );
+    let a = Gateway::start(&strs(&flags));
+    let b = Gateway::start(&strs(&flags));
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &serde_json::json!({"mercure": {"publish": ["*"]}}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+
+    let (_, mut live) = mercure_stream(&a, "topic=https://ex.com/books/%7Bid%7D", None).await;
+    let mut ids = Vec::new();
+    for n in 1..=6 {
+        let topic = format!("https://ex.com/books/{n}");
+        let data = format!("book {n}");
+        ids.push(mercure_publish(&b, &token, &[("topic", &topic), ("data", &data)]).await);
+    }
+    for (n, id) in ids.iter().enumerate() {
+        let event = tokio::time::timeout(support::WAIT, live.next())
+            .await
+            .expect("an update within WAIT")
+            .expect("the stream goes on");
+        assert_eq!(
+            (event.id.as_str(), event.data.as_str()),
+            (id.as_str(), &*format!("book {}", n + 1))
+        );
+    }
+
+    // Resumed on the other replica after the third update: the rest, in order.
+    let (header, mut resumed) =
+        mercure_stream(&b, "topic=https://ex.com/books/%7Bid%7D", Some(&ids[2])).await;
+    assert_eq!(header.as_deref(), Some(ids[2].as_str()));
+    for id in &ids[3..] {
+        let event = tokio::time::timeout(support::WAIT, resumed.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&event.id, id);
+    }
+
+    // The log and its index live on the shard of the log's slot.
+    let owner = cluster.owner_of_slot(slot_of("ssegw.mercure")).unwrap();
+    let len = cluster
+        .command(&owner, &["XLEN", "ssegw:s:{ssegw.mercure}"])
+        .unwrap();
+    assert_eq!(len, Reply::Integer(6));
+    let indexed = cluster
+        .command(&owner, &["HLEN", "ssegw:m:{ssegw.mercure}:ids:0"])
+        .unwrap();
+    assert_eq!(indexed, Reply::Integer(6));
 }

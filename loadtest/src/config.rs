@@ -516,6 +516,17 @@ fn spawned_servers(a: &RunArgs) -> Result<Servers, String> {
             bin: binary("sse-gateway", "sse-gateway")?,
             args: a.gateway_args.clone(),
         },
+        Target::Mercure => Servers::Gateway {
+            bin: binary("sse-gateway", "sse-gateway")?,
+            args: [
+                "--mercure=true".to_string(),
+                format!("--mercure-jwt-secret={}", crate::target::MERCURE_SECRET),
+                "--mercure-anonymous=true".to_string(),
+            ]
+            .into_iter()
+            .chain(a.gateway_args.iter().cloned())
+            .collect(),
+        },
         Target::Actix => Servers::Actix {
             bin: binary("ssegw-baseline", "ssegw-loadtest")?,
             args: a.gateway_args.clone(),

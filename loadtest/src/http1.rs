@@ -77,6 +77,10 @@ pub fn subscribe_request(
             out.push_str("/sub/");
             out.push_str(&topics[0]);
         }
+        Target::Mercure => {
+            out.push_str("/.well-known/mercure?topic=");
+            out.push_str(&topics[0]);
+        }
     }
     out.push_str(" HTTP/1.1\r\nHost: ");
     out.push_str(&base.authority);
@@ -107,9 +111,21 @@ pub fn publish_request(base: &BaseUrl, target: Target, topic: &str, data: &str) 
             data.to_string(),
         ),
         Target::Nchan => (format!("/pub/{topic}"), "text/plain", data.to_string()),
+        Target::Mercure => (
+            "/.well-known/mercure".to_string(),
+            "application/x-www-form-urlencoded",
+            form_urlencoded::Serializer::new(String::new())
+                .append_pair("topic", topic)
+                .append_pair("data", data)
+                .finish(),
+        ),
+    };
+    let authorization = match target {
+        Target::Mercure => format!("Authorization: Bearer {}\r\n", crate::target::MERCURE_TOKEN),
+        _ => String::new(),
     };
     format!(
-        "POST {}{path} HTTP/1.1\r\nHost: {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST {}{path} HTTP/1.1\r\nHost: {}\r\n{authorization}Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
         base.prefix,
         base.authority,
         body.len()
@@ -312,6 +328,11 @@ mod tests {
             "GET /p/sub/a HTTP/1.1\r\nHost: h:1\r\n",
             "Accept: text/event-stream\r\n\r\n",
         );
+        check_request(
+            subscribe_request(&base, Target::Mercure, &topics[..1], Some("x")),
+            "GET /p/.well-known/mercure?topic=a HTTP/1.1\r\nHost: h:1\r\n",
+            "Accept: text/event-stream\r\n\r\n",
+        );
     }
 
     #[test]
@@ -332,6 +353,18 @@ mod tests {
             publish_request(&base, Target::Nchan, "lt.x.0", r#"{"t":0}"#),
             "POST /pub/lt.x.0 HTTP/1.1\r\nHost: h:1\r\nContent-Type: text/plain\r\n",
             "Content-Length: 7\r\n\r\n{\"t\":0}",
+        );
+        let form = "topic=lt.x.0&data=%7B%22t%22%3A0%7D";
+        check_request(
+            publish_request(&base, Target::Mercure, "lt.x.0", r#"{"t":0}"#),
+            &format!(
+                "POST /.well-known/mercure HTTP/1.1\r\nHost: h:1\r\nAuthorization: Bearer {}\r\n",
+                crate::target::MERCURE_TOKEN
+            ),
+            &format!(
+                "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
+                form.len()
+            ),
         );
     }
 

@@ -15,7 +15,18 @@ pub enum Target {
     Actix,
     /// nginx with the nchan module, storing messages in Redis.
     Nchan,
+    /// sse-gateway replicas as a Mercure hub (`--mercure true`): subscribe to and publish at
+    /// `/.well-known/mercure`. Measured as the baselines are (fan-out, one topic per
+    /// connection, no resumes), to compare the Mercure path with the native one in one run.
+    Mercure,
 }
+
+/// The HMAC key the harness gives a spawned Mercure hub (`--mercure-jwt-secret`): the one the
+/// Mercure hub's own conformance suite uses. A load-test key, for nothing else.
+pub const MERCURE_SECRET: &str = "!ChangeThisMercureHubJWTSecretKey!";
+/// A token signed with `MERCURE_SECRET`, no expiry, claim
+/// `{"mercure":{"publish":["*"],"subscribe":["*"]}}`: the publisher's `Authorization`.
+pub const MERCURE_TOKEN: &str = "eyJhbGciOiJIUzI1NiJ9.eyJtZXJjdXJlIjp7InB1Ymxpc2giOlsiKiJdLCJzdWJzY3JpYmUiOlsiKiJdfX0.bVXdlWXwfw9ySx7-iV5OpUSHo34RkjUdVzDLBcc6l_g";
 
 impl Target {
     pub fn name(self) -> &'static str {
@@ -23,6 +34,7 @@ impl Target {
             Target::Gateway => "gateway",
             Target::Actix => "actix",
             Target::Nchan => "nchan",
+            Target::Mercure => "mercure",
         }
     }
 
