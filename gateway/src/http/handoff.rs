@@ -45,10 +45,17 @@ use crate::fanout::sweep::{self, Sink, SinkKey};
 #[derive(Clone, Default)]
 pub struct Handoff(Rc<RefCell<Parked>>);
 
+/// A stream parked for the socket: a native connection (which may join its relay's sweep),
+/// or any other stream of chunks (the Mercure hub's).
+pub enum Parkable {
+    Native(Connection),
+    Chunks(futures_util::stream::LocalBoxStream<'static, Bytes>),
+}
+
 #[derive(Default)]
 struct Parked {
     /// The stream to write once the socket is out.
-    connection: Option<Connection>,
+    connection: Option<Parkable>,
     /// HTTP/1.1 chunks, or (HTTP/1.0) the bare stream, ended by the close.
     chunked: bool,
     /// The socket, once actix-http shut the connection down with a stream parked.
@@ -60,8 +67,22 @@ impl Handoff {
     /// it. The response must then carry no body and close the connection: see
     /// [`crate::http::api`]'s subscribe handler.
     pub fn park(&self, connection: Connection, chunked: bool) {
+        self.park_any(Parkable::Native(connection), chunked);
+    }
+
+    /// Parks a stream of chunks the same way; it is written as it yields, until it ends or
+    /// the client leaves.
+    pub fn park_chunks(
+        &self,
+        chunks: futures_util::stream::LocalBoxStream<'static, Bytes>,
+        chunked: bool,
+    ) {
+        self.park_any(Parkable::Chunks(chunks), chunked);
+    }
+
+    fn park_any(&self, stream: Parkable, chunked: bool) {
         let mut parked = self.0.borrow_mut();
-        parked.connection = Some(connection);
+        parked.connection = Some(stream);
         parked.chunked = chunked;
     }
 
@@ -71,7 +92,7 @@ impl Handoff {
 
     /// The socket and its stream, if actix-http handed the socket over; otherwise the parked
     /// stream (if any) is dropped with the handoff.
-    fn take(&self) -> Option<(TcpStream, Connection, bool)> {
+    fn take(&self) -> Option<(TcpStream, Parkable, bool)> {
         let mut parked = self.0.borrow_mut();
         let socket = parked.socket.take()?;
         Some((socket, parked.connection.take()?, parked.chunked))
@@ -262,10 +283,56 @@ async fn serve<E>(
     dispatch.await?;
     let handed_over = handoff.take();
     drop(handoff);
-    if let Some((socket, connection, chunked)) = handed_over {
-        write_stream(socket, connection, chunked).await;
+    match handed_over {
+        Some((socket, Parkable::Native(connection), chunked)) => {
+            write_stream(socket, connection, chunked).await
+        }
+        Some((socket, Parkable::Chunks(chunks), chunked)) => {
+            write_chunks(socket, chunks, chunked).await
+        }
+        None => {}
     }
     Ok(())
+}
+
+/// Writes a stream of chunks to `socket` (in HTTP/1.1 chunks if `chunked`) until it ends (then
+/// the last chunk, and the connection closes) or the client leaves.
+async fn write_chunks(
+    socket: TcpStream,
+    mut chunks: futures_util::stream::LocalBoxStream<'static, Bytes>,
+    chunked: bool,
+) {
+    use futures_util::StreamExt;
+    let stream = Handed {
+        socket,
+        chunked,
+        sink: RefCell::default(),
+    };
+    loop {
+        let next = std::future::poll_fn(|cx| {
+            if let Poll::Ready(next) = chunks.poll_next_unpin(cx) {
+                return Poll::Ready(Some(next));
+            }
+            match stream.socket.poll_read_ready(cx) {
+                Poll::Ready(_) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await;
+        match next {
+            Some(Some(chunk)) if stream.write(&chunk).await.is_err() => return,
+            Some(Some(_)) => {}
+            Some(None) => {
+                if chunked {
+                    let _ = write_all(&stream.socket, &mut [IoSlice::new(LAST_CHUNK)]).await;
+                }
+                let _ = socket2::SockRef::from(&stream.socket).shutdown(std::net::Shutdown::Write);
+                return;
+            }
+            None if client_left(&stream.socket) => return,
+            None => {}
+        }
+    }
 }
 
 /// Writes `connection`'s stream to `socket`, in HTTP/1.1 chunks if `chunked`, until it ends

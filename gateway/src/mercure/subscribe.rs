@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
 use ssegw_protocol::frame::GapReason;
 use ssegw_protocol::mercure::selector::Selector;
 use ssegw_protocol::mercure::update::{Update, EARLIEST};
@@ -30,6 +31,7 @@ use crate::config::StreamConfig;
 use crate::fanout::broadcast::{RecvError, TryRecvError};
 use crate::fanout::event::{Delivery, Event};
 use crate::fanout::hub::Membership;
+use crate::http::handoff::Handoff;
 use crate::http::{ApiError, AppState};
 use crate::telemetry::stats::Slot;
 
@@ -253,14 +255,15 @@ pub(crate) async fn subscribe(
         }
     };
     stream.slot.start();
-    let body =
+    let chunks =
         futures_util::stream::unfold((Some(first), stream), |(first, mut stream)| async move {
             let chunk = match first {
                 Some(first) => first,
                 None => stream.next_chunk().await?,
             };
-            Some((Ok::<_, Infallible>(chunk), (None, stream)))
-        });
+            Some((chunk, (None, stream)))
+        })
+        .boxed_local();
     let mut response = HttpResponse::Ok();
     response
         .insert_header((header::CONTENT_TYPE, "text/event-stream"))
@@ -274,7 +277,28 @@ pub(crate) async fn subscribe(
             response.insert_header(("last-event-id", value));
         }
     }
-    Ok(response.streaming(body))
+    // As native streams: on the plain listener, HTTP/1 streams leave actix-http once the head
+    // is out (`handoff`), holding only their own state; HTTP/2 and TLS streams stay actix
+    // bodies.
+    let chunked = match req.version() {
+        actix_web::http::Version::HTTP_10 => Some(false),
+        actix_web::http::Version::HTTP_11 => Some(true),
+        _ => None,
+    };
+    match (req.conn_data::<Handoff>(), chunked) {
+        (Some(handoff), Some(chunked)) => {
+            handoff.park_chunks(chunks, chunked);
+            if chunked {
+                response.insert_header((header::TRANSFER_ENCODING, "chunked"));
+            }
+            let mut response = response
+                .force_close()
+                .streaming(futures_util::stream::empty::<Result<Bytes, Infallible>>());
+            response.head_mut().no_chunking(true);
+            Ok(response)
+        }
+        _ => Ok(response.streaming(chunks.map(Ok::<_, Infallible>))),
+    }
 }
 
 /// `retry:` and, when given, an `id:` line, in a block that dispatches no event.
