@@ -4,7 +4,9 @@
 //! connection, a token on a gateway without anonymous access: refusals, grants and the
 //! `ssegw-expired` control event), the live status page, many streams over one HTTP/2
 //! connection, and the `eventsource` package under Node as a second, independent client
-//! resuming across a kill.
+//! resuming across a kill. The Mercure hub as its JavaScript examples use it: a page's
+//! `EventSource` on `/.well-known/mercure` and its form-encoded `fetch` publishes, private
+//! updates, and a reconnection through nginx with the browser's own `Last-Event-ID`.
 //! Each scenario saves a screenshot in `target/browser-artifacts/` (or `SSEGW_ARTIFACTS`).
 
 mod support;
@@ -685,4 +687,292 @@ fn the_node_eventsource_package_resumes_across_a_killed_replica() {
     );
     let resumed: u64 = fleet.counter("resumed").iter().sum();
     assert_eq!(resumed, 1, "the client sent Last-Event-ID on its reconnect");
+}
+
+/// The HMAC secret of the Mercure hub in the Mercure scenarios (at least 32 bytes).
+const MERCURE_SECRET: &str = "browser-mercure-secret-0123456789abcdef";
+/// A Mercure hub beside the native API: tokens for publishers, anonymous subscribers allowed.
+const MERCURE_FLAGS: [&str; 6] = [
+    "--mercure",
+    "true",
+    "--mercure-jwt-secret",
+    MERCURE_SECRET,
+    "--mercure-anonymous",
+    "true",
+];
+/// What the pages subscribe to: a URI template, as in the Mercure examples.
+const BOOKS: &str = "https://example.com/books/{id}";
+
+/// A Mercure token for `MERCURE_SECRET` with these `mercure` claims and no `exp`, as Mercure
+/// publishers' tokens often are.
+fn mercure_token(claims: Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({ "mercure": claims }),
+        &jsonwebtoken::EncodingKey::from_secret(MERCURE_SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// A publisher's token: `mercure.publish` `["*"]`.
+fn mercure_publisher() -> String {
+    mercure_token(json!({ "publish": ["*"] }))
+}
+
+/// Opens the page's `EventSource` on its own origin's hub for `BOOKS`, as the Mercure
+/// examples do, and records in `window.mercure` its opens, its errors and each message as
+/// `[lastEventId, data]`; the messages are listed on the page too, for its screenshot.
+fn mercure_subscribe(browser: &mut Browser, page: &str) {
+    browser.eval(
+        page,
+        &format!(
+            r#"(() => {{
+                const seen = {{ opens: 0, errors: 0, events: [] }};
+                const list = document.createElement("pre");
+                list.dataset.testid = "mercure-events";
+                list.style.margin = "16px";
+                list.textContent = "Mercure updates of " + {books};
+                document.body.prepend(list);
+                const url = "/.well-known/mercure?topic=" + encodeURIComponent({books});
+                const source = new EventSource(url);
+                source.onopen = () => {{ seen.opens += 1; }};
+                source.onerror = () => {{ seen.errors += 1; }};
+                source.onmessage = (e) => {{
+                    seen.events.push([e.lastEventId, e.data]);
+                    list.textContent += "\n" + JSON.stringify([e.lastEventId, e.data]);
+                }};
+                window.mercure = seen;
+                return null;
+            }})()"#,
+            books = json!(BOOKS)
+        ),
+    );
+}
+
+/// A form-encoded `POST /.well-known/mercure` by the page's `fetch` on its own origin, with the
+/// publisher's token in `Authorization`, as the Mercure examples publish: `[status, content
+/// type, body]`.
+fn page_publish(browser: &mut Browser, page: &str, fields: &[(&str, &str)]) -> Value {
+    browser.eval(
+        page,
+        &format!(
+            r#"fetch("/.well-known/mercure", {{
+                method: "POST",
+                headers: {{ Authorization: "Bearer " + {token} }},
+                body: new URLSearchParams({fields}),
+            }}).then(async (r) => [r.status, r.headers.get("content-type"), await r.text()])"#,
+            token = json!(mercure_publisher()),
+            fields = json!(fields)
+        ),
+    )
+}
+
+/// What a service's publish gets back: 200, `text/plain`, the update's id.
+fn accepted(id: &str) -> Value {
+    json!([200, "text/plain; charset=utf-8", id])
+}
+
+/// A service's form-encoded `POST /.well-known/mercure` with the publisher's token, straight
+/// to one replica: `(status, body)`.
+fn service_publish(addr: std::net::SocketAddr, fields: &[(&str, &str)]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let body = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(fields)
+        .finish();
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "POST /.well-known/mercure HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+         Authorization: Bearer {}\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        mercure_publisher(),
+        body.len()
+    )
+    .unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    let status = reply
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP reply: {reply:?}"));
+    let (_, body) = reply.split_once("\r\n\r\n").unwrap_or_default();
+    (status, body.to_string())
+}
+
+/// The Mercure messages the page received, as `[lastEventId, data]`, once there are `count`.
+fn mercure_events(browser: &mut Browser, page: &str, count: usize) -> Value {
+    browser.wait(page, &format!("window.mercure.events.length >= {count}"));
+    browser.eval(page, "window.mercure.events")
+}
+
+/// The Mercure hub as its JavaScript examples use it: a page's `EventSource` on
+/// `/.well-known/mercure` receives what the page's form-encoded `fetch` publishes, with the
+/// publisher's id and multi-line data; an anonymous page never receives a private update,
+/// which a page with a subscriber's `mercureAuthorization` cookie does receive.
+#[test]
+fn a_page_receives_what_its_fetch_publishes_on_the_mercure_hub() {
+    let redis = RedisServer::start();
+    let gateway = Gateway::with_redis(&redis, &MERCURE_FLAGS);
+    let mut browser = Browser::start();
+    // Two pages on the gateway's origin, each in a browser context (and cookie jar) of its
+    // own: one anonymous, one with the cookie an application's server sets for its users.
+    browser.goto("anonymous", &gateway.url("/"));
+    mercure_subscribe(&mut browser, "anonymous");
+    browser.goto("subscriber", &gateway.url("/"));
+    let cookie = mercure_token(json!({ "subscribe": [BOOKS] }));
+    browser.eval(
+        "subscriber",
+        &format!(
+            "document.cookie = 'mercureAuthorization=' + {} + '; path=/.well-known/mercure; \
+             SameSite=Strict'",
+            json!(cookie)
+        ),
+    );
+    mercure_subscribe(&mut browser, "subscriber");
+    browser.wait("anonymous", "window.mercure.opens === 1");
+    browser.wait("subscriber", "window.mercure.opens === 1");
+
+    let hello = [
+        ("topic", "https://example.com/books/1"),
+        ("data", "hello\nworld"),
+        ("id", "b1"),
+    ];
+    assert_eq!(
+        page_publish(&mut browser, "anonymous", &hello),
+        accepted("b1")
+    );
+    assert_eq!(
+        mercure_events(&mut browser, "anonymous", 1),
+        json!([["b1", "hello\nworld"]])
+    );
+
+    // A private update, then a public one. Every stream follows the hub's one log in order,
+    // so had the anonymous page been sent the private update, it would have come first.
+    let private = [
+        ("topic", "https://example.com/books/2"),
+        ("data", "for subscribers"),
+        ("id", "p1"),
+        ("private", "on"),
+    ];
+    assert_eq!(
+        page_publish(&mut browser, "anonymous", &private),
+        accepted("p1")
+    );
+    let after = [
+        ("topic", "https://example.com/books/3"),
+        ("data", "public again"),
+        ("id", "b2"),
+    ];
+    assert_eq!(
+        page_publish(&mut browser, "anonymous", &after),
+        accepted("b2")
+    );
+    assert_eq!(
+        mercure_events(&mut browser, "subscriber", 3),
+        json!([
+            ["b1", "hello\nworld"],
+            ["p1", "for subscribers"],
+            ["b2", "public again"]
+        ]),
+        "the cookie's subscribe claim matches the private update's topic"
+    );
+    assert_eq!(
+        mercure_events(&mut browser, "anonymous", 2),
+        json!([["b1", "hello\nworld"], ["b2", "public again"]]),
+        "no private update for an anonymous subscriber"
+    );
+    for page in ["anonymous", "subscriber"] {
+        assert_eq!(
+            browser.eval(page, "[window.mercure.opens, window.mercure.errors]"),
+            json!([1, 0]),
+            "{page}: one connection, never dropped"
+        );
+    }
+    browser.screenshot("anonymous", "mercure-anonymous.png");
+    browser.screenshot("subscriber", "mercure-subscriber.png");
+}
+
+/// Through `deploy/nginx.conf` in front of three Mercure replicas: the page's `EventSource`
+/// loses its replica to a SIGKILL, reconnects by itself with its `Last-Event-ID` (a publisher's
+/// id) to another replica and receives what was published meanwhile and after, once each.
+#[test]
+fn a_mercure_page_whose_replica_is_killed_resumes_with_its_last_event_id() {
+    let mut flags = vec!["--retry", RETRY];
+    flags.extend(MERCURE_FLAGS);
+    let fleet = Fleet::start(&flags);
+    let mut browser = Browser::start();
+    browser.goto("mercure", &fleet.nginx.url("/"));
+    mercure_subscribe(&mut browser, "mercure");
+    browser.wait("mercure", "window.mercure.opens === 1");
+    let on = fleet
+        .wait_connections(1)
+        .iter()
+        .position(|&n| n == 1)
+        .unwrap();
+    let others: Vec<usize> = (0..fleet.replicas.len()).filter(|&i| i != on).collect();
+
+    // Published by the page, through nginx.
+    for (id, data) in [("f1", "before 1"), ("f2", "before 2")] {
+        let fields = [
+            ("topic", "https://example.com/books/7"),
+            ("data", data),
+            ("id", id),
+        ];
+        assert_eq!(page_publish(&mut browser, "mercure", &fields), accepted(id));
+    }
+    mercure_events(&mut browser, "mercure", 2);
+
+    support::signal(fleet.replicas[on].pid(), "KILL");
+    // Published by a service on another replica while the page is away or coming back.
+    let away = [
+        ("topic", "https://example.com/books/7"),
+        ("data", "while away"),
+        ("id", "f3"),
+    ];
+    assert_eq!(
+        service_publish(fleet.replicas[others[0]].addr, &away),
+        (200, "f3".to_string())
+    );
+    browser.wait(
+        "mercure",
+        "window.mercure.opens === 2 && window.mercure.events.length >= 3",
+    );
+    // And live on the new replica.
+    let live = [
+        ("topic", "https://example.com/books/7"),
+        ("data", "live again"),
+        ("id", "f4"),
+    ];
+    assert_eq!(
+        service_publish(fleet.replicas[others[1]].addr, &live),
+        (200, "f4".to_string())
+    );
+    assert_eq!(
+        mercure_events(&mut browser, "mercure", 4),
+        json!([
+            ["f1", "before 1"],
+            ["f2", "before 2"],
+            ["f3", "while away"],
+            ["f4", "live again"]
+        ]),
+        "every update, exactly once and in order, across the kill"
+    );
+    // The page's URL has no `lastEventID`: the replica counts a resume only for the browser's
+    // own `Last-Event-ID` header (here `f2`, a publisher's id, found in the log).
+    let resumed: u64 = fleet.counter("resumed").iter().sum();
+    assert_eq!(resumed, 1, "resumes counted by the surviving replicas");
+    assert_eq!(
+        browser.eval("mercure", "window.mercure.opens"),
+        json!(2),
+        "one reconnection"
+    );
+    assert_eq!(
+        fleet.connections().iter().sum::<u64>(),
+        1,
+        "the page's one stream"
+    );
+    browser.screenshot("mercure", "mercure-failover.png");
 }

@@ -1,6 +1,7 @@
 //! Real clients for `browser.rs`: headless Chromium driven through the Node script
 //! `tests/browser/driver.mjs` (playwright-core), and the `eventsource` package under Node
-//! (`tests/browser/eventsource-client.mjs`). The pinned packages are installed with `npm ci`
+//! (`tests/browser/eventsource-client.mjs`); and, for `mercure_conformance.rs`, the Mercure
+//! conformance suite's packages. Each directory's pinned packages are installed with `npm ci`
 //! once per test binary. A missing `node`, `npm` or Chromium fails the test with what to
 //! install; nothing is skipped.
 
@@ -8,7 +9,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -22,8 +23,13 @@ const COMMAND_LIMIT: Duration = Duration::from_secs(60);
 /// Node 20 is the oldest that playwright-core and eventsource support.
 const NODE_MAJOR: u32 = 20;
 
+/// The Mercure hub's conformance suite (Playwright), vendored unmodified with our own
+/// configuration beside it; run by `mercure_conformance.rs`.
+pub const MERCURE_CONFORMANCE: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mercure-conformance");
+
 /// Chromium: `SSEGW_CHROMIUM`, else Debian's.
-fn chromium() -> PathBuf {
+pub fn chromium() -> PathBuf {
     let path = std::env::var_os("SSEGW_CHROMIUM")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
@@ -36,12 +42,10 @@ fn chromium() -> PathBuf {
     path
 }
 
-/// Checks Node and installs the pinned packages, once per test binary: parallel tests wait for
-/// the first. Nothing is installed when `node_modules` already holds what the lock file pins
-/// (`.ci/run` runs `npm ci` before the tests).
-fn node_ready() {
-    static READY: OnceLock<()> = OnceLock::new();
-    READY.get_or_init(|| {
+/// Checks that Node is recent enough, once per test binary.
+fn node_checked() {
+    static CHECKED: OnceLock<()> = OnceLock::new();
+    CHECKED.get_or_init(|| {
         let version = Command::new("node")
             .arg("--version")
             .output()
@@ -59,47 +63,66 @@ fn node_ready() {
             major >= NODE_MAJOR,
             "the browser tests need Node {NODE_MAJOR} or newer, found {version:?}"
         );
-        if installed() {
-            return;
-        }
+    });
+}
+
+/// Checks Node and installs the packages `dir`'s lock file pins, once per directory and test
+/// binary: parallel tests wait for the first. Nothing is installed when `node_modules` already
+/// holds them (`./test` runs `npm ci` before the tests). Playwright never downloads a browser:
+/// the tests run Debian's Chromium.
+pub fn npm_ci(dir: &'static str) {
+    // The directories done; held while installing, so that a second test waits.
+    static DONE: Mutex<Vec<&str>> = Mutex::new(Vec::new());
+    let mut done = DONE.lock().unwrap_or_else(PoisonError::into_inner);
+    if done.contains(&dir) {
+        return;
+    }
+    node_checked();
+    if !installed(dir) {
         let output = Command::new("npm")
             .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
-            .current_dir(SCRIPTS)
+            .env("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
+            .current_dir(dir)
             .output()
             .unwrap_or_else(|e| {
                 panic!("npm is required for the browser tests ({e}); apt-get install npm")
             });
         assert!(
             output.status.success(),
-            "npm ci in {SCRIPTS} failed: {}",
+            "npm ci in {dir} failed: {}",
             String::from_utf8_lossy(&output.stderr)
         );
         assert!(
-            installed(),
-            "npm ci did not install what package-lock.json pins"
+            installed(dir),
+            "npm ci did not install what {dir}/package-lock.json pins"
         );
-    });
+    }
+    done.push(dir);
 }
 
-/// Whether `node_modules` holds the packages of `package-lock.json`, by npm's own record of
-/// what it installed there (`node_modules/.package-lock.json`).
-fn installed() -> bool {
+/// Whether `dir/node_modules` holds the packages of `dir/package-lock.json`, by npm's own
+/// record of what it installed there (`node_modules/.package-lock.json`): the same versions,
+/// except for optional packages of other platforms, which npm leaves out.
+fn installed(dir: &str) -> bool {
     let read = |path: &str| -> Option<serde_json::Map<String, Value>> {
-        let text = std::fs::read_to_string(Path::new(SCRIPTS).join(path)).ok()?;
+        let text = std::fs::read_to_string(Path::new(dir).join(path)).ok()?;
         let mut lock: Value = serde_json::from_str(&text).ok()?;
         let mut packages = lock.get_mut("packages")?.as_object_mut()?.clone();
         // The root entry describes the project, not an installed package.
         packages.remove("");
         Some(packages)
     };
-    let wanted = read("package-lock.json").expect("tests/browser/package-lock.json");
-    let versions = |packages: &serde_json::Map<String, Value>| -> Vec<(String, Value)> {
-        packages
-            .iter()
-            .map(|(name, p)| (name.clone(), p["version"].clone()))
-            .collect()
+    let wanted = read("package-lock.json")
+        .unwrap_or_else(|| panic!("{dir}/package-lock.json is missing or not a lock file"));
+    let Some(has) = read("node_modules/.package-lock.json") else {
+        return false;
     };
-    read("node_modules/.package-lock.json").is_some_and(|has| versions(&has) == versions(&wanted))
+    let version = |p: &Value| p["version"].clone();
+    let all_wanted = wanted.iter().all(|(name, p)| match has.get(name) {
+        Some(installed) => version(installed) == version(p),
+        None => p["optional"] == true,
+    });
+    all_wanted && has.keys().all(|name| wanted.contains_key(name))
 }
 
 /// Where screenshots go: `SSEGW_ARTIFACTS`, else `target/browser-artifacts`. CI keeps them.
@@ -127,7 +150,7 @@ struct NodeProcess {
 
 impl NodeProcess {
     fn start(script: &str, args: &[&str], env: &[(&str, &Path)]) -> NodeProcess {
-        node_ready();
+        npm_ci(SCRIPTS);
         let mut command = Command::new("node");
         command
             .arg(Path::new(SCRIPTS).join(script))
