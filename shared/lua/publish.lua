@@ -254,8 +254,11 @@ end
 -- as any topic. Its entries carry the encoded update in `d` and the update's id in `m`; an
 -- index maps each update id to its entry, in two generations of hashes (`ssegw:m:{log}:ids:0`
 -- and `:1`, the current one named by `ssegw:m:{log}:gen`): when the current one holds as many
--- ids as the log keeps events, the older one is dropped and the current becomes the older, so
--- the two together always index every retained entry, and trimming needs no cleanup.
+-- ids as the log may hold events, the older one is dropped and the current becomes the older,
+-- so the two together always index every retained entry, and trimming needs no cleanup. The
+-- log may hold up to `len + slack - 1` events (`append` trims it back to `len` only then), so
+-- a generation holds `len + slack` ids: with `len` alone, the oldest retained events were
+-- unindexed right after a flip and their ids resumed as unknown.
 local function mercure_keys(keys)
   local topic, key = topic_and_key(keys[1])
   if topic ~= 'ssegw.mercure' then
@@ -297,7 +300,7 @@ local function mercure_publish(keys, args)
   end
   local id = append(m.key, r, fields)
   redis.call('HSETNX', m.cur, update_id, id)
-  if redis.call('HLEN', m.cur) >= r.len then
+  if redis.call('HLEN', m.cur) >= r.len + r.slack then
     redis.call('UNLINK', m.prev)
     redis.call('SET', m.gen_key, tostring(1 - m.gen))
     redis.call('EXPIRE', m.cur, r.ttl)
