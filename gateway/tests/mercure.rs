@@ -1800,3 +1800,66 @@ fn bad_mercure_configuration_exits_2_before_binding() {
         assert!(!stderr.contains("listening"), "{flags:?} served: {stderr}");
     }
 }
+
+/// Publishes a public update on `topic` straight into Redis, as `POST` does.
+fn fcall_mercure(redis: &RedisServer, topic: &str, data: &str) {
+    use ssegw_protocol::mercure::update::{encode, Update};
+    let update = Update {
+        id: format!("urn:uuid:{}", uuid::Uuid::now_v7()),
+        topics: vec![topic.to_string()],
+        private: false,
+        kind: None,
+        retry: None,
+        data: data.to_string(),
+    };
+    let mut cmd = redis::cmd("FCALL");
+    cmd.arg("ssegw_m_publish")
+        .arg(4)
+        .arg(LOG_KEY)
+        .arg("ssegw:m:{ssegw.mercure}:ids:0")
+        .arg("ssegw:m:{ssegw.mercure}:ids:1")
+        .arg("ssegw:m:{ssegw.mercure}:gen")
+        .arg(&update.id)
+        .arg(encode(&update));
+    let _: String = redis.cmd(&cmd).expect("FCALL ssegw_m_publish");
+}
+
+/// A busy log does not make a subscriber of a quiet topic lag, nor leave it silent: each
+/// replica's router hands a subscription only its own updates (a burst of others' updates
+/// larger than its buffer leaves it live), and a keep-alive every interval in which it got
+/// nothing.
+#[actix_web::test]
+async fn a_busy_log_neither_closes_nor_silences_a_quiet_subscriber() {
+    let redis = RedisServer::start();
+    let gw = Gateway::with_redis(
+        &redis,
+        &hub_flags(&["--client-buffer", "16", "--keepalive", "200ms"]),
+    );
+    let mut quiet = subscribe(&gw, &query(&["quiet"], &[]), &[]).await;
+    let first = publish(&gw, &[("topic", "quiet"), ("data", "q1")]).await;
+    assert_eq!(quiet.next().await.id, first);
+    // Live now: before routing, a lag here closed the stream as too slow.
+    let started = Instant::now();
+    for n in 0..200 {
+        let data = format!("busy {n}");
+        fcall_mercure(&redis, "busy", &data);
+    }
+    let raw_before = quiet.raw().len();
+    // Others' updates for a while: the quiet subscriber gets keep-alives meanwhile.
+    while started.elapsed() < Duration::from_millis(900) {
+        fcall_mercure(&redis, "busy", "more");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let last = publish(&gw, &[("topic", "quiet"), ("data", "q2")]).await;
+    let event = quiet.next().await;
+    assert_eq!(
+        (event.id.as_str(), event.data.as_str()),
+        (last.as_str(), "q2")
+    );
+    let during = quiet.raw()[raw_before..].to_string();
+    assert!(
+        during.matches(":\n\n").count() >= 2,
+        "keep-alives while others' updates flowed: {during:?}"
+    );
+    assert!(!during.contains("busy"), "{during:?}");
+}

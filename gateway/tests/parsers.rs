@@ -1,6 +1,7 @@
 //! Properties of every parser that takes outside input: topics, event types, stream ids, cursors,
 //! channel messages, the `GET /events` query with `Last-Event-ID`, the `POST /publish` body,
-//! and the queries of `GET /presence` and `GET /history`.
+//! the queries of `GET /presence` and `GET /history`, and the Mercure hub's update blob,
+//! publish form and subscribe query.
 //! For arbitrary and near-valid input alike: no panic, every rejection is a 400 or 413 naming
 //! what was wrong, every accepted value fits the documented grammar or round-trips. No I/O.
 //! `fuzz/` runs the same invariants unbounded under cargo-fuzz.
@@ -1236,4 +1237,77 @@ fn id_and_body_near_misses() {
         "]".repeat(100_000)
     );
     check_body(&deep, "recursion limit exceeded");
+}
+
+// The Mercure hub's parsers (docs/mercure.md): the update blob read back from Redis, the
+// publish form and the subscribe query.
+
+/// Every line of a Mercure frame is one of its fields, and it ends with the blank line.
+fn mercure_frame_is_clean(frame: &str) -> Result<(), TestCaseError> {
+    prop_assert!(frame.ends_with("\n\n"), "{frame:?}");
+    let lines: Vec<&str> = frame[..frame.len() - 2].split('\n').collect();
+    for line in &lines {
+        prop_assert!(
+            ["event: ", "retry: ", "id: ", "data: "]
+                .iter()
+                .any(|field| line.starts_with(field)),
+            "forged line {line:?} in {frame:?}"
+        );
+        prop_assert!(!line.contains('\r'), "{frame:?}");
+    }
+    prop_assert_eq!(lines.iter().filter(|l| l.starts_with("id: ")).count(), 1);
+    Ok(())
+}
+
+proptest! {
+    /// Any bytes decode into an update or are refused, never a panic; every update round-trips
+    /// through its blob, and its frame holds its fields and nothing forged.
+    #[test]
+    fn mercure_blobs_round_trip_or_are_refused(
+        bytes in vec(any::<u8>(), 0..300),
+        id in "[^\r\n\x00#][^\r\n\x00]{0,40}",
+        topics in vec(".{0,30}", 1..4),
+        private in any::<bool>(),
+        kind in proptest::option::of("[^\r\n\x00]{1,20}"),
+        retry in proptest::option::of(any::<u64>()),
+        data in ".{0,200}",
+    ) {
+        use ssegw_protocol::mercure::update::{decode, encode, Update};
+        if let Ok(update) = decode(&bytes) {
+            mercure_frame_is_clean(std::str::from_utf8(&update.frame()).unwrap())?;
+        }
+        prop_assume!(id != "earliest");
+        let update = Update { id, topics, private, kind, retry, data };
+        prop_assert_eq!(decode(&encode(&update)), Ok(update.clone()));
+        mercure_frame_is_clean(std::str::from_utf8(&update.frame()).unwrap())?;
+    }
+
+    /// Any publish form gives an update or a 400 or 403, never a panic; an update has its
+    /// topics and an id the frame can carry.
+    #[test]
+    fn mercure_publish_forms_give_an_update_or_a_refusal(body in vec(any::<u8>(), 0..300)) {
+        use sse_gateway::mercure::publish::PublishForm;
+        match PublishForm::parse(&body).into_update() {
+            Ok(update) => {
+                prop_assert!(!update.topics.is_empty());
+                prop_assert!(ssegw_protocol::mercure::update::check_id(&update.id).is_ok());
+                mercure_frame_is_clean(std::str::from_utf8(&update.frame()).unwrap())?;
+            }
+            Err(e) => prop_assert!(matches!(e.status().as_u16(), 400 | 403), "{}", e.message()),
+        }
+    }
+
+    /// Any subscribe query and `Last-Event-ID` give selectors or a 400.
+    #[test]
+    fn mercure_subscribe_queries_give_selectors_or_a_400(
+        query in ".{0,200}",
+        header in proptest::option::of(vec(any::<u8>(), 0..40)),
+    ) {
+        use sse_gateway::mercure::subscribe::SubscribeQuery;
+        use ssegw_protocol::mercure::selector::Selector;
+        match SubscribeQuery::parse(&query, header.as_deref(), Selector::new) {
+            Ok(parsed) => prop_assert!(!parsed.selectors.is_empty()),
+            Err(e) => prop_assert_eq!(e.status().as_u16(), 400, "{}", e.message()),
+        }
+    }
 }

@@ -86,6 +86,22 @@ impl Channel {
         self.ready.load(Ordering::Acquire)
     }
 
+    /// Waits until the topic is subscribed at the bus; returns the newest position known then:
+    /// whoever receives the topic's deliveries from before this call misses nothing after it.
+    pub async fn wait_ready(&self) -> StreamId {
+        loop {
+            let notified = self.became_ready.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before looking, so that `set_ready` after the look wakes this wait.
+            notified.as_mut().enable();
+            if self.is_ready() {
+                break;
+            }
+            notified.await;
+        }
+        self.latest()
+    }
+
     pub fn latest(&self) -> StreamId {
         self.lock().latest
     }
@@ -257,6 +273,11 @@ impl Hub {
 
     pub fn stats(&self) -> &Arc<Stats> {
         &self.observer.stats
+    }
+
+    /// The deliveries a subscriber may lag behind on one topic (`--client-buffer`).
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// Reports new events of `channel`, once each: the caller leaves out duplicates (a backfill
@@ -641,17 +662,7 @@ impl Membership {
     /// Waits until the topic is subscribed at the bus; returns the position from which this
     /// member receives every event through `receiver`.
     pub async fn ready(&self) -> StreamId {
-        loop {
-            let notified = self.channel.became_ready.notified();
-            let mut notified = std::pin::pin!(notified);
-            // Registered before looking, so that `set_ready` after the look wakes this wait.
-            notified.as_mut().enable();
-            if self.channel.is_ready() {
-                break;
-            }
-            notified.await;
-        }
-        self.channel.latest()
+        self.channel.wait_ready().await
     }
 
     /// Starts receiving again at the newest event, after this member lagged too far behind.

@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod publish;
+pub mod router;
 pub mod subscribe;
 
 use std::collections::HashMap;

@@ -9,6 +9,7 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -24,13 +25,12 @@ use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 
 use super::auth::Role;
+use super::router::{self, Subscription};
 use super::{MAX_SELECTOR_BYTES, MAX_TOPICS};
 use crate::auth::AuthError;
 use crate::bus::{Bus, Page};
 use crate::config::StreamConfig;
-use crate::fanout::broadcast::{RecvError, TryRecvError};
 use crate::fanout::event::{Delivery, Event};
-use crate::fanout::hub::Membership;
 use crate::http::handoff::Handoff;
 use crate::http::{ApiError, AppState};
 use crate::telemetry::stats::Slot;
@@ -123,7 +123,18 @@ impl Filter {
                 .iter()
                 .any(|topic| selectors.iter().any(|s| s.matches(topic)))
         };
-        matched(&self.selectors) && (!update.private || self.claims.as_deref().is_some_and(matched))
+        matched(&self.selectors) && self.allows_private(update)
+    }
+
+    /// A public update, or a private one that one of the token's selectors allows.
+    pub fn allows_private(&self, update: &Update) -> bool {
+        !update.private
+            || self.claims.as_deref().is_some_and(|claims| {
+                update
+                    .topics
+                    .iter()
+                    .any(|topic| claims.iter().any(|s| s.matches(topic)))
+            })
     }
 }
 
@@ -181,22 +192,29 @@ pub(crate) async fn subscribe(
                 state.stream.max_connections
             ))
         })?;
-    let membership = state.hub.join(&mercure.log);
-    let Ok(baseline) =
-        tokio::time::timeout(state.stream.subscribe_timeout, membership.ready()).await
+    let closes_at = claims.as_ref().and_then(|c| mercure.auth.closes_at(c));
+    let filter = Rc::new(Filter {
+        selectors: query.selectors,
+        claims: claims.map(|c| c.subscribe.unwrap_or_default()),
+    });
+    // Registered before the log is read: what the log delivers from now on reaches it.
+    let (subscription, log) = router::subscribe(
+        &state.hub,
+        &mercure.log,
+        filter.clone(),
+        state.stream.keepalive,
+    );
+    let joined = Instant::now();
+    let Ok(baseline) = tokio::time::timeout(state.stream.subscribe_timeout, log.wait_ready()).await
     else {
         state.stats.record(&state.stats.refused_unavailable);
         return Err(ApiError::unavailable(
             "gateway is not subscribed to Redis, retry later",
         ));
     };
-    let closes_at = claims.as_ref().and_then(|c| mercure.auth.closes_at(c));
-    let filter = Filter {
-        selectors: query.selectors,
-        claims: claims.map(|c| c.subscribe.unwrap_or_default()),
-    };
     let mut stream = MercureStream {
-        membership,
+        subscription,
+        joined,
         bus: state.bus.clone(),
         log: mercure.log.clone(),
         config: state.stream.clone(),
@@ -205,7 +223,6 @@ pub(crate) async fn subscribe(
         replaying: false,
         catch_ups: 0,
         live: false,
-        written: Instant::now(),
         closes_at: closes_at.map(|at| {
             let left = at.duration_since(SystemTime::now()).unwrap_or_default();
             Box::pin(tokio::time::sleep(left))
@@ -329,11 +346,15 @@ enum End {
 }
 
 struct MercureStream {
-    membership: Membership,
+    /// What this replica's router hands it from the log.
+    subscription: Subscription,
+    /// When it was registered: a read of the log issued after, with what the router hands
+    /// it, misses nothing.
+    joined: Instant,
     bus: Arc<Bus>,
     log: Topic,
     config: Arc<StreamConfig>,
-    filter: Filter,
+    filter: Rc<Filter>,
     /// The last log entry delivered or skipped: history is read after it, and live entries at
     /// or before it are duplicates.
     position: StreamId,
@@ -341,9 +362,6 @@ struct MercureStream {
     catch_ups: u32,
     /// Set once live entries went out; a lag after that closes the stream as too slow.
     live: bool,
-    /// When the stream last wrote: a subscriber whose updates are all filtered out still gets
-    /// a comment every keep-alive interval, so that proxies keep its connection.
-    written: Instant,
     closes_at: Option<Pin<Box<Sleep>>>,
     drain: CancellationToken,
     /// When a draining replica closes this stream.
@@ -356,12 +374,7 @@ impl MercureStream {
     async fn read(&self) -> Result<Arc<Page>, ApiError> {
         Ok(self
             .bus
-            .read(
-                &self.log,
-                self.position,
-                REPLAY_PAGE,
-                self.membership.joined,
-            )
+            .read(&self.log, self.position, REPLAY_PAGE, self.joined)
             .await?)
     }
 
@@ -372,20 +385,21 @@ impl MercureStream {
             self.position = StreamId::ZERO;
         }
         for event in &page.entries {
-            self.take(event, out);
+            self.take(event, out, true);
         }
         // A full page: more to read, after this one.
         self.replaying = page.entries.len() >= REPLAY_PAGE;
     }
 
-    /// Appends `event`'s frame to `out` if it is new and accepted.
-    fn take(&mut self, event: &Event, out: &mut BytesMut) {
+    /// Appends `event`'s frame to `out` if it is new and accepted (`filter`: a history entry;
+    /// the router checked what it hands over).
+    fn take(&mut self, event: &Event, out: &mut BytesMut, filter: bool) {
         if event.id <= self.position {
             return;
         }
         self.position = event.id;
         if let Some(update) = &event.mercure {
-            if self.filter.accepts(update) {
+            if !filter || self.filter.accepts(update) {
                 out.extend_from_slice(&event.frame);
             }
         }
@@ -427,7 +441,7 @@ impl MercureStream {
                         }
                         self.replayed(&page, &mut out);
                         if !out.is_empty() {
-                            return Some(self.wrote(out));
+                            return Some(out.freeze());
                         }
                     }
                     Err(_) => {
@@ -439,6 +453,20 @@ impl MercureStream {
                 }
                 continue;
             }
+            if self.subscription.lagged.get() && self.subscription.receiver.is_empty() {
+                // The router dropped deliveries for it: catch up from the log, unless it is
+                // live already (then the client is too slow) or did so too often.
+                if self.live || self.catch_ups >= MAX_CATCH_UPS {
+                    return self.end(End::Slow);
+                }
+                self.catch_ups += 1;
+                self.subscription.lagged.set(false);
+                self.replaying = true;
+                if self.drain.is_cancelled() {
+                    self.start_drain();
+                }
+                continue;
+            }
             let delivery = tokio::select! {
                 biased;
                 _ = async { self.closes_at.as_mut().expect("checked").await }, if self.closes_at.is_some() => {
@@ -447,61 +475,40 @@ impl MercureStream {
                 _ = async { self.draining.as_mut().expect("checked").await }, if self.draining.is_some() => {
                     return self.end(End::Drained);
                 }
-                delivery = self.membership.receiver.recv() => delivery,
+                delivery = self.subscription.receiver.recv() => delivery,
+            };
+            let Some(delivery) = delivery else {
+                // The router ended: the hub is going away.
+                return self.end(End::Closed);
             };
             let mut out = BytesMut::new();
             let mut next = Some(delivery);
             while let Some(delivery) = next.take() {
                 match delivery {
-                    Ok(Delivery::Event(event)) => self.take(&event, &mut out),
-                    Ok(Delivery::Batch(batch)) => {
+                    Delivery::Event(event) => self.take(&event, &mut out, false),
+                    Delivery::Batch(batch) => {
                         for event in &batch.events {
-                            self.take(event, &mut out);
+                            self.take(event, &mut out, false);
                         }
                     }
-                    Ok(Delivery::Gap { reason, .. }) => {
+                    Delivery::Gap { reason, .. } => {
                         // The log restarted (or lost entries) under this replica: what follows
                         // may have any ids.
                         self.position = StreamId::ZERO;
                         out.extend_from_slice(&gap_frame(reason));
                     }
-                    Ok(Delivery::Keepalive) => out.extend_from_slice(b":\n\n"),
-                    Ok(Delivery::Drain) => self.start_drain(),
-                    Err(RecvError::Lagged(_)) => {
-                        if self.live || self.catch_ups >= MAX_CATCH_UPS {
-                            return self.end(End::Slow);
-                        }
-                        self.catch_ups += 1;
-                        self.membership.resubscribe();
-                        self.replaying = true;
-                        if self.drain.is_cancelled() {
-                            self.start_drain();
-                        }
-                        break;
-                    }
-                    Err(RecvError::Closed) => return self.end(End::Closed),
+                    Delivery::Keepalive => out.extend_from_slice(b":\n\n"),
+                    Delivery::Drain => self.start_drain(),
                 }
                 if out.len() < MAX_CHUNK_BYTES {
-                    next = match self.membership.receiver.try_recv() {
-                        Ok(delivery) => Some(Ok(delivery)),
-                        Err(TryRecvError::Lagged(n)) => Some(Err(RecvError::Lagged(n))),
-                        Err(TryRecvError::Empty) | Err(TryRecvError::Closed) => None,
-                    };
+                    next = self.subscription.receiver.try_recv().ok();
                 }
             }
             if !out.is_empty() {
                 self.live = true;
-                return Some(self.wrote(out));
-            }
-            if self.written.elapsed() >= self.config.keepalive {
-                return Some(self.wrote(BytesMut::from(&b":\n\n"[..])));
+                return Some(out.freeze());
             }
         }
-    }
-
-    fn wrote(&mut self, out: BytesMut) -> Bytes {
-        self.written = Instant::now();
-        out.freeze()
     }
 
     fn start_drain(&mut self) {
