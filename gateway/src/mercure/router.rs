@@ -35,6 +35,8 @@ pub struct Subscription {
     /// subscription; when it is full, the router drops what follows and sets `lagged`.
     pub receiver: mpsc::Receiver<Delivery>,
     pub lagged: Rc<Cell<bool>>,
+    /// Set with `lagged` when the router itself fell behind the log: not the client's doing.
+    pub router_lagged: Rc<Cell<bool>>,
     key: usize,
     router: Rc<Router>,
 }
@@ -49,6 +51,7 @@ struct Entry {
     sender: mpsc::Sender<Delivery>,
     filter: Rc<Filter>,
     lagged: Rc<Cell<bool>>,
+    router_lagged: Rc<Cell<bool>>,
     /// Something went to it since the last keep-alive tick.
     sent: Cell<bool>,
 }
@@ -98,10 +101,12 @@ pub fn subscribe(
     });
     let (sender, receiver) = mpsc::channel(hub.capacity());
     let lagged = Rc::new(Cell::new(false));
+    let router_lagged = Rc::new(Cell::new(false));
     let key = router.insert(Entry {
         sender,
         filter,
         lagged: lagged.clone(),
+        router_lagged: router_lagged.clone(),
         sent: Cell::new(false),
     });
     let channel = router.channel.clone();
@@ -109,6 +114,7 @@ pub fn subscribe(
         Subscription {
             receiver,
             lagged,
+            router_lagged,
             key,
             router,
         },
@@ -223,7 +229,7 @@ impl Router {
     fn all_lagged(&self) {
         let index = self.index.borrow();
         for (_, entry) in &index.entries {
-            entry.lagged.set(true);
+            lag(entry);
         }
     }
 }
@@ -235,9 +241,21 @@ fn send(entry: &Entry, delivery: Delivery) {
     }
     match entry.sender.try_send(delivery) {
         Ok(()) => entry.sent.set(true),
+        // It has deliveries to read: it sees the mark once it has read them.
         Err(mpsc::error::TrySendError::Full(_)) => entry.lagged.set(true),
         // Its stream is ending.
         Err(mpsc::error::TrySendError::Closed(_)) => {}
+    }
+}
+
+/// Marks a subscription lagged, and wakes it: one waiting on an empty channel would
+/// otherwise wait for a delivery that never comes (nothing is sent to a lagged one).
+fn lag(entry: &Entry) {
+    entry.router_lagged.set(true);
+    if !entry.lagged.get() {
+        // A keep-alive wakes it (or the channel is full and it is busy anyway).
+        let _ = entry.sender.try_send(Delivery::Keepalive);
+        entry.lagged.set(true);
     }
 }
 

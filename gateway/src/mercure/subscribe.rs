@@ -454,12 +454,15 @@ impl MercureStream {
                 continue;
             }
             if self.subscription.lagged.get() && self.subscription.receiver.is_empty() {
-                // The router dropped deliveries for it: catch up from the log, unless it is
-                // live already (then the client is too slow) or did so too often.
-                if self.live || self.catch_ups >= MAX_CATCH_UPS {
-                    return self.end(End::Slow);
+                // The router dropped deliveries for it: catch up from the log. When the router
+                // itself fell behind, always; when this stream let its channel fill, unless it
+                // is live already (then the client is too slow) or did so too often.
+                if !self.subscription.router_lagged.replace(false) {
+                    if self.live || self.catch_ups >= MAX_CATCH_UPS {
+                        return self.end(End::Slow);
+                    }
+                    self.catch_ups += 1;
                 }
-                self.catch_ups += 1;
                 self.subscription.lagged.set(false);
                 self.replaying = true;
                 if self.drain.is_cancelled() {
