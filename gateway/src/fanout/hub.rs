@@ -331,11 +331,18 @@ impl Hub {
     /// Joins `topic`, creating its channel (and asking the bus to subscribe) when this is the
     /// first local subscriber.
     pub fn join(self: &Arc<Self>, topic: &Topic) -> Membership {
+        self.join_buffered(topic, self.capacity)
+    }
+
+    /// `join`, with a channel that lets its members fall `capacity` deliveries behind if this
+    /// join creates it (the Mercure hub's log, whose one member per thread routes it to many
+    /// subscriptions). The queue holds only what a member has yet to read.
+    pub fn join_buffered(self: &Arc<Self>, topic: &Topic, capacity: usize) -> Membership {
         let mut channels = self.channels.lock().expect("hub poisoned");
         let channel = channels.entry(topic.clone()).or_insert_with(|| {
             let channel = Arc::new(Channel {
                 topic: topic.clone(),
-                sender: broadcast::channel(self.capacity).0,
+                sender: broadcast::channel(capacity).0,
                 state: Mutex::new(ChannelState::default()),
                 ready: AtomicBool::new(false),
                 became_ready: Notify::new(),

@@ -22,6 +22,12 @@ use crate::fanout::broadcast::RecvError;
 use crate::fanout::event::{Delivery, Event};
 use crate::fanout::hub::{Channel, Hub, Membership};
 
+/// How far a router may fall behind the log before its subscriptions must catch up from the
+/// log themselves (each reading and decoding history pages: dear at high rates). A router does
+/// little per update, so it falls behind only in bursts; the queue holds only what it has yet
+/// to read.
+const ROUTER_BUFFER: usize = 8192;
+
 thread_local! {
     /// This thread's router, while it has subscriptions.
     static ROUTER: RefCell<Option<Rc<Router>>> = const { RefCell::new(None) };
@@ -88,7 +94,7 @@ pub fn subscribe(
         let mut current = current.borrow_mut();
         current
             .get_or_insert_with(|| {
-                let membership = hub.join(log);
+                let membership = hub.join_buffered(log, ROUTER_BUFFER.max(hub.capacity()));
                 let router = Rc::new(Router {
                     index: RefCell::default(),
                     emptied: Notify::new(),
