@@ -224,8 +224,6 @@ fn cors_middleware(config: &CorsConfig) -> actix_cors::Cors {
             // Sent by EventSource polyfills (the Mercure JavaScript examples use them).
             header::CACHE_CONTROL,
         ])
-        // A Mercure subscriber compares it with the id it asked to resume after.
-        .expose_headers([header::HeaderName::from_static("last-event-id")])
         .max_age(3600);
     match config {
         CorsConfig::Off => cors,
