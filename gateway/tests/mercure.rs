@@ -1863,3 +1863,37 @@ async fn a_busy_log_neither_closes_nor_silences_a_quiet_subscriber() {
     );
     assert!(!during.contains("busy"), "{during:?}");
 }
+
+/// `HEAD` answers what a `GET` would, its checks included, without a stream.
+#[actix_web::test]
+async fn head_answers_the_head_of_a_subscription() {
+    let redis = RedisServer::start();
+    let gw = Gateway::with_redis(&redis, &hub_flags(&[]));
+    let head = |query: String, token: Option<&'static str>| {
+        let url = gw.url(&format!("{HUB}?{query}"));
+        async move {
+            let mut request = awc::Client::default().head(url);
+            if let Some(token) = token {
+                request = request.insert_header(("Authorization", format!("Bearer {token}")));
+            }
+            let mut response = request.send().await.expect("HEAD");
+            let body = response.body().await.unwrap();
+            let kind = response
+                .headers()
+                .get("content-type")
+                .map(|v| v.to_str().unwrap().to_string());
+            (response.status().as_u16(), kind, body.len())
+        }
+    };
+    assert_eq!(
+        head(query(&["https://ex.com/books/{id}"], &[]), None).await,
+        (200, Some("text/event-stream".to_string()), 0)
+    );
+    assert_eq!(head(query(&[], &[]), None).await.0, 400);
+    assert_eq!(head(query(&["t"], &[]), Some("not-a-token")).await.0, 401);
+    // Nothing subscribed: the replica follows no log for it.
+    assert!(
+        support::get_json(gw.addr, "/status").1["topics"] == 0,
+        "a HEAD joined the log"
+    );
+}

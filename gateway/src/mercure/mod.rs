@@ -82,13 +82,14 @@ impl Mercure {
     }
 }
 
-/// `/.well-known/mercure`: GET subscribes, POST publishes.
+/// `/.well-known/mercure`: GET subscribes (HEAD answers its head), POST publishes.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(crate::http::error::only(
         web::resource("/.well-known/mercure")
             .route(web::get().to(subscribe::subscribe))
+            .route(web::head().to(subscribe::head))
             .route(web::post().to(publish::publish)),
-        "GET, POST",
+        "GET, HEAD, POST",
     ));
 }
 

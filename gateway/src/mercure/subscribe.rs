@@ -138,10 +138,12 @@ impl Filter {
     }
 }
 
-pub(crate) async fn subscribe(
-    req: HttpRequest,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
+/// The checks of a subscription, in order: the hub is on, the query parses, the token (or
+/// anonymous access) is accepted. Returns the query and the token's claims.
+fn admit(
+    req: &HttpRequest,
+    state: &AppState,
+) -> Result<(SubscribeQuery, Option<super::auth::Claims>), ApiError> {
     let Some(mercure) = &state.mercure else {
         return Err(ApiError::new(
             actix_web::http::StatusCode::NOT_FOUND,
@@ -155,7 +157,7 @@ pub(crate) async fn subscribe(
     )?;
     let token = mercure
         .auth
-        .token(&req, query.authorization.as_deref(), Role::Subscriber)
+        .token(req, query.authorization.as_deref(), Role::Subscriber)
         .map_err(|e| ApiError::auth(e, &state.stats))?;
     let claims = match token {
         Some(token) => Some(
@@ -176,6 +178,38 @@ pub(crate) async fn subscribe(
             ))
         }
     };
+    Ok((query, claims))
+}
+
+/// The head of a Mercure event stream.
+fn stream_head() -> actix_web::HttpResponseBuilder {
+    let mut response = HttpResponse::Ok();
+    response
+        .insert_header((header::CONTENT_TYPE, "text/event-stream"))
+        .insert_header((
+            header::CACHE_CONTROL,
+            "private, no-cache, no-store, must-revalidate, max-age=0",
+        ))
+        .insert_header(("x-accel-buffering", "no"));
+    response
+}
+
+/// `HEAD /.well-known/mercure`: what a `GET` would answer, its checks included, without the
+/// stream (the Mercure hub serves `HEAD` too).
+pub(crate) async fn head(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    admit(&req, &state)?;
+    Ok(stream_head().finish())
+}
+
+pub(crate) async fn subscribe(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let (query, claims) = admit(&req, &state)?;
+    let mercure = state.mercure.as_ref().expect("admitted: the hub is on");
     if state.drain.is_cancelled() {
         state.stats.record(&state.stats.refused_draining);
         return Err(ApiError::unavailable(
@@ -281,14 +315,7 @@ pub(crate) async fn subscribe(
             Some((chunk, (None, stream)))
         })
         .boxed_local();
-    let mut response = HttpResponse::Ok();
-    response
-        .insert_header((header::CONTENT_TYPE, "text/event-stream"))
-        .insert_header((
-            header::CACHE_CONTROL,
-            "private, no-cache, no-store, must-revalidate, max-age=0",
-        ))
-        .insert_header(("x-accel-buffering", "no"));
+    let mut response = stream_head();
     if let Some(id) = resumed_from {
         if let Ok(value) = header::HeaderValue::from_str(&id) {
             response.insert_header(("last-event-id", value));
