@@ -107,7 +107,7 @@ pub(crate) async fn publish(
     };
     // The token first, as the Mercure hub does: nothing is read for an unauthorized caller.
     let query_token = form_urlencoded::parse(req.query_string().as_bytes())
-        .find(|(k, _)| k == "authorization")
+        .find(|(k, v)| k == "authorization" && !v.is_empty())
         .map(|(_, v)| v.into_owned());
     let token = mercure
         .auth
