@@ -90,9 +90,9 @@ pub struct Connection {
     live: bool,
 }
 
-/// Why the replica ended a connection's stream.
+/// Why the replica ended a connection's stream (a native one, or a Mercure subscription's).
 #[derive(Debug, Clone, Copy)]
-enum End {
+pub(crate) enum End {
     /// The replica is shutting down; the client was told to reconnect shortly.
     Drained,
     /// The client fell further behind than its buffer allows.
@@ -101,6 +101,33 @@ enum End {
     Closed,
     /// The subscriber's token expired; the client was told so.
     Expired,
+}
+
+impl End {
+    /// Counts the end in the replica's stats, for this reason (not as the client leaving).
+    pub(crate) fn record(self, slot: &mut Slot) {
+        slot.ended();
+        let stats = slot.stats();
+        match self {
+            End::Drained => stats.record(&stats.drained),
+            End::Slow => stats.record(&stats.slow),
+            End::Expired => stats.record(&stats.expired),
+            End::Closed => stats.record(&stats.stopped),
+        }
+    }
+
+    /// The last chunk of a stream ended for this reason, `retry` being `--retry`.
+    pub(crate) fn last_chunk(self, retry: Duration) -> Bytes {
+        match self {
+            // The client's credentials decide whether its reconnect is let in again.
+            End::Expired => frame::expired_event(),
+            // A short, random reconnection delay, then the end of the stream.
+            _ => {
+                let retry = DRAIN_RETRY_MAX.min(retry).mul_f64(fastrand::f64());
+                frame::preamble(retry.as_millis() as u64, None)
+            }
+        }
+    }
 }
 
 impl Connection {
@@ -191,17 +218,7 @@ impl Connection {
     /// The last chunk of a stream the replica closes for `reason`; the stream ends after it.
     fn closing(&mut self, reason: End) -> Bytes {
         self.ending = Some(reason);
-        match reason {
-            // The client's credentials decide whether its reconnect is let in again.
-            End::Expired => frame::expired_event(),
-            // A short, random reconnection delay, then the end of the stream.
-            _ => {
-                let retry = DRAIN_RETRY_MAX
-                    .min(self.config.retry)
-                    .mul_f64(fastrand::f64());
-                frame::preamble(retry.as_millis() as u64, None)
-            }
-        }
+        reason.last_chunk(self.config.retry)
     }
 
     /// Sets the closing instant unless an earlier one is set.
@@ -325,14 +342,7 @@ impl Connection {
 
     fn end(&mut self, end: End) -> Option<Bytes> {
         tracing::debug!(connection = %self.id, reason = ?end, topics = self.topics.len(), "stream ended");
-        self.slot.ended();
-        let stats = self.slot.stats();
-        match end {
-            End::Drained => stats.record(&stats.drained),
-            End::Slow => stats.record(&stats.slow),
-            End::Expired => stats.record(&stats.expired),
-            End::Closed => stats.record(&stats.stopped),
-        }
+        end.record(&mut self.slot);
         None
     }
 

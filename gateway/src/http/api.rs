@@ -24,6 +24,7 @@ use crate::bus::Publish;
 use crate::config::Redacted;
 use crate::fanout::sse::{Connection, Start};
 use crate::telemetry;
+use crate::telemetry::stats::Slot;
 
 /// The parsed query of `GET /events`.
 #[derive(Debug)]
@@ -93,22 +94,7 @@ pub(super) async fn events(
         request.topics.iter(),
         &state,
     )?;
-    if state.drain.is_cancelled() {
-        state.stats.record(&state.stats.refused_draining);
-        return Err(ApiError::unavailable(
-            "gateway is shutting down, retry later",
-        ));
-    }
-    let slot = state
-        .stats
-        .try_open(state.stream.max_connections)
-        .ok_or_else(|| {
-            state.stats.record(&state.stats.rejected);
-            ApiError::unavailable(format!(
-                "gateway is at its limit of {} connections, retry later",
-                state.stream.max_connections
-            ))
-        })?;
+    let slot = open_slot(&state)?;
     let memberships: Vec<_> = request.topics.iter().map(|t| state.hub.join(t)).collect();
     let ready = async {
         let mut baselines = Vec::with_capacity(memberships.len());
@@ -175,6 +161,27 @@ pub(super) async fn events(
         }
         _ => Ok(response.streaming(connection.into_stream())),
     }
+}
+
+/// A stream's place under `--max-connections`, or the 503 that says why there is none (the
+/// replica drains, or is full): for `GET /events` and the Mercure hub's subscriptions.
+pub(crate) fn open_slot(state: &AppState) -> Result<Slot, ApiError> {
+    if state.drain.is_cancelled() {
+        state.stats.record(&state.stats.refused_draining);
+        return Err(ApiError::unavailable(
+            "gateway is shutting down, retry later",
+        ));
+    }
+    state
+        .stats
+        .try_open(state.stream.max_connections)
+        .ok_or_else(|| {
+            state.stats.record(&state.stats.rejected);
+            ApiError::unavailable(format!(
+                "gateway is at its limit of {} connections, retry later",
+                state.stream.max_connections
+            ))
+        })
 }
 
 /// Checks a subscriber's token (or anonymous access) against every one of `topics`, the token

@@ -309,28 +309,11 @@ async fn write_chunks(
         sink: RefCell::default(),
     };
     loop {
-        let next = std::future::poll_fn(|cx| {
-            if let Poll::Ready(next) = chunks.poll_next_unpin(cx) {
-                return Poll::Ready(Some(next));
-            }
-            match stream.socket.poll_read_ready(cx) {
-                Poll::Ready(_) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
-            }
-        })
-        .await;
-        match next {
+        match unless_left(&stream.socket, |cx| chunks.poll_next_unpin(cx)).await {
             Some(Some(chunk)) if stream.write(&chunk).await.is_err() => return,
             Some(Some(_)) => {}
-            Some(None) => {
-                if chunked {
-                    let _ = write_all(&stream.socket, &mut [IoSlice::new(LAST_CHUNK)]).await;
-                }
-                let _ = socket2::SockRef::from(&stream.socket).shutdown(std::net::Shutdown::Write);
-                return;
-            }
-            None if client_left(&stream.socket) => return,
-            None => {}
+            Some(None) => return stream.finish().await,
+            None => return,
         }
     }
 }
@@ -369,24 +352,9 @@ async fn write_stream(socket: TcpStream, connection: Connection, chunked: bool) 
         let next = {
             let chunk = connection.next_chunk();
             futures_util::pin_mut!(chunk);
-            loop {
-                // The socket's own read-readiness slot, not a `readable()` future: that one
-                // would join and leave the socket's waiter list on every delivery.
-                let next = std::future::poll_fn(|cx| {
-                    if let Poll::Ready(next) = chunk.as_mut().poll(cx) {
-                        return Poll::Ready(Some(next));
-                    }
-                    match stream.socket.poll_read_ready(cx) {
-                        Poll::Ready(_) => Poll::Ready(None),
-                        Poll::Pending => Poll::Pending,
-                    }
-                })
-                .await;
-                match next {
-                    Some(next) => break next,
-                    None if client_left(&stream.socket) => return,
-                    None => continue,
-                }
+            match unless_left(&stream.socket, |cx| chunk.as_mut().poll(cx)).await {
+                Some(next) => next,
+                None => return,
             }
         };
         match next {
@@ -395,13 +363,34 @@ async fn write_stream(socket: TcpStream, connection: Connection, chunked: bool) 
                     return;
                 }
             }
-            None => {
-                if chunked {
-                    let _ = write_all(&stream.socket, &mut [IoSlice::new(LAST_CHUNK)]).await;
-                }
-                let _ = socket2::SockRef::from(&stream.socket).shutdown(std::net::Shutdown::Write);
-                return;
+            None => return stream.finish().await,
+        }
+    }
+}
+
+/// What `poll_next` yields, or `None` once the client left (its FIN or an error; bytes it
+/// sends after its request are ignored). Waits on the socket's own read-readiness slot, not a
+/// `readable()` future: that one would join and leave the socket's waiter list on every
+/// delivery.
+async fn unless_left<T>(
+    socket: &TcpStream,
+    mut poll_next: impl FnMut(&mut Context<'_>) -> Poll<T>,
+) -> Option<T> {
+    loop {
+        let next = std::future::poll_fn(|cx| {
+            if let Poll::Ready(next) = poll_next(cx) {
+                return Poll::Ready(Some(next));
             }
+            match socket.poll_read_ready(cx) {
+                Poll::Ready(_) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await;
+        match next {
+            Some(next) => return Some(next),
+            None if client_left(socket) => return None,
+            None => {}
         }
     }
 }
@@ -485,6 +474,14 @@ impl Handed {
             (Some(connection), false) => Swept::Back(connection),
             _ => Swept::ClientLeft,
         }
+    }
+
+    /// Ends the stream: the last chunk (HTTP/1.1), then the write side of the connection.
+    async fn finish(&self) {
+        if self.chunked {
+            let _ = write_all(&self.socket, &mut [IoSlice::new(LAST_CHUNK)]).await;
+        }
+        let _ = socket2::SockRef::from(&self.socket).shutdown(std::net::Shutdown::Write);
     }
 
     /// Writes one chunk, waiting for the socket as long as it takes.

@@ -17,7 +17,7 @@ use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use ssegw_protocol::frame::GapReason;
+use ssegw_protocol::frame::{self, GapReason};
 use ssegw_protocol::mercure::selector::Selector;
 use ssegw_protocol::mercure::update::{Update, EARLIEST};
 use ssegw_protocol::{StreamId, Topic};
@@ -31,6 +31,7 @@ use crate::auth::AuthError;
 use crate::bus::{Bus, Page};
 use crate::config::StreamConfig;
 use crate::fanout::event::{Delivery, Event};
+use crate::fanout::sse::End;
 use crate::http::handoff::Handoff;
 use crate::http::{ApiError, AppState};
 use crate::telemetry::stats::Slot;
@@ -44,8 +45,6 @@ const MAX_CHUNK_BYTES: usize = 64 * 1024;
 const MAX_CATCH_UPS: u32 = 3;
 /// Pause between attempts to read the log while the bus is unavailable.
 const REPLAY_RETRY: Duration = Duration::from_secs(1);
-/// Longest reconnection delay a draining replica asks of its clients.
-const DRAIN_RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// The query of a subscription.
 #[derive(Debug)]
@@ -210,22 +209,7 @@ pub(crate) async fn subscribe(
 ) -> Result<HttpResponse, ApiError> {
     let (query, claims) = admit(&req, &state)?;
     let mercure = state.mercure.as_ref().expect("admitted: the hub is on");
-    if state.drain.is_cancelled() {
-        state.stats.record(&state.stats.refused_draining);
-        return Err(ApiError::unavailable(
-            "gateway is shutting down, retry later",
-        ));
-    }
-    let slot = state
-        .stats
-        .try_open(state.stream.max_connections)
-        .ok_or_else(|| {
-            state.stats.record(&state.stats.rejected);
-            ApiError::unavailable(format!(
-                "gateway is at its limit of {} connections, retry later",
-                state.stream.max_connections
-            ))
-        })?;
+    let slot = crate::http::api::open_slot(&state)?;
     let closes_at = claims.as_ref().and_then(|c| mercure.auth.closes_at(c));
     let filter = Rc::new(Filter {
         selectors: query.selectors,
@@ -270,7 +254,10 @@ pub(crate) async fn subscribe(
     let (first, resumed_from) = match query.last_event_id {
         // A fresh subscription: live from the log's head. Its first block names that position
         // as the id, so that a client that drops before its first update resumes exactly.
-        None => (preamble(retry_ms, Some(&format!("#{baseline}"))), None),
+        None => (
+            frame::preamble(retry_ms, Some(&format!("#{baseline}"))),
+            None,
+        ),
         Some(id) => {
             state.stats.record(&state.stats.resumed);
             let (position, gap) = if id == EARLIEST {
@@ -291,7 +278,7 @@ pub(crate) async fn subscribe(
             // whether the replay starts right after the id asked for.
             let page = stream.read().await?;
             let gap = gap.or(page.gap);
-            let mut first = BytesMut::from(&preamble(retry_ms, None)[..]);
+            let mut first = BytesMut::from(&frame::preamble(retry_ms, None)[..]);
             if let Some(reason) = gap {
                 state.stats.record(&state.stats.gaps);
                 first.extend_from_slice(&gap_frame(reason));
@@ -345,11 +332,6 @@ pub(crate) async fn subscribe(
     }
 }
 
-/// `retry:` and, when given, an `id:` line, in a block that dispatches no event.
-fn preamble(retry_ms: u64, id: Option<&str>) -> Bytes {
-    ssegw_protocol::frame::preamble(retry_ms, id)
-}
-
 /// A named `ssegw-gap` event: updates after the position asked for are gone (or the id was
 /// never in the log); what follows starts at the oldest retained update. Mercure clients that
 /// only listen to `message` events do not see it.
@@ -361,15 +343,6 @@ fn gap_frame(reason: GapReason) -> Bytes {
     Bytes::from(format!(
         "event: ssegw-gap\ndata: {{\"reason\":\"{reason}\"}}\n\n"
     ))
-}
-
-/// Why the replica ends a stream.
-#[derive(Debug, Clone, Copy)]
-enum End {
-    Drained,
-    Slow,
-    Closed,
-    Expired,
 }
 
 struct MercureStream {
@@ -434,23 +407,8 @@ impl MercureStream {
 
     fn end(&mut self, reason: End) -> Option<Bytes> {
         self.ended = true;
-        self.slot.ended();
-        let stats = self.slot.stats();
-        match reason {
-            End::Drained => stats.record(&stats.drained),
-            End::Slow => stats.record(&stats.slow),
-            End::Expired => stats.record(&stats.expired),
-            End::Closed => stats.record(&stats.stopped),
-        }
-        match reason {
-            End::Expired => Some(ssegw_protocol::frame::expired_event()),
-            _ => {
-                let retry = DRAIN_RETRY_MAX
-                    .min(self.config.retry)
-                    .mul_f64(fastrand::f64());
-                Some(preamble(retry.as_millis() as u64, None))
-            }
-        }
+        reason.record(&mut self.slot);
+        Some(reason.last_chunk(self.config.retry))
     }
 
     /// The next chunk to write; `None` ends the stream.

@@ -207,14 +207,20 @@ impl RedisBus {
 
     pub async fn publish(&self, publish: &Publish<'_>) -> Result<StreamId, BusError> {
         let cmd = Self::publish_cmd(publish);
+        self.run_publish(publish.topic, &cmd).await
+    }
+
+    /// Runs a publish `FCALL` on `topic`'s primary, with the durability `--publish-replicas`
+    /// asks for (never resent once it may have run); returns the id it answered.
+    async fn run_publish(&self, topic: &Topic, cmd: &redis::Cmd) -> Result<StreamId, BusError> {
         let (id, confirmed): (String, Option<u32>) = match (&self.backend, self.durability) {
-            (Backend::Single(commands), None) => (commands.fcall(&cmd).await?, None),
+            (Backend::Single(commands), None) => (commands.fcall(cmd).await?, None),
             (Backend::Single(commands), Some(durability)) => {
-                let (id, confirmed) = commands.fcall_confirmed(&cmd, durability).await?;
+                let (id, confirmed) = commands.fcall_confirmed(cmd, durability).await?;
                 (id, Some(confirmed))
             }
             (Backend::Cluster(commands), durability) => {
-                let (id, confirmed) = commands.publish(publish.topic, &cmd, durability).await?;
+                let (id, confirmed) = commands.publish(topic, cmd, durability).await?;
                 (text_reply(id)?, confirmed)
             }
         };
@@ -401,18 +407,7 @@ impl RedisBus {
             .arg(update_id)
             .arg(blob)
             .arg(traceparent.map_or("", Traceparent::as_str));
-        let (id, confirmed): (String, Option<u32>) = match (&self.backend, self.durability) {
-            (Backend::Single(commands), None) => (commands.fcall(&cmd).await?, None),
-            (Backend::Single(commands), Some(durability)) => {
-                let (id, confirmed) = commands.fcall_confirmed(&cmd, durability).await?;
-                (id, Some(confirmed))
-            }
-            (Backend::Cluster(commands), durability) => {
-                let (id, confirmed) = commands.publish(log, &cmd, durability).await?;
-                (text_reply(id)?, confirmed)
-            }
-        };
-        self.confirmed(&id, confirmed)
+        self.run_publish(log, &cmd).await
     }
 
     /// The log entry of the Mercure update `update_id` (its first occurrence), if the log
