@@ -413,7 +413,7 @@ fn channel_payload(
 
 fn unknown_header() -> impl Strategy<Value = (u8, Vec<u8>)> {
     (
-        any::<u8>().prop_filter("known tag", |b| !b"iet\n".contains(b)),
+        any::<u8>().prop_filter("known tag", |b| !b"ietm\n".contains(b)),
         vec(
             any::<u8>().prop_filter("line break", |&b| b != b'\n'),
             0..12,
