@@ -99,6 +99,23 @@ pub async fn run(
         "listening"
     );
 
+    let mercure = config.mercure.clone().map(|c| {
+        let subscriptions = c.subscriptions.then(|| {
+            // Replicas beat as often as they report presence.
+            let interval = config
+                .bus
+                .presence
+                .map_or(Duration::from_secs(2), |p| p.interval);
+            mercure::subscriptions::Registry::start(
+                replica,
+                mercure::log_topic(),
+                bus.clone(),
+                interval,
+                stop.clone(),
+            )
+        });
+        Arc::new(mercure::Mercure::new(c, subscriptions))
+    });
     // Built once here: the factory below runs once per worker.
     let state = web::Data::new(AppState {
         replica,
@@ -112,10 +129,7 @@ pub async fn run(
         drain: shutdown.clone(),
         status_streams: Arc::new(tokio::sync::Semaphore::new(http::pages::MAX_STATUS_STREAMS)),
         metrics,
-        mercure: config
-            .mercure
-            .clone()
-            .map(|c| Arc::new(mercure::Mercure::new(c))),
+        mercure: mercure.clone(),
     });
     let serve_mercure = config.mercure.is_some();
     let cors = config.cors.clone();
@@ -190,6 +204,9 @@ pub async fn run(
         _ = window_over => tracing::info!(left = stats.open(), "drain window over"),
     }
     // The streams are closed: the clients count wherever they resume, not here as well.
+    if let Some(registry) = mercure.as_ref().and_then(|m| m.subscriptions.as_ref()) {
+        registry.leave(LEAVE_TIMEOUT).await;
+    }
     bus.withdraw_presence().await;
     Ok(())
 }
@@ -204,6 +221,10 @@ fn tune_socket(tcp: &actix_web::rt::net::TcpStream, dead_peer_timeout: Duration)
     // the previous one (up to its delayed-ACK timeout, 40 ms on Linux).
     let _ = socket.set_tcp_nodelay(true);
 }
+
+/// How long a stopping replica waits to end its Mercure subscriptions in Redis; other
+/// replicas end them once it counts as dead otherwise.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long before the end of the drain window `run` returns.
 const EXIT_MARGIN: Duration = Duration::from_millis(50);

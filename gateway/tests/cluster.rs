@@ -10,6 +10,7 @@
 
 mod support;
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -801,6 +802,10 @@ async fn the_mercure_hub_publishes_and_resumes_across_replicas_on_a_cluster() {
             SECRET,
             "--mercure-anonymous",
             "true",
+            "--mercure-subscriptions",
+            "true",
+            "--presence-interval",
+            "200ms",
         ],
     );
     let a = Gateway::start(&strs(&flags));
@@ -842,14 +847,53 @@ async fn the_mercure_hub_publishes_and_resumes_across_replicas_on_a_cluster() {
         assert_eq!(&event.id, id);
     }
 
-    // The log and its index live on the shard of the log's slot.
+    // The subscriptions API lists both streams, one on each replica.
+    let reader = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &serde_json::json!({"mercure": {"subscribe": ["/.well-known/mercure/subscriptions"]}}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + support::WAIT;
+    let listed = loop {
+        let mut response = awc::Client::default()
+            .get(a.url("/.well-known/mercure/subscriptions"))
+            .insert_header(("authorization", format!("Bearer {reader}")))
+            .send()
+            .await
+            .expect("GET the subscriptions");
+        assert_eq!(response.status(), 200);
+        let body: serde_json::Value = response.json().await.unwrap();
+        let subscribers: BTreeSet<String> = body["subscriptions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["subscriber"].as_str().unwrap().to_string())
+            .collect();
+        if subscribers.len() == 2 || std::time::Instant::now() > deadline {
+            break body;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let subscriptions = listed["subscriptions"].as_array().unwrap();
+    assert_eq!(subscriptions.len(), 2, "{listed}");
+    assert!(subscriptions
+        .iter()
+        .all(|s| s["topic"] == "https://ex.com/books/{id}" && s["active"] == true));
+
+    // The log, its index and the registry live on the shard of the log's slot: six updates
+    // and the two subscriptions' updates.
     let owner = cluster.owner_of_slot(slot_of("ssegw.mercure")).unwrap();
     let len = cluster
         .command(&owner, &["XLEN", "ssegw:s:{ssegw.mercure}"])
         .unwrap();
-    assert_eq!(len, Reply::Integer(6));
+    assert_eq!(len, Reply::Integer(8));
     let indexed = cluster
         .command(&owner, &["HLEN", "ssegw:m:{ssegw.mercure}:ids:0"])
         .unwrap();
-    assert_eq!(indexed, Reply::Integer(6));
+    assert_eq!(indexed, Reply::Integer(8));
+    let replicas = cluster
+        .command(&owner, &["ZCARD", "ssegw:m:{ssegw.mercure}:subs"])
+        .unwrap();
+    assert_eq!(replicas, Reply::Integer(2));
 }

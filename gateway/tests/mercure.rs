@@ -1777,6 +1777,19 @@ fn bad_mercure_configuration_exits_2_before_binding() {
             ],
             "/nonexistent.pem",
         ),
+        (
+            &[
+                "--mercure",
+                "true",
+                "--mercure-publisher-jwt-secret",
+                SECRET,
+                "--mercure-anonymous",
+                "true",
+                "--mercure-subscriptions",
+                "true",
+            ],
+            "--mercure-subscriptions true needs a subscriber key",
+        ),
     ];
     let port = support::free_port().to_string();
     let listen = format!("127.0.0.1:{port}");
@@ -1896,4 +1909,461 @@ async fn head_answers_the_head_of_a_subscription() {
         support::get_json(gw.addr, "/status").1["topics"] == 0,
         "a HEAD joined the log"
     );
+}
+
+/// The subscriptions API's path, and the selector of every subscription update.
+const SUBSCRIPTIONS: &str = "/.well-known/mercure/subscriptions";
+const SUBSCRIPTION_TEMPLATE: &str = "/.well-known/mercure/subscriptions{/topic}{/subscriber}";
+/// A subscription as a test compares it: selector, subscriber, active, payload (as JSON).
+type Sub = (String, String, bool, String);
+
+/// `GET <path>` with these headers, read to its end.
+async fn get(gw: &impl Replica, path: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut request = awc::Client::default().get(gw.url(path));
+    for &header in headers {
+        request = request.insert_header(header);
+    }
+    let mut response = request.send().await.expect("GET");
+    let body = response.body().limit(1 << 20).await.expect("a whole body");
+    Reply {
+        status: response.status().as_u16(),
+        headers: response.headers().clone(),
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+/// A successful subscriptions API answer: its JSON, with the headers the spec asks for.
+async fn api_document(gw: &impl Replica, path: &str, token: &str) -> Value {
+    let bearer = format!("Bearer {token}");
+    let reply = get(gw, path, &[("authorization", &bearer)]).await;
+    assert_eq!(reply.status, 200, "{path}: {}", reply.body);
+    assert_eq!(reply.header("content-type"), Some("application/ld+json"));
+    let document: Value = serde_json::from_str(&reply.body).unwrap();
+    assert_eq!(document["@context"], "https://mercure.rocks/");
+    assert_eq!(
+        reply.header("etag"),
+        document["lastEventID"].as_str(),
+        "{path}: the ETag is the last event id"
+    );
+    document
+}
+
+/// The subscriptions of a collection answer whose selector is one of `selectors`, as
+/// (selector, subscriber, active, payload), sorted.
+fn listed(collection: &Value, selectors: &[&str]) -> Vec<Sub> {
+    assert_eq!(collection["type"], "Subscriptions");
+    let mut out: Vec<_> = collection["subscriptions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| selectors.contains(&s["topic"].as_str().unwrap()))
+        .map(|s| {
+            assert_eq!(s["type"], "Subscription");
+            assert!(s.get("@context").is_none(), "{s}");
+            (
+                s["topic"].as_str().unwrap().to_string(),
+                s["subscriber"].as_str().unwrap().to_string(),
+                s["active"].as_bool().unwrap(),
+                s["payload"].to_string(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// A subscription update as (selector, subscriber, active, payload), checked against the
+/// spec: a JSON-LD document whose id is the subscription's URL.
+fn subscription_event(event: &Event) -> Sub {
+    assert_eq!(event.event, "message");
+    let data: Value = serde_json::from_str(&event.data).unwrap();
+    assert_eq!(data["@context"], "https://mercure.rocks/");
+    assert_eq!(data["type"], "Subscription");
+    let (topic, subscriber) = (
+        data["topic"].as_str().unwrap(),
+        data["subscriber"].as_str().unwrap(),
+    );
+    let escape = |s: &str| {
+        form_urlencoded::byte_serialize(s.as_bytes())
+            .collect::<String>()
+            .replace('*', "%2A")
+    };
+    assert_eq!(
+        data["id"],
+        format!("{SUBSCRIPTIONS}/{}/{}", escape(topic), escape(subscriber))
+    );
+    assert!(subscriber.starts_with("urn:uuid:"), "{subscriber}");
+    (
+        topic.to_string(),
+        subscriber.to_string(),
+        data["active"].as_bool().unwrap(),
+        data["payload"].to_string(),
+    )
+}
+
+/// The next `n` subscription updates of `selectors` a watcher receives (others skipped),
+/// sorted; then nothing more of them within `quiet`.
+async fn subscription_events(watcher: &mut Stream, selectors: &[&str], n: usize) -> Vec<Sub> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let event = subscription_event(&watcher.next().await);
+        if selectors.contains(&event.0.as_str()) {
+            got.push(event);
+        }
+    }
+    got.sort();
+    got
+}
+
+/// Subscription updates, the subscriptions API and its `lastEventID` across three replica
+/// processes: subscriptions that start and end, a replica taken for dead while paused (its
+/// subscriptions end, then start again when it beats), one killed (ended once, by another
+/// replica) and one stopped (ended as it leaves); the registry in Redis is empty at the end.
+#[actix_web::test]
+async fn subscriptions_are_announced_and_listed_across_the_fleet() {
+    let redis = RedisServer::start();
+    let flags = hub_flags(&[
+        "--mercure-subscriptions",
+        "true",
+        "--presence-interval",
+        "200ms",
+    ]);
+    let a = GatewayProcess::start(&redis.url(), &flags);
+    let b = GatewayProcess::start(&redis.url(), &flags);
+    let c = GatewayProcess::start(&redis.url(), &flags);
+    let all = subscriber(&["*"]);
+    let bearer = format!("Bearer {all}");
+    let books = "https://ex.com/books/{id}";
+    let (ours, theirs) = ([books, "urn:a"], ["urn:b"]);
+    let mine: Vec<&str> = ours.iter().chain(&theirs).copied().collect();
+
+    // Before anyone subscribes: nothing listed, and the log is empty.
+    let empty = api_document(&c, SUBSCRIPTIONS, &all).await;
+    assert_eq!(listed(&empty, &mine), []);
+    let mut watcher = subscribe(
+        &c,
+        &query(&[SUBSCRIPTION_TEMPLATE], &[]),
+        &[("authorization", &bearer)],
+    )
+    .await;
+    // An anonymous subscriber never sees subscription updates: they are private.
+    let mut anonymous = subscribe(&c, &query(&[SUBSCRIPTION_TEMPLATE, "*"], &[]), &[]).await;
+
+    // X subscribes on A with two selectors and a payload; Y on B, anonymously.
+    let x_token = hs256(&json!({"mercure": {"subscribe": ["urn:none"], "payload": {"user": "x"}}}));
+    let x = subscribe(
+        &a,
+        &query(&ours, &[]),
+        &[("authorization", &format!("Bearer {x_token}"))],
+    )
+    .await;
+    let y = subscribe(&b, &query(&theirs, &[]), &[]).await;
+    let started = subscription_events(&mut watcher, &mine, 3).await;
+    let payload = json!({"user": "x"}).to_string();
+    let x_id = started
+        .iter()
+        .find(|e| e.0 == books)
+        .map(|e| e.1.clone())
+        .unwrap();
+    let y_id = started
+        .iter()
+        .find(|e| e.0 == "urn:b")
+        .map(|e| e.1.clone())
+        .unwrap();
+    assert_ne!(x_id, y_id);
+    let x_subscriptions = vec![
+        (books.to_string(), x_id.clone(), true, payload.clone()),
+        ("urn:a".to_string(), x_id.clone(), true, payload.clone()),
+    ];
+    let y_subscription = ("urn:b".to_string(), y_id.clone(), true, "null".to_string());
+    let mut expected = x_subscriptions.clone();
+    expected.push(y_subscription.clone());
+    expected.sort();
+    assert_eq!(started, expected);
+
+    // The API, on any replica, lists them; its lastEventID is the last update so far.
+    for gw in [&a as &dyn Replica, &b, &c] {
+        let collection = api_document(&Wrap(gw.addr()), SUBSCRIPTIONS, &all).await;
+        assert_eq!(listed(&collection, &mine), expected);
+        assert_eq!(collection["id"], SUBSCRIPTIONS);
+    }
+    let collection = api_document(&c, SUBSCRIPTIONS, &all).await;
+    let last = collection["lastEventID"].as_str().unwrap().to_string();
+    assert!(last.starts_with("urn:uuid:"), "{last}");
+    // Unchanged since: 304 for that ETag.
+    let not_modified = get(
+        &c,
+        SUBSCRIPTIONS,
+        &[("authorization", &bearer), ("if-none-match", &last)],
+    )
+    .await;
+    assert_eq!(not_modified.status, 304, "{}", not_modified.body);
+    assert_eq!(not_modified.header("etag"), Some(last.as_str()));
+    // A selector's collection, and one subscription.
+    let by_selector = format!("{SUBSCRIPTIONS}/urn%3Aa");
+    let collection = api_document(&b, &by_selector, &all).await;
+    assert_eq!(collection["id"], by_selector);
+    assert_eq!(
+        listed(&collection, &mine),
+        [("urn:a".to_string(), x_id.clone(), true, payload.clone())]
+    );
+    let one = format!(
+        "{SUBSCRIPTIONS}/https%3A%2F%2Fex.com%2Fbooks%2F%7Bid%7D/{}",
+        x_id.replace(':', "%3A")
+    );
+    let document = api_document(&b, &one, &all).await;
+    assert_eq!(document["type"], "Subscription");
+    assert_eq!(document["id"], one);
+    assert_eq!(document["topic"], books);
+    assert_eq!(document["subscriber"], x_id.as_str());
+    assert_eq!(document["active"], true);
+    assert_eq!(document["payload"].to_string(), payload);
+    assert_eq!(document["lastEventID"], last.as_str());
+    let unknown = get(
+        &b,
+        &format!("{SUBSCRIPTIONS}/urn%3Aa/urn%3Auuid%3Anobody"),
+        &[("authorization", &bearer)],
+    )
+    .await;
+    unknown.assert_refused(404, "no such active subscription", "unknown subscription");
+
+    // Resuming after the API's lastEventID replays exactly what changed since: Y leaves.
+    drop(y);
+    let ended = subscription_events(&mut watcher, &mine, 1).await;
+    assert_eq!(
+        ended,
+        [("urn:b".to_string(), y_id.clone(), false, "null".to_string())]
+    );
+    let mut resumed = subscribe(
+        &a,
+        &query(&[SUBSCRIPTION_TEMPLATE], &[("lastEventID", &last)]),
+        &[("authorization", &bearer)],
+    )
+    .await;
+    assert_eq!(resumed.header("last-event-id"), Some(last.as_str()));
+    assert_eq!(subscription_events(&mut resumed, &mine, 1).await, ended);
+    let collection = api_document(&a, SUBSCRIPTIONS, &all).await;
+    assert_eq!(listed(&collection, &mine), x_subscriptions);
+
+    // A paused past three beats counts as dead: another replica ends its subscriptions,
+    // once; when it runs again, its next beat stores and announces them again.
+    support::signal(a.pid(), "STOP");
+    let reaped = subscription_events(&mut watcher, &mine, 2).await;
+    let inactive: Vec<_> = x_subscriptions
+        .iter()
+        .map(|(s, id, _, p)| (s.clone(), id.clone(), false, p.clone()))
+        .collect();
+    assert_eq!(reaped, inactive);
+    let collection = api_document(&b, SUBSCRIPTIONS, &all).await;
+    assert_eq!(listed(&collection, &mine), []);
+    support::signal(a.pid(), "CONT");
+    assert_eq!(
+        subscription_events(&mut watcher, &mine, 2).await,
+        x_subscriptions
+    );
+    let collection = api_document(&b, SUBSCRIPTIONS, &all).await;
+    assert_eq!(listed(&collection, &mine), x_subscriptions);
+
+    // SIGKILLed: ended by another replica, each once.
+    drop(resumed);
+    support::signal(a.pid(), "KILL");
+    assert_eq!(subscription_events(&mut watcher, &mine, 2).await, inactive);
+    drop(x);
+
+    // Z on B; B stops (SIGTERM): its subscriptions end as it leaves.
+    let mut b = b;
+    let _z = subscribe(&b, &query(&theirs, &[]), &[]).await;
+    let z = subscription_events(&mut watcher, &mine, 1).await;
+    assert!(z[0].2, "{z:?}");
+    support::signal(b.pid(), "TERM");
+    b.exited(WAIT).await;
+    let z_ended = subscription_events(&mut watcher, &mine, 1).await;
+    assert_eq!(
+        z_ended,
+        [(z[0].0.clone(), z[0].1.clone(), false, "null".to_string())]
+    );
+
+    // Nothing was announced twice, and anonymous subscribers saw none of it.
+    let quiet = watcher.raw_after(1000).await;
+    let mut seen = std::collections::HashMap::new();
+    for block in quiet
+        .split("\n\n")
+        .filter(|b| b.contains("\"Subscription\""))
+    {
+        let data: String = block
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let data: Value = serde_json::from_str(&data).unwrap();
+        if mine.contains(&data["topic"].as_str().unwrap()) {
+            *seen
+                .entry((data["id"].to_string(), data["active"].as_bool().unwrap()))
+                .or_insert(0) += 1;
+        }
+    }
+    // X's two subscriptions started and ended twice each (the pause, then the kill); Y's and
+    // Z's once.
+    assert_eq!(seen.len(), 8, "{seen:?}");
+    for ((id, _), n) in &seen {
+        let times = if id.contains(&x_id.replace(':', "%3A")) {
+            2
+        } else {
+            1
+        };
+        assert_eq!(*n, times, "{id}: {seen:?}");
+    }
+    let anonymous_raw = anonymous.raw_after(200).await;
+    assert!(!anonymous_raw.contains("Subscription"), "{anonymous_raw}");
+
+    // The registry holds only C now: A's and B's hashes are gone.
+    let replicas: Vec<String> = redis
+        .cmd(
+            redis::cmd("ZRANGE")
+                .arg("ssegw:m:{ssegw.mercure}:subs")
+                .arg(0)
+                .arg(-1),
+        )
+        .unwrap();
+    assert_eq!(replicas.len(), 1, "{replicas:?}");
+    let hashes: Vec<String> = redis
+        .cmd(redis::cmd("KEYS").arg("ssegw:m:{ssegw.mercure}:subs:r:*"))
+        .unwrap();
+    assert_eq!(
+        hashes,
+        [format!("ssegw:m:{{ssegw.mercure}}:subs:r:{}", replicas[0])]
+    );
+}
+
+/// A replica's address, to call the helpers on replicas of different types.
+struct Wrap(SocketAddr);
+
+impl Replica for Wrap {
+    fn addr(&self) -> SocketAddr {
+        self.0
+    }
+}
+
+/// The subscriptions API's refusals (off, no token, a token that does not match the URL, a
+/// path it does not serve, another method), its answers on the embedded bus, and the payload
+/// bound.
+#[actix_web::test]
+async fn subscriptions_api_authorizes_by_url_and_serves_one_node() {
+    let off = Gateway::start(&hub_flags(&[]));
+    let all = format!("Bearer {}", subscriber(&["*"]));
+    get(&off, SUBSCRIPTIONS, &[("authorization", &all)])
+        .await
+        .assert_refused(404, "--mercure-subscriptions true", "API off");
+    drop(off);
+
+    let gw = Gateway::start(&hub_flags(&["--mercure-subscriptions", "true"]));
+    let collection_only = subscriber(&[SUBSCRIPTIONS]);
+    let template_only = subscriber(&[SUBSCRIPTION_TEMPLATE]);
+    let one = format!("{SUBSCRIPTIONS}/urn%3Aa");
+    let other = format!("Bearer {}", subscriber(&["urn:a"]));
+    let exact = format!("Bearer {collection_only}");
+    let cases: Vec<(&str, String, Pairs, u16, &str)> = vec![
+        (
+            "no token",
+            SUBSCRIPTIONS.into(),
+            vec![],
+            401,
+            "needs a subscriber's token",
+        ),
+        (
+            "bad token",
+            SUBSCRIPTIONS.into(),
+            vec![("authorization", "Bearer x.y.z")],
+            401,
+            "token",
+        ),
+        (
+            "claims miss the URL",
+            SUBSCRIPTIONS.into(),
+            vec![("authorization", &other)],
+            403,
+            "do not match this URL",
+        ),
+        (
+            "an exact claim for another URL",
+            one.clone(),
+            vec![("authorization", &exact)],
+            403,
+            "do not match this URL",
+        ),
+        (
+            "too many segments",
+            format!("{SUBSCRIPTIONS}/a/b/c"),
+            vec![("authorization", &all)],
+            404,
+            "no such resource",
+        ),
+        (
+            "a malformed escape",
+            format!("{SUBSCRIPTIONS}/%zz"),
+            vec![("authorization", &all)],
+            404,
+            "no such resource",
+        ),
+    ];
+    for (case, path, headers, status, message) in cases {
+        get(&gw, &path, &headers)
+            .await
+            .assert_refused(status, message, case);
+    }
+    // Exact claims and templates match the request's URL; the token may come in the query.
+    api_document(&gw, SUBSCRIPTIONS, &collection_only).await;
+    api_document(&gw, &one, &template_only).await;
+    let by_query = get(
+        &gw,
+        &format!("{SUBSCRIPTIONS}?authorization={}", subscriber(&["*"])),
+        &[],
+    )
+    .await;
+    assert_eq!(by_query.status, 200, "{}", by_query.body);
+    let post = awc::Client::default()
+        .post(gw.url(SUBSCRIPTIONS))
+        .insert_header(("authorization", all.as_str()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 405);
+
+    // On one node: the first listing has no event before it; subscriptions start and end.
+    let empty = api_document(&gw, SUBSCRIPTIONS, &template_only).await;
+    assert_eq!(empty["lastEventID"], "earliest");
+    let token = subscriber(&["*"]);
+    let mut watcher = subscribe(
+        &gw,
+        &query(&[SUBSCRIPTION_TEMPLATE], &[("lastEventID", "earliest")]),
+        &[("authorization", &all)],
+    )
+    .await;
+    let client = subscribe(&gw, &query(&["urn:a", "urn:b"], &[]), &[]).await;
+    let started = subscription_events(&mut watcher, &["urn:a", "urn:b"], 2).await;
+    let id = started[0].1.clone();
+    let collection = api_document(&gw, SUBSCRIPTIONS, &token).await;
+    assert_eq!(listed(&collection, &["urn:a", "urn:b"]), started);
+    assert_ne!(collection["lastEventID"], "earliest");
+    drop(client);
+    let ended = subscription_events(&mut watcher, &["urn:a", "urn:b"], 2).await;
+    assert_eq!(
+        ended,
+        [
+            ("urn:a".to_string(), id.clone(), false, "null".to_string()),
+            ("urn:b".to_string(), id, false, "null".to_string())
+        ]
+    );
+    let collection = api_document(&gw, SUBSCRIPTIONS, &token).await;
+    assert_eq!(listed(&collection, &["urn:a", "urn:b"]), []);
+
+    // A payload too large to copy into every subscription's document is refused.
+    let big = hs256(&json!({"mercure": {"subscribe": ["*"], "payload": "x".repeat(9000)}}));
+    refused(
+        &gw,
+        &query(&["urn:a"], &[]),
+        &[("authorization", &format!("Bearer {big}"))],
+    )
+    .await
+    .assert_refused(401, "mercure.payload is larger than", "big payload");
 }

@@ -263,27 +263,26 @@ local function mercure_keys(keys)
   return {topic = topic, key = key, gen = gen, cur = keys[2 + gen], prev = keys[3 - gen], gen_key = keys[4]}
 end
 
--- mercure_publish(log, ids:0, ids:1, gen; update id, blob, traceparent?) -> entry id
--- Appends the update (encoded by the publisher, opaque here) to the log, indexes its id (the
--- first occurrence of an id stays indexed) and publishes it on the log's channel, atomically.
-local function mercure_publish(keys, args)
-  local m, bad = mercure_keys(keys)
-  if not m then return bad end
-  local update_id, blob, traceparent = args[1], args[2], args[3]
+-- Checks an update before it is appended: its id and its encoding. Returns the log's
+-- retention, or nil and the error.
+local function mercure_check(m, update_id, blob)
   if update_id == nil or #update_id == 0 or #update_id > 1024 or string.find(update_id, '[\r\n%z]')
       or string.sub(update_id, 1, 1) == '#' or update_id == 'earliest' then
-    return err('invalid update id (1 to 1024 bytes without CR, LF or NUL, not starting with #, not earliest)')
+    return nil, err('invalid update id (1 to 1024 bytes without CR, LF or NUL, not starting with #, not earliest)')
   end
   local r = retention_for(m.topic)
   if blob == nil or string.sub(blob, 1, 3) ~= 'm1\n' then
-    return err('invalid update (encode it with ssegw_protocol::mercure::update::encode)')
+    return nil, err('invalid update (encode it with ssegw_protocol::mercure::update::encode)')
   end
   if #blob > r.data then
-    return err('update is larger than ' .. r.data .. ' bytes')
+    return nil, err('update is larger than ' .. r.data .. ' bytes')
   end
-  if traceparent == '' then traceparent = nil end
-  bad = check_traceparent(traceparent)
-  if bad then return bad end
+  return r
+end
+
+-- Appends a checked update to the log, indexes its id (the first occurrence of an id stays
+-- indexed) and publishes it on the log's channel. Returns its entry id.
+local function mercure_append(m, r, update_id, blob, traceparent)
   local fields = {'d', blob, 'm', update_id}
   if traceparent then
     fields[#fields + 1] = 't'
@@ -296,6 +295,8 @@ local function mercure_publish(keys, args)
     redis.call('SET', m.gen_key, tostring(1 - m.gen))
     redis.call('EXPIRE', m.cur, r.ttl)
     redis.call('EXPIRE', m.gen_key, r.ttl)
+    -- The generations swapped: a second append in this call indexes into the new current one.
+    m.gen, m.cur, m.prev = 1 - m.gen, m.prev, m.cur
   else
     -- The index lives as long as the log: refreshed as `append` refreshes the stream.
     local left = redis.call('PTTL', m.cur)
@@ -315,6 +316,22 @@ local function mercure_publish(keys, args)
   return id
 end
 
+-- mercure_publish(log, ids:0, ids:1, gen; update id, blob, traceparent?) -> entry id
+-- Appends the update (encoded by the publisher, opaque here) to the log, indexes its id and
+-- publishes it on the log's channel, atomically.
+local function mercure_publish(keys, args)
+  local m, bad = mercure_keys(keys)
+  if not m then return bad end
+  local update_id, blob, traceparent = args[1], args[2], args[3]
+  local r
+  r, bad = mercure_check(m, update_id, blob)
+  if not r then return bad end
+  if traceparent == '' then traceparent = nil end
+  bad = check_traceparent(traceparent)
+  if bad then return bad end
+  return mercure_append(m, r, update_id, blob, traceparent)
+end
+
 -- mercure_find(log, ids:0, ids:1, gen; update id) -> entry id, or '' when the log holds no
 -- entry for it. The first occurrence indexed decides: if its entry is gone (trimmed, or the
 -- index outlived an earlier incarnation of the log), the id is not found, never a later one.
@@ -332,4 +349,118 @@ local function mercure_find(keys, args)
     if fields[i] == 'm' and fields[i + 1] == update_id then return pos end
   end
   return ''
+end
+
+-- Active Mercure subscriptions (`--mercure-subscriptions`). Each replica keeps its own in a
+-- hash, `ssegw:m:{ssegw.mercure}:subs:r:<replica>` (field: the subscription's id, value: its
+-- JSON document), and is listed in the sorted set `ssegw:m:{ssegw.mercure}:subs`, scored with
+-- the Redis time (ms) at which it counts as dead unless it beats again. Every change of a hash
+-- and the update that announces it happen in one call, so a listing and the log's last update
+-- id agree, and a field added or removed twice announces it once.
+local SUBS = 'ssegw:m:{ssegw.mercure}:subs'
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- mercure_track(log, ids:0, ids:1, gen, subs, subs:r:<replica>; op, (field, doc, update id,
+-- blob)...) -> how many updates were published.
+-- `add` stores each field that is not stored yet and publishes its update; `del` removes each
+-- stored field and publishes its update; `reap` does what `del` does for a replica that other
+-- replicas found dead, and nothing if it beat since (alive after all), then forgets the
+-- replica once its hash is empty; `leave` is the `del` of a replica that stops, which also
+-- forgets it. Every update is checked before anything is written.
+local function mercure_track(keys, args)
+  local m, bad = mercure_keys(keys)
+  if not m then return bad end
+  local replica = string.match(keys[6] or '', '^ssegw:m:{ssegw%.mercure}:subs:r:(.+)$')
+  if keys[5] ~= SUBS or not replica then
+    return err('usage: FCALL ssegw_m_track 6 <4 Mercure keys> ' .. SUBS .. ' ' .. SUBS .. ':r:<replica> ...')
+  end
+  local op = args[1]
+  if (op ~= 'add' and op ~= 'del' and op ~= 'reap' and op ~= 'leave') or (#args - 1) % 4 ~= 0 then
+    return err('usage: FCALL ssegw_m_track 6 <keys> add|del|reap|leave (<field> <doc> <update id> <update>)...')
+  end
+  local r
+  for i = 2, #args, 4 do
+    r, bad = mercure_check(m, args[i + 2], args[i + 3])
+    if not r then return bad end
+  end
+  r = retention_for(m.topic)
+  if op == 'reap' then
+    local score = redis.call('ZSCORE', SUBS, replica)
+    if not score or tonumber(score) >= now_ms() then return 0 end
+  end
+  local published = 0
+  for i = 2, #args, 4 do
+    local changed
+    if op == 'add' then
+      changed = redis.call('HSET', keys[6], args[i], args[i + 1])
+    else
+      changed = redis.call('HDEL', keys[6], args[i])
+    end
+    if changed == 1 then
+      mercure_append(m, r, args[i + 2], args[i + 3], nil)
+      published = published + 1
+    end
+  end
+  if op == 'leave' or (op == 'reap' and redis.call('EXISTS', keys[6]) == 0) then
+    redis.call('DEL', keys[6])
+    redis.call('ZREM', SUBS, replica)
+  end
+  return published
+end
+
+-- mercure_beat(subs; replica, ttl ms, count) -> {rejoined, dead replica or '', field, doc, ...}
+-- Keeps the replica alive for `ttl` ms. `rejoined` is 1 when it was not alive before this beat
+-- (new, or gone past its ttl and maybe reaped): it then stores its subscriptions again. Forgets
+-- dead replicas whose hash is empty, and returns up to `count` subscriptions of one that is
+-- not, for the caller to `reap`.
+local function mercure_beat(keys, args)
+  if keys[1] ~= SUBS then return err('usage: FCALL ssegw_m_beat 1 ' .. SUBS .. ' <replica> <ttl ms> <count>') end
+  local replica, ttl, count = args[1], tonumber(args[2]), tonumber(args[3])
+  if not replica or #replica == 0 or not ttl or not count or count < 1 then
+    return err('usage: FCALL ssegw_m_beat 1 ' .. SUBS .. ' <replica> <ttl ms> <count>')
+  end
+  local now = now_ms()
+  local before = redis.call('ZSCORE', SUBS, replica)
+  redis.call('ZADD', SUBS, now + ttl, replica)
+  local out = {(not before or tonumber(before) < now) and '1' or '0', ''}
+  for _, dead in ipairs(redis.call('ZRANGEBYSCORE', SUBS, '-inf', '(' .. now, 'LIMIT', 0, 16)) do
+    local hash = SUBS .. ':r:' .. dead
+    local found = redis.call('HRANDFIELD', hash, count, 'WITHVALUES')
+    if #found == 0 then
+      redis.call('ZREM', SUBS, dead)
+    else
+      out[2] = dead
+      for i = 1, #found do out[#out + 1] = found[i] end
+      return out
+    end
+  end
+  return out
+end
+
+-- mercure_subscriptions(log, subs) -> {the log's last update id or 'earliest', doc, ...}
+-- The documents of the live replicas' subscriptions, and the id of the last update at that
+-- instant: subscribing to subscription updates after it misses no change.
+local function mercure_subscriptions(keys, args)
+  local _, key = topic_and_key(keys[1] or '')
+  if key ~= 'ssegw:s:{ssegw.mercure}' or keys[2] ~= SUBS then
+    return err('usage: FCALL_RO ssegw_m_subscriptions 2 ssegw:s:{ssegw.mercure} ' .. SUBS)
+  end
+  local out = {'earliest'}
+  local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  if #last > 0 then
+    local fields = last[1][2]
+    for i = 1, #fields, 2 do
+      if fields[i] == 'm' then out[1] = fields[i + 1] end
+    end
+  end
+  for _, replica in ipairs(redis.call('ZRANGEBYSCORE', SUBS, now_ms(), '+inf')) do
+    for _, doc in ipairs(redis.call('HVALS', SUBS .. ':r:' .. replica)) do
+      out[#out + 1] = doc
+    end
+  end
+  return out
 end

@@ -31,6 +31,25 @@ pub const MERCURE_PUBLISH_FUNCTION: &str = "ssegw_m_publish";
 /// `FCALL_RO ssegw_m_find 4 <mercure_keys> <update id>`: the log entry of an update id, or
 /// an empty string.
 pub const MERCURE_FIND_FUNCTION: &str = "ssegw_m_find";
+/// `FCALL ssegw_m_track 6 <mercure_keys> <MERCURE_SUBSCRIPTIONS> <mercure_replica_key>
+/// add|del|reap|leave (<field> <doc> <update id> <update>)...`: stores or removes a replica's
+/// active Mercure subscriptions and publishes the update of each change (library version 6).
+pub const MERCURE_TRACK_FUNCTION: &str = "ssegw_m_track";
+/// `FCALL ssegw_m_beat 1 <MERCURE_SUBSCRIPTIONS> <replica> <ttl ms> <count>`: keeps a replica's
+/// subscriptions alive and hands out those of a dead replica to reap.
+pub const MERCURE_BEAT_FUNCTION: &str = "ssegw_m_beat";
+/// `FCALL_RO ssegw_m_subscriptions 2 <log stream key> <MERCURE_SUBSCRIPTIONS>`: the log's last
+/// update id and the live replicas' subscription documents.
+pub const MERCURE_SUBSCRIPTIONS_FUNCTION: &str = "ssegw_m_subscriptions";
+/// The replicas that hold active Mercure subscriptions, each scored with the Redis time (ms)
+/// at which it counts as dead unless it beats again.
+pub const MERCURE_SUBSCRIPTIONS: &str = "ssegw:m:{ssegw.mercure}:subs";
+
+/// The hash of a replica's active Mercure subscriptions: field the subscription's id, value
+/// its JSON document. In the log's slot, as every Mercure key.
+pub fn mercure_replica_key(replica: &str) -> String {
+    format!("{MERCURE_SUBSCRIPTIONS}:r:{replica}")
+}
 
 /// The function library's version, raised with every change of its functions. A newer
 /// library keeps answering the calls of older gateways (same function names and arguments),
@@ -38,8 +57,10 @@ pub const MERCURE_FIND_FUNCTION: &str = "ssegw_m_find";
 /// one. Version 1 was the library before `ssegw_version` existed; version 3 added sharded
 /// channels (`ssegw_channels`); version 4 the fleet's retention per namespace
 /// (`ssegw_retention`), idempotency keys and cheaper publishes and reads; version 5 the
-/// Mercure hub's log (`ssegw_m_publish`, `ssegw_m_find`) and the reserved `ssegw.` topics.
-pub const LIBRARY_VERSION: u64 = 5;
+/// Mercure hub's log (`ssegw_m_publish`, `ssegw_m_find`) and the reserved `ssegw.` topics;
+/// version 6 the Mercure hub's active subscriptions (`ssegw_m_track`, `ssegw_m_beat`,
+/// `ssegw_m_subscriptions`).
+pub const LIBRARY_VERSION: u64 = 6;
 
 const CORE: &str = include_str!("../lua/core.lua");
 
@@ -110,7 +131,10 @@ pub fn function_library(settings: &ScriptSettings) -> String {
          redis.register_function{{function_name='{CHANNELS_FUNCTION}', callback=function() return '{}' end, flags={{'no-writes'}}}}\n\
          redis.register_function{{function_name='{RETENTION_FUNCTION}', callback=function() return RETENTION_TEXT end, flags={{'no-writes'}}}}\n\
          redis.register_function('{MERCURE_PUBLISH_FUNCTION}', mercure_publish)\n\
-         redis.register_function{{function_name='{MERCURE_FIND_FUNCTION}', callback=mercure_find, flags={{'no-writes'}}}}\n",
+         redis.register_function{{function_name='{MERCURE_FIND_FUNCTION}', callback=mercure_find, flags={{'no-writes'}}}}\n\
+         redis.register_function('{MERCURE_TRACK_FUNCTION}', mercure_track)\n\
+         redis.register_function('{MERCURE_BEAT_FUNCTION}', mercure_beat)\n\
+         redis.register_function{{function_name='{MERCURE_SUBSCRIPTIONS_FUNCTION}', callback=mercure_subscriptions, flags={{'no-writes'}}}}\n",
         settings_block(settings),
         settings.channels()
     )

@@ -2,7 +2,7 @@
 //! Same ids, retention and gap semantics as the Redis bus; nothing survives a restart. Its
 //! presence is the hub's own counts, read when asked.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::presence::TopicPresence;
-use super::{gap_for, BusError, Page, Publish};
+use super::{gap_for, BusError, Page, Publish, TrackOp, Tracked};
 use crate::config::BusConfig;
 use crate::fanout::event::Event;
 use crate::fanout::hub::{Hub, Interest};
@@ -26,6 +26,9 @@ pub struct MemoryBus {
     /// Idempotency records: the first publish's id and a fingerprint of its event, until the
     /// deadline; dropped as they expire.
     first_publishes: Mutex<HashMap<(Topic, IdempotencyKey), FirstPublish>>,
+    /// The Mercure hub's active subscriptions: id to document. Held while their updates are
+    /// appended, so that a listing and the log's last update agree.
+    mercure_subscriptions: Mutex<BTreeMap<String, String>>,
     hub: Arc<Hub>,
 }
 
@@ -54,6 +57,7 @@ impl MemoryBus {
             logs: Arc::new(Mutex::new(HashMap::new())),
             retention: Arc::new(Retention::new(config.retention_seed, 0)),
             first_publishes: Mutex::new(HashMap::new()),
+            mercure_subscriptions: Mutex::new(BTreeMap::new()),
             hub,
         };
         let logs = bus.logs.clone();
@@ -187,6 +191,57 @@ impl MemoryBus {
             )));
         }
         Ok(self.append(log, |id| Event::mercure(id, blob)))
+    }
+
+    /// `ssegw_m_track` on one node: each item whose state `op` changes is stored or removed and
+    /// its update appended. Every update is checked before anything changes.
+    pub fn mercure_track(
+        &self,
+        log: &Topic,
+        op: TrackOp,
+        items: &[Tracked<'_>],
+    ) -> Result<u64, BusError> {
+        let max = self.limits().max_data_bytes;
+        if let Some(item) = items.iter().find(|i| i.blob.len() > max) {
+            return Err(BusError::TooLarge(format!(
+                "the update of subscription {} is larger than {max} bytes",
+                item.field
+            )));
+        }
+        let mut subscriptions = self
+            .mercure_subscriptions
+            .lock()
+            .expect("subscriptions poisoned");
+        let mut published = 0;
+        for item in items {
+            let changed = match op {
+                TrackOp::Add => subscriptions
+                    .insert(item.field.to_string(), item.doc.to_string())
+                    .is_none(),
+                TrackOp::Del | TrackOp::Reap | TrackOp::Leave => {
+                    subscriptions.remove(item.field).is_some()
+                }
+            };
+            if changed {
+                self.append(log, |id| Event::mercure(id, item.blob));
+                published += 1;
+            }
+        }
+        Ok(published)
+    }
+
+    /// The subscriptions' documents and the log's last update id (`earliest` when none).
+    pub fn mercure_subscriptions(&self, log: &Topic) -> (String, Vec<String>) {
+        let subscriptions = self
+            .mercure_subscriptions
+            .lock()
+            .expect("subscriptions poisoned");
+        let ttl = Duration::from_secs(self.limits().ttl_secs);
+        let last = live_log(&mut self.logs.lock().expect("logs poisoned"), log, ttl)
+            .and_then(|log| log.entries.back().cloned())
+            .and_then(|event| event.mercure.as_ref().map(|u| u.id.to_string()))
+            .unwrap_or_else(|| ssegw_protocol::mercure::update::EARLIEST.to_string());
+        (last, subscriptions.values().cloned().collect())
     }
 
     /// The entry of the first retained occurrence of the Mercure update `update_id`, as

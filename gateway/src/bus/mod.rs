@@ -83,6 +83,50 @@ impl std::fmt::Debug for Publish<'_> {
     }
 }
 
+/// A change of the Mercure hub's active-subscriptions registry (`mercure::subscriptions`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrackOp {
+    /// Subscriptions that started on this replica.
+    Add,
+    /// Subscriptions that ended on this replica.
+    Del,
+    /// Subscriptions of a replica found dead, ended by another; nothing if it beat since.
+    Reap,
+    /// This replica's last subscriptions, as it stops: it leaves the registry.
+    Leave,
+}
+
+impl TrackOp {
+    fn as_str(self) -> &'static str {
+        match self {
+            TrackOp::Add => "add",
+            TrackOp::Del => "del",
+            TrackOp::Reap => "reap",
+            TrackOp::Leave => "leave",
+        }
+    }
+}
+
+/// One subscription in a registry change: its id (the field), its document, and the update
+/// (id and encoding) that announces the change when it changes the registry.
+#[derive(Debug, Clone, Copy)]
+pub struct Tracked<'a> {
+    pub field: &'a str,
+    pub doc: &'a str,
+    pub update_id: &'a str,
+    pub blob: &'a [u8],
+}
+
+/// What a replica's heartbeat in the registry answered.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Beat {
+    /// The replica was not alive in the registry before this beat: new, or found dead (and
+    /// maybe reaped) while it could not beat. It stores its subscriptions again.
+    pub rejoined: bool,
+    /// A dead replica and some of its subscriptions (field, document), to reap.
+    pub dead: Option<(String, Vec<(String, String)>)>,
+}
+
 /// A page of a topic's history, read after a position.
 #[derive(Debug)]
 pub struct Page {
@@ -161,6 +205,48 @@ impl Bus {
         match self {
             Bus::Redis(bus) => bus.mercure_find(log, update_id).await,
             Bus::Memory(bus) => Ok(bus.mercure_find(log, update_id)),
+        }
+    }
+
+    /// Applies `op` to the active-subscriptions registry for `replica`'s `items`, publishing on
+    /// the log `log` the update of each item whose state it changes; returns how many it
+    /// published. Safe to repeat: an item added or removed twice announces it once.
+    pub async fn mercure_track(
+        &self,
+        log: &Topic,
+        replica: &str,
+        op: TrackOp,
+        items: &[Tracked<'_>],
+    ) -> Result<u64, BusError> {
+        match self {
+            Bus::Redis(bus) => bus.mercure_track(log, replica, op, items).await,
+            Bus::Memory(bus) => bus.mercure_track(log, op, items),
+        }
+    }
+
+    /// `replica`'s heartbeat in the registry: alive for `ttl` more; with up to `count`
+    /// subscriptions of a dead replica to reap. The embedded bus has no other replica.
+    pub async fn mercure_beat(
+        &self,
+        replica: &str,
+        ttl: std::time::Duration,
+        count: usize,
+    ) -> Result<Beat, BusError> {
+        match self {
+            Bus::Redis(bus) => bus.mercure_beat(replica, ttl, count).await,
+            Bus::Memory(_) => Ok(Beat::default()),
+        }
+    }
+
+    /// The live subscriptions' documents and the id of the log's last update at that instant
+    /// (`earliest` when it has none).
+    pub async fn mercure_subscriptions(
+        &self,
+        log: &Topic,
+    ) -> Result<(String, Vec<String>), BusError> {
+        match self {
+            Bus::Redis(bus) => bus.mercure_subscriptions(log).await,
+            Bus::Memory(bus) => Ok(bus.mercure_subscriptions(log)),
         }
     }
 

@@ -75,6 +75,12 @@ pub struct MercureArgs {
     /// token in the Authorization header or the authorization query parameter.
     #[arg(long, env = "SSEGW_MERCURE_PUBLISH_ORIGINS", value_delimiter = ',')]
     pub mercure_publish_origins: Vec<String>,
+    /// Publish an update whenever a subscription starts or ends, and serve the subscriptions
+    /// API at /.well-known/mercure/subscriptions, across the fleet (the Mercure hub's
+    /// `subscriptions` directive). Needs a subscriber key: the API and the updates are for
+    /// token holders only. Replicas beat every --presence-interval (2 s when presence is off).
+    #[arg(long, env = "SSEGW_MERCURE_SUBSCRIPTIONS", default_value_t = false, action = ArgAction::Set)]
+    pub mercure_subscriptions: bool,
 }
 
 /// The checked Mercure settings; present in `Config` only with `--mercure true`.
@@ -89,6 +95,8 @@ pub struct MercureConfig {
     pub publish_origins: Option<Vec<String>>,
     /// Clock skew allowed on `exp` and `nbf` (the native `--jwt-leeway`).
     pub leeway: Duration,
+    /// `--mercure-subscriptions`: subscription updates and the subscriptions API.
+    pub subscriptions: bool,
 }
 
 impl MercureArgs {
@@ -177,6 +185,14 @@ impl MercureArgs {
                     .into(),
             ));
         }
+        if self.mercure_subscriptions && subscriber_keys.is_empty() {
+            return Err(ConfigError(
+                "--mercure-subscriptions true needs a subscriber key (--mercure-jwt-secret, \
+                 --mercure-subscriber-jwt-secret or --mercure-subscriber-jwt-public-key): \
+                 subscription updates are private and the subscriptions API answers only tokens"
+                    .into(),
+            ));
+        }
         if self.mercure_cookie_name.is_empty()
             || !self
                 .mercure_cookie_name
@@ -206,6 +222,7 @@ impl MercureArgs {
             cookie: self.mercure_cookie_name.clone(),
             publish_origins,
             leeway,
+            subscriptions: self.mercure_subscriptions,
         }))
     }
 }

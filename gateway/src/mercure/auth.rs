@@ -30,6 +30,8 @@ pub struct Claims {
     pub subscribe: Option<Vec<Selector>>,
     /// `exp`, seconds since the epoch.
     pub expires: Option<u64>,
+    /// `mercure.payload`: shown in the subscriber's subscription documents.
+    pub payload: Option<serde_json::Value>,
 }
 
 impl Claims {
@@ -201,10 +203,24 @@ fn claims(token: Token, selector: &impl Fn(&str) -> Selector) -> Result<Claims, 
             ))),
         }
     };
+    let payload = match claim.get("payload") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(payload) => {
+            let bytes = serde_json::to_string(payload).map_or(usize::MAX, |s| s.len());
+            if bytes > super::subscriptions::MAX_PAYLOAD_BYTES {
+                return Err(AuthError::Invalid(format!(
+                    "claim mercure.payload is larger than {} bytes",
+                    super::subscriptions::MAX_PAYLOAD_BYTES
+                )));
+            }
+            Some(payload.clone())
+        }
+    };
     Ok(Claims {
         publish: list("publish")?,
         subscribe: list("subscribe")?,
         expires: token.exp,
+        payload,
     })
 }
 

@@ -9,9 +9,10 @@ pub mod auth;
 pub mod publish;
 pub mod router;
 pub mod subscribe;
+pub mod subscriptions;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use actix_web::web;
 use ssegw_protocol::mercure::selector::Selector;
@@ -39,14 +40,21 @@ pub struct Mercure {
     /// Selectors compiled once for every subscription and token that names them, as the
     /// Mercure hub caches them. Held only to look up or insert, never across an `.await`.
     selectors: Mutex<HashMap<Box<str>, Selector>>,
+    /// The fleet's registry of active subscriptions, with `--mercure-subscriptions true`.
+    pub subscriptions: Option<Arc<subscriptions::Registry>>,
 }
 
 impl Mercure {
-    pub fn new(config: MercureConfig) -> Mercure {
+    /// The hub of `config`; with `subscriptions`, its registry of active subscriptions.
+    pub fn new(
+        config: MercureConfig,
+        subscriptions: Option<Arc<subscriptions::Registry>>,
+    ) -> Mercure {
         Mercure {
             auth: auth::MercureAuth::new(config),
-            log: Topic::new(LOG_TOPIC).expect("the log topic is a valid topic"),
+            log: log_topic(),
             selectors: Mutex::new(HashMap::new()),
+            subscriptions,
         }
     }
 
@@ -82,7 +90,13 @@ impl Mercure {
     }
 }
 
-/// `/.well-known/mercure`: GET subscribes (HEAD answers its head), POST publishes.
+/// The hub's update log.
+pub fn log_topic() -> Topic {
+    Topic::new(LOG_TOPIC).expect("the log topic is a valid topic")
+}
+
+/// `/.well-known/mercure`: GET subscribes (HEAD answers its head), POST publishes; GET
+/// `/.well-known/mercure/subscriptions...` lists active subscriptions.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(crate::http::error::only(
         web::resource("/.well-known/mercure")
@@ -90,6 +104,14 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route(web::head().to(subscribe::head))
             .route(web::post().to(publish::publish)),
         "GET, HEAD, POST",
+    ))
+    .service(crate::http::error::only(
+        web::resource([
+            subscriptions::API_PATH,
+            "/.well-known/mercure/subscriptions/{rest:.*}",
+        ])
+        .route(web::get().to(subscriptions::api)),
+        "GET",
     ));
 }
 
@@ -98,15 +120,19 @@ mod tests {
     use super::*;
 
     fn hub() -> Mercure {
-        Mercure::new(MercureConfig {
-            publisher_keys: Vec::new(),
-            subscriber_keys: Vec::new(),
-            algorithms: vec![jsonwebtoken::Algorithm::HS256],
-            anonymous: true,
-            cookie: "mercureAuthorization".into(),
-            publish_origins: Some(Vec::new()),
-            leeway: std::time::Duration::ZERO,
-        })
+        Mercure::new(
+            MercureConfig {
+                publisher_keys: Vec::new(),
+                subscriber_keys: Vec::new(),
+                algorithms: vec![jsonwebtoken::Algorithm::HS256],
+                anonymous: true,
+                cookie: "mercureAuthorization".into(),
+                publish_origins: Some(Vec::new()),
+                leeway: std::time::Duration::ZERO,
+                subscriptions: false,
+            },
+            None,
+        )
     }
 
     #[test]

@@ -211,6 +211,7 @@ pub(crate) async fn subscribe(
     let mercure = state.mercure.as_ref().expect("admitted: the hub is on");
     let slot = crate::http::api::open_slot(&state)?;
     let closes_at = claims.as_ref().and_then(|c| mercure.auth.closes_at(c));
+    let payload = claims.as_ref().and_then(|c| c.payload.clone());
     let filter = Rc::new(Filter {
         selectors: query.selectors,
         claims: claims.map(|c| c.subscribe.unwrap_or_default()),
@@ -230,8 +231,14 @@ pub(crate) async fn subscribe(
             "gateway is not subscribed to Redis, retry later",
         ));
     };
+    // In the registry from here until the stream ends.
+    let tracking = mercure
+        .subscriptions
+        .as_ref()
+        .map(|registry| registry.track(&filter.selectors, payload.as_ref()));
     let mut stream = MercureStream {
         subscription,
+        _tracking: tracking,
         joined,
         bus: state.bus.clone(),
         log: mercure.log.clone(),
@@ -348,6 +355,8 @@ fn gap_frame(reason: GapReason) -> Bytes {
 struct MercureStream {
     /// What this replica's router hands it from the log.
     subscription: Subscription,
+    /// Its subscriptions in the fleet's registry (`--mercure-subscriptions`), ended on drop.
+    _tracking: Option<super::subscriptions::Tracking>,
     /// When it was registered: a read of the log issued after, with what the router hands
     /// it, misses nothing.
     joined: Instant,

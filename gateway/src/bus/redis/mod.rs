@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::presence::TopicPresence;
 use super::single_flight::SingleFlight;
-use super::{BusError, Page, Publish};
+use super::{Beat, BusError, Page, Publish, TrackOp, Tracked};
 use crate::config::{BusConfig, Durability, RedisTarget, Topology};
 use crate::fanout::event::Event;
 use crate::fanout::hub::{Hub, Interest};
@@ -435,6 +435,81 @@ impl RedisBus {
         StreamId::parse(&reply)
             .map(Some)
             .map_err(|_| BusError::Unavailable(format!("unexpected entry id {reply:?}")))
+    }
+
+    /// Runs a Mercure registry call (its keys all in the log's slot) and returns the answer.
+    async fn mercure_call(&self, log: &Topic, cmd: &redis::Cmd) -> Result<Value, BusError> {
+        match &self.backend {
+            Backend::Single(commands) => commands.fcall(cmd).await,
+            Backend::Cluster(commands) => {
+                let mut conn = commands.connection().await?;
+                commands.fcall(&mut conn, log, cmd).await
+            }
+        }
+    }
+
+    /// `FCALL ssegw_m_track`. Resent as any read may be: repeating it changes nothing.
+    pub async fn mercure_track(
+        &self,
+        log: &Topic,
+        replica: &str,
+        op: TrackOp,
+        items: &[Tracked<'_>],
+    ) -> Result<u64, BusError> {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(script::MERCURE_TRACK_FUNCTION)
+            .arg(6)
+            .arg(&script::mercure_keys(log))
+            .arg(script::MERCURE_SUBSCRIPTIONS)
+            .arg(script::mercure_replica_key(replica))
+            .arg(op.as_str());
+        for item in items {
+            cmd.arg(item.field)
+                .arg(item.doc)
+                .arg(item.update_id)
+                .arg(item.blob);
+        }
+        match self.mercure_call(log, &cmd).await? {
+            Value::Int(published) => Ok(published.max(0) as u64),
+            other => Err(BusError::Unavailable(format!(
+                "unexpected ssegw_m_track reply {other:?}"
+            ))),
+        }
+    }
+
+    /// `FCALL ssegw_m_beat`.
+    pub async fn mercure_beat(
+        &self,
+        replica: &str,
+        ttl: std::time::Duration,
+        count: usize,
+    ) -> Result<Beat, BusError> {
+        let log = Topic::new(ssegw_protocol::mercure::update::LOG_TOPIC)
+            .expect("the log topic is a valid topic");
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(script::MERCURE_BEAT_FUNCTION)
+            .arg(1)
+            .arg(script::MERCURE_SUBSCRIPTIONS)
+            .arg(replica)
+            .arg(ttl.as_millis() as u64)
+            .arg(count);
+        let reply = reply::text_list(self.mercure_call(&log, &cmd).await?)?;
+        reply::parse_beat(reply)
+    }
+
+    /// `FCALL ssegw_m_subscriptions`.
+    pub async fn mercure_subscriptions(
+        &self,
+        log: &Topic,
+    ) -> Result<(String, Vec<String>), BusError> {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(script::MERCURE_SUBSCRIPTIONS_FUNCTION)
+            .arg(2)
+            .arg(script::stream_key(log))
+            .arg(script::MERCURE_SUBSCRIPTIONS);
+        let mut reply = reply::text_list(self.mercure_call(log, &cmd).await?)?.into_iter();
+        let last = reply.next().ok_or_else(reply::malformed)?;
+        Ok((last, reply.collect()))
     }
 
     /// The fleet's subscribers of each of `topics`, from the replicas' live presence reports.

@@ -8,7 +8,7 @@ use redis::Value;
 use ssegw_protocol::frame::{EventType, GapReason};
 use ssegw_protocol::{StreamId, Traceparent};
 
-use crate::bus::{BusError, Page};
+use crate::bus::{Beat, BusError, Page};
 use crate::fanout::event::Event;
 
 pub(super) fn malformed() -> BusError {
@@ -69,6 +69,31 @@ pub(super) fn text_reply(value: Value) -> Result<String, BusError> {
         Value::SimpleString(text) => Ok(text),
         other => Err(BusError::Unavailable(format!("unexpected reply {other:?}"))),
     }
+}
+
+/// An array of strings (a registry call's answer).
+pub(super) fn text_list(value: Value) -> Result<Vec<String>, BusError> {
+    match value {
+        Value::Array(items) => items.into_iter().map(text_reply).collect(),
+        other => Err(BusError::Unavailable(format!("unexpected reply {other:?}"))),
+    }
+}
+
+/// `ssegw_m_beat`'s answer: `rejoined`, the dead replica (or empty), then its fields and
+/// documents.
+pub(super) fn parse_beat(reply: Vec<String>) -> Result<Beat, BusError> {
+    let mut reply = reply.into_iter();
+    let (Some(rejoined), Some(dead)) = (reply.next(), reply.next()) else {
+        return Err(malformed());
+    };
+    let mut subscriptions = Vec::new();
+    while let Some(field) = reply.next() {
+        subscriptions.push((field, reply.next().ok_or_else(malformed)?));
+    }
+    Ok(Beat {
+        rejoined: rejoined == "1",
+        dead: (!dead.is_empty()).then_some((dead, subscriptions)),
+    })
 }
 
 fn as_text(value: &Value) -> Option<&str> {
