@@ -26,6 +26,11 @@ const GATEWAY_ACL: &str = "resetkeys ~ssegw:s:* ~ssegw:i:* ~ssegw:p:* resetchann
      +publish +ping +unwatch +xadd +xrange +xrevrange +xlen +xtrim +xdel +xinfo|stream +exists \
      +pttl +expire +time +get +set +mget +del +zadd +zrem +zrange +zremrangebyscore";
 
+/// What the Mercure hub adds, with its active subscriptions (docs/deploy.md, "Least
+/// privilege").
+const MERCURE_ACL: &str = "~ssegw:m:* +hsetnx +hget +hlen +unlink +hset +hdel +hrandfield +hvals \
+     +zscore +zrangebyscore";
+
 /// What a service that only publishes needs (docs/deploy.md, "Least privilege").
 const PUBLISHER_ACL: &str = "resetkeys ~ssegw:s:* ~ssegw:i:* ~orders ~t resetchannels &ssegw:c:* -@all \
      +fcall +publish +xadd +xrange +xrevrange +xlen +xtrim +xdel +exists +pttl +expire +time +get +set";
@@ -454,4 +459,89 @@ async fn skipping_verification_takes_a_flag_and_warns() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("--redis-tls-skip-verify"), "{text}");
     assert!(text.contains("WARN"), "{text}");
+}
+
+/// The Mercure hub within the documented ACL: publishing, resuming by an update id (the id
+/// index), and the registry of active subscriptions (its heartbeat, its changes, a listing).
+#[actix_web::test]
+async fn the_mercure_hub_runs_as_an_acl_user() {
+    use futures_util::StreamExt;
+    const SECRET: &str = "a-mercure-secret-of-at-least-32-bytes!";
+    let redis = SecureRedis::start(false, &format!("{GATEWAY_ACL} {MERCURE_ACL}"));
+    let password = redis.password_file(GATEWAY_PASSWORD);
+    let flags = redis.flags(&password);
+    let mut serve = as_strs(&flags);
+    serve.extend([
+        "--presence-interval",
+        "200ms",
+        "--mercure",
+        "true",
+        "--mercure-jwt-secret",
+        SECRET,
+        "--mercure-anonymous",
+        "true",
+        "--mercure-subscriptions",
+        "true",
+    ]);
+    let gw = Gateway::start(&serve);
+    let token = |claims: serde_json::Value| {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let publisher = token(serde_json::json!({"mercure": {"publish": ["*"]}}));
+    let mut ids = Vec::new();
+    for data in ["one", "two"] {
+        let mut response = awc::Client::default()
+            .post(gw.url("/.well-known/mercure"))
+            .insert_header(("authorization", format!("Bearer {publisher}")))
+            .send_form(&[("topic", "urn:t"), ("data", data)])
+            .await
+            .unwrap();
+        let body = response.body().await.unwrap();
+        assert_eq!(response.status(), 200, "{}", String::from_utf8_lossy(&body));
+        ids.push(String::from_utf8(body.to_vec()).unwrap());
+    }
+    let response = awc::Client::builder()
+        .disable_timeout()
+        .finish()
+        .get(gw.url("/.well-known/mercure?topic=urn:t"))
+        .insert_header(("last-event-id", ids[0].as_str()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers().get("last-event-id").unwrap(),
+        ids[0].as_str(),
+        "the id was found in the index"
+    );
+    let mut events = eventsource_stream::Eventsource::eventsource(response);
+    let event = tokio::time::timeout(support::WAIT, events.next())
+        .await
+        .expect("the resumed update")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (event.id.as_str(), event.data.as_str()),
+        (ids[1].as_str(), "two")
+    );
+    let reader = token(serde_json::json!({"mercure": {"subscribe": ["*"]}}));
+    wait_until("the subscription to be listed", || {
+        let mut request = std::net::TcpStream::connect(gw.addr()).unwrap();
+        use std::io::{Read, Write};
+        write!(
+            request,
+            "GET /.well-known/mercure/subscriptions HTTP/1.1\r\nHost: x\r\n\
+             Authorization: Bearer {reader}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut reply = String::new();
+        request.read_to_string(&mut reply).unwrap();
+        reply.starts_with("HTTP/1.1 200") && reply.contains("\"topic\": \"urn:t\"")
+    });
+    drop(events);
 }
