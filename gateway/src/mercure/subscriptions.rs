@@ -136,11 +136,40 @@ impl Document {
     }
 }
 
-/// One subscription of this replica: its document, and the document as stored in Redis.
+/// One subscription of this replica: its id, and its document as stored in Redis (the rest
+/// is read from it when an update is made: an entry lives as long as its stream, so it holds
+/// each byte once).
 #[derive(Debug)]
 struct Entry {
-    document: Document,
-    stored: String,
+    id: Arc<str>,
+    stored: Box<str>,
+}
+
+impl Entry {
+    fn new(document: &Document) -> Entry {
+        Entry {
+            id: document.id.as_str().into(),
+            stored: serde_json::to_string(document)
+                .expect("a document serializes")
+                .into(),
+        }
+    }
+
+    /// Its document; one that does not parse (not stored by a gateway) still has its id.
+    fn document(&self) -> Document {
+        let mut document = serde_json::from_str(&self.stored).unwrap_or_else(|_| Document {
+            context: None,
+            id: String::new(),
+            kind: "Subscription".into(),
+            subscriber: String::new(),
+            topic: String::new(),
+            active: true,
+            last_event_id: None,
+            payload: None,
+        });
+        document.id = self.id.to_string();
+        document
+    }
 }
 
 enum Change {
@@ -156,7 +185,7 @@ pub struct Registry {
     log: Topic,
     bus: Arc<Bus>,
     /// This replica's active subscriptions, by id.
-    local: Mutex<HashMap<String, Arc<Entry>>>,
+    local: Mutex<HashMap<Arc<str>, Arc<Entry>>>,
     changes: mpsc::UnboundedSender<Change>,
 }
 
@@ -177,7 +206,7 @@ impl Drop for Tracking {
                 .unwrap_or_else(|e| e.into_inner());
             self.entries
                 .iter()
-                .filter(|e| local.remove(&e.document.id).is_some())
+                .filter(|e| local.remove(&e.id).is_some())
                 .cloned()
                 .collect()
         };
@@ -219,15 +248,17 @@ impl Registry {
         let entries: Vec<Arc<Entry>> = selectors
             .iter()
             .map(|selector| {
-                let document = Document::new(selector.as_str(), &subscriber, payload);
-                let stored = serde_json::to_string(&document).expect("a document serializes");
-                Arc::new(Entry { document, stored })
+                Arc::new(Entry::new(&Document::new(
+                    selector.as_str(),
+                    &subscriber,
+                    payload,
+                )))
             })
             .collect();
         {
             let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
             for entry in &entries {
-                local.insert(entry.document.id.clone(), entry.clone());
+                local.insert(entry.id.clone(), entry.clone());
             }
         }
         let _ = self.changes.send(Change::Started(entries.clone()));
@@ -363,20 +394,9 @@ impl Registry {
         let entries: Vec<Arc<Entry>> = subscriptions
             .into_iter()
             .map(|(id, stored)| {
-                // A document that does not parse still ends, under its id.
-                let document = serde_json::from_str(&stored).unwrap_or_else(|_| Document {
-                    context: None,
-                    id: id.clone(),
-                    kind: "Subscription".into(),
-                    subscriber: String::new(),
-                    topic: String::new(),
-                    active: true,
-                    last_event_id: None,
-                    payload: None,
-                });
                 Arc::new(Entry {
-                    document: Document { id, ..document },
-                    stored,
+                    id: id.into(),
+                    stored: stored.into(),
                 })
             })
             .collect();
@@ -408,7 +428,7 @@ impl Registry {
             let updates: Vec<(String, Vec<u8>)> = batch
                 .iter()
                 .map(|e| {
-                    let update = e.document.update(active);
+                    let update = e.document().update(active);
                     let blob = update::encode(&update);
                     (update.id, blob)
                 })
@@ -417,7 +437,7 @@ impl Registry {
                 .iter()
                 .zip(&updates)
                 .map(|(entry, (update_id, blob))| Tracked {
-                    field: &entry.document.id,
+                    field: &entry.id,
                     doc: &entry.stored,
                     update_id,
                     blob,
@@ -624,6 +644,22 @@ mod tests {
         ] {
             assert_eq!(wanted(&bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn an_entry_holds_its_document_once_and_reads_it_back() {
+        let document = Document::new("urn:a", "urn:uuid:x", Some(&serde_json::json!([1])));
+        let entry = Entry::new(&document);
+        assert_eq!(&*entry.id, document.id);
+        assert_eq!(entry.document(), document);
+        // A value not stored by a gateway still ends under its id.
+        let foreign = Entry {
+            id: "/.well-known/mercure/subscriptions/a/b".into(),
+            stored: "not json".into(),
+        };
+        let ended = foreign.document().update(false);
+        assert_eq!(ended.topics, ["/.well-known/mercure/subscriptions/a/b"]);
+        assert!(ended.private);
     }
 
     #[test]
