@@ -32,7 +32,8 @@ use crate::telemetry::Metrics;
 
 /// Serves one gateway replica on `listener` until `shutdown` is cancelled, then drains: the
 /// replica turns not-ready, stops accepting, closes its streams spread over the drain window,
-/// and returns before the window ends.
+/// and returns before the window ends (with Mercure's active subscriptions, up to
+/// `LEAVE_TIMEOUT` after it, to leave their registry).
 pub async fn run(
     listener: std::net::TcpListener,
     config: Config,

@@ -1940,10 +1940,18 @@ async fn api_document(gw: &impl Replica, path: &str, token: &str) -> Value {
     assert_eq!(reply.header("content-type"), Some("application/ld+json"));
     let document: Value = serde_json::from_str(&reply.body).unwrap();
     assert_eq!(document["@context"], "https://mercure.rocks/");
-    assert_eq!(
-        reply.header("etag"),
-        document["lastEventID"].as_str(),
-        "{path}: the ETag is the last event id"
+    assert!(document["lastEventID"].is_string(), "{document}");
+    // A strong tag: the log's position, which every change moves.
+    let etag = reply.header("etag").unwrap();
+    let position = etag
+        .strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .unwrap_or_else(|| panic!("{path}: ETag {etag:?} is not quoted"));
+    assert!(
+        position
+            .split_once('-')
+            .is_some_and(|(ms, seq)| ms.parse::<u64>().is_ok() && seq.parse::<u64>().is_ok()),
+        "{path}: ETag {etag:?}"
     );
     document
 }
@@ -2090,15 +2098,17 @@ async fn subscriptions_are_announced_and_listed_across_the_fleet() {
     let collection = api_document(&c, SUBSCRIPTIONS, &all).await;
     let last = collection["lastEventID"].as_str().unwrap().to_string();
     assert!(last.starts_with("urn:uuid:"), "{last}");
-    // Unchanged since: 304 for that ETag.
+    // Unchanged since: 304 for that ETag, on any replica.
+    let etag = get(&c, SUBSCRIPTIONS, &[("authorization", &bearer)]).await;
+    let etag = etag.header("etag").unwrap().to_string();
     let not_modified = get(
-        &c,
+        &a,
         SUBSCRIPTIONS,
-        &[("authorization", &bearer), ("if-none-match", &last)],
+        &[("authorization", &bearer), ("if-none-match", &etag)],
     )
     .await;
     assert_eq!(not_modified.status, 304, "{}", not_modified.body);
-    assert_eq!(not_modified.header("etag"), Some(last.as_str()));
+    assert_eq!(not_modified.header("etag"), Some(etag.as_str()));
     // A selector's collection, and one subscription.
     let by_selector = format!("{SUBSCRIPTIONS}/urn%3Aa");
     let collection = api_document(&b, &by_selector, &all).await;
@@ -2134,6 +2144,14 @@ async fn subscriptions_are_announced_and_listed_across_the_fleet() {
         ended,
         [("urn:b".to_string(), y_id.clone(), false, "null".to_string())]
     );
+    let changed = get(
+        &c,
+        SUBSCRIPTIONS,
+        &[("authorization", &bearer), ("if-none-match", &etag)],
+    )
+    .await;
+    assert_eq!(changed.status, 200, "a change moves the ETag");
+    assert_ne!(changed.header("etag"), Some(etag.as_str()));
     let mut resumed = subscribe(
         &a,
         &query(&[SUBSCRIPTION_TEMPLATE], &[("lastEventID", &last)]),
@@ -2170,13 +2188,36 @@ async fn subscriptions_are_announced_and_listed_across_the_fleet() {
     assert_eq!(subscription_events(&mut watcher, &mine, 2).await, inactive);
     drop(x);
 
-    // Z on B; B stops (SIGTERM): its subscriptions end as it leaves.
+    // Z on B; B stops (SIGTERM): its subscriptions end as it leaves, and it leaves the
+    // registry itself, before anyone could take it for dead (600 ms after its last beat).
     let mut b = b;
+    let (_, status) = support::get_json(b.addr, "/status");
+    let b_replica = status["replica"].as_str().unwrap().to_string();
     let _z = subscribe(&b, &query(&theirs, &[]), &[]).await;
     let z = subscription_events(&mut watcher, &mine, 1).await;
     assert!(z[0].2, "{z:?}");
+    let registered: Option<f64> = redis
+        .cmd(
+            redis::cmd("ZSCORE")
+                .arg("ssegw:m:{ssegw.mercure}:subs")
+                .arg(&b_replica),
+        )
+        .unwrap();
+    assert!(registered.is_some(), "B is in the registry while it runs");
     support::signal(b.pid(), "TERM");
     b.exited(WAIT).await;
+    let registered: Option<f64> = redis
+        .cmd(
+            redis::cmd("ZSCORE")
+                .arg("ssegw:m:{ssegw.mercure}:subs")
+                .arg(&b_replica),
+        )
+        .unwrap();
+    assert_eq!(registered, None, "B left the registry as it stopped");
+    let hash: bool = redis
+        .cmd(redis::cmd("EXISTS").arg(format!("ssegw:m:{{ssegw.mercure}}:subs:r:{b_replica}")))
+        .unwrap();
+    assert!(!hash, "B's hash is gone");
     let z_ended = subscription_events(&mut watcher, &mine, 1).await;
     assert_eq!(
         z_ended,

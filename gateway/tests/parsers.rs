@@ -453,7 +453,13 @@ proptest! {
         if let Ok(message) = ChannelMessage::parse(&payload) {
             prop_assert!(message.event.is_none_or(is_event_type), "{message:?}");
             prop_assert!(payload.ends_with(message.data));
-            let canonical = channel_payload(message.id, message.event, &[], 0, message.data);
+            // The canonical form of what was accepted reads back the same. A byte inserted
+            // at a line start may make a Mercure header (`m`), which the canonical form leaves
+            // out: it is compared apart.
+            let mut canonical = channel_payload(message.id, message.event, &[], 0, message.data);
+            if message.mercure {
+                canonical.splice(0..0, b"mx\n".iter().copied());
+            }
             prop_assert_eq!(ChannelMessage::parse(&canonical), Ok(message));
         }
     }

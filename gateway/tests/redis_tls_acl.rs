@@ -544,4 +544,42 @@ async fn the_mercure_hub_runs_as_an_acl_user() {
         reply.starts_with("HTTP/1.1 200") && reply.contains("\"topic\": \"urn:t\"")
     });
     drop(events);
+    wait_until("the subscription to end", || {
+        let stored: u64 = redis
+            .admin(redis::cmd("HLEN").arg(format!(
+                "ssegw:m:{{ssegw.mercure}}:subs:r:{}",
+                get_json(gw.addr(), "/status").1["replica"].as_str().unwrap()
+            )))
+            .unwrap();
+        stored == 0
+    });
+    // A replica that died with a subscription: this one ends it within the ACL.
+    let dead = "ssegw:m:{ssegw.mercure}:subs:r:dead";
+    let _: () = redis
+        .admin(
+            redis::cmd("HSET")
+                .arg(dead)
+                .arg("/.well-known/mercure/subscriptions/urn%3Ax/urn%3Auuid%3Ad")
+                .arg(r#"{"id":"/.well-known/mercure/subscriptions/urn%3Ax/urn%3Auuid%3Ad","type":"Subscription","subscriber":"urn:uuid:d","topic":"urn:x","active":true}"#),
+        )
+        .unwrap();
+    let _: () = redis
+        .admin(
+            redis::cmd("ZADD")
+                .arg("ssegw:m:{ssegw.mercure}:subs")
+                .arg(1)
+                .arg("dead"),
+        )
+        .unwrap();
+    wait_until("the dead replica to be reaped", || {
+        let listed: Option<f64> = redis
+            .admin(
+                redis::cmd("ZSCORE")
+                    .arg("ssegw:m:{ssegw.mercure}:subs")
+                    .arg("dead"),
+            )
+            .unwrap();
+        let stored: bool = redis.admin(redis::cmd("EXISTS").arg(dead)).unwrap();
+        listed.is_none() && !stored
+    });
 }

@@ -364,13 +364,15 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- mercure_track(log, ids:0, ids:1, gen, subs, subs:r:<replica>; op, (field, doc, update id,
--- blob)...) -> how many updates were published.
--- `add` stores each field that is not stored yet and publishes its update; `del` removes each
--- stored field and publishes its update; `reap` does what `del` does for a replica that other
--- replicas found dead, and nothing if it beat since (alive after all), then forgets the
--- replica once its hash is empty; `leave` is the `del` of a replica that stops, which also
--- forgets it. Every update is checked before anything is written.
+-- mercure_track(log, ids:0, ids:1, gen, subs, subs:r:<replica>; op, ttl ms, (field, doc,
+-- update id, blob)...) -> how many updates were published.
+-- `add` stores each field that is not stored yet and publishes its update, and lists the
+-- replica for `ttl` ms if it is not listed (reaped meanwhile: its hash is never left unlisted);
+-- `del` removes each stored field and publishes its update; `reap` does what `del` does for a
+-- replica that other replicas found dead, and nothing if it beat since (alive after all), then
+-- forgets the replica once its hash is empty; `leave` does what `del` does, then forgets the
+-- replica (a replica that stops ends its subscriptions with `del` first). Every update is
+-- checked before anything is written.
 local function mercure_track(keys, args)
   local m, bad = mercure_keys(keys)
   if not m then return bad end
@@ -378,12 +380,12 @@ local function mercure_track(keys, args)
   if keys[5] ~= SUBS or not replica then
     return err('usage: FCALL ssegw_m_track 6 <4 Mercure keys> ' .. SUBS .. ' ' .. SUBS .. ':r:<replica> ...')
   end
-  local op = args[1]
-  if (op ~= 'add' and op ~= 'del' and op ~= 'reap' and op ~= 'leave') or (#args - 1) % 4 ~= 0 then
-    return err('usage: FCALL ssegw_m_track 6 <keys> add|del|reap|leave (<field> <doc> <update id> <update>)...')
+  local op, ttl = args[1], tonumber(args[2])
+  if (op ~= 'add' and op ~= 'del' and op ~= 'reap' and op ~= 'leave') or not ttl or (#args - 2) % 4 ~= 0 then
+    return err('usage: FCALL ssegw_m_track 6 <keys> add|del|reap|leave <ttl ms> (<field> <doc> <update id> <update>)...')
   end
   local r
-  for i = 2, #args, 4 do
+  for i = 3, #args, 4 do
     r, bad = mercure_check(m, args[i + 2], args[i + 3])
     if not r then return bad end
   end
@@ -391,9 +393,11 @@ local function mercure_track(keys, args)
   if op == 'reap' then
     local score = redis.call('ZSCORE', SUBS, replica)
     if not score or tonumber(score) >= now_ms() then return 0 end
+  elseif op == 'add' then
+    redis.call('ZADD', SUBS, 'NX', now_ms() + ttl, replica)
   end
   local published = 0
-  for i = 2, #args, 4 do
+  for i = 3, #args, 4 do
     local changed
     if op == 'add' then
       changed = redis.call('HSET', keys[6], args[i], args[i + 1])
@@ -441,23 +445,26 @@ local function mercure_beat(keys, args)
   return out
 end
 
--- mercure_subscriptions(log, subs) -> {the log's last update id or 'earliest', doc, ...}
--- The documents of the live replicas' subscriptions, and the id of the last update at that
--- instant: subscribing to subscription updates after it misses no change.
+-- mercure_subscriptions(log, subs) -> {the log's last entry or '', its update id or 'earliest',
+-- doc, ...}
+-- The documents of every listed replica's subscriptions (those of a dead replica until they
+-- are reaped, which announces their end), and the last update at that instant: subscribing to
+-- subscription updates after it misses no change.
 local function mercure_subscriptions(keys, args)
   local _, key = topic_and_key(keys[1] or '')
   if key ~= 'ssegw:s:{ssegw.mercure}' or keys[2] ~= SUBS then
     return err('usage: FCALL_RO ssegw_m_subscriptions 2 ssegw:s:{ssegw.mercure} ' .. SUBS)
   end
-  local out = {'earliest'}
+  local out = {'', 'earliest'}
   local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
   if #last > 0 then
+    out[1] = last[1][1]
     local fields = last[1][2]
     for i = 1, #fields, 2 do
-      if fields[i] == 'm' then out[1] = fields[i + 1] end
+      if fields[i] == 'm' then out[2] = fields[i + 1] end
     end
   end
-  for _, replica in ipairs(redis.call('ZRANGEBYSCORE', SUBS, now_ms(), '+inf')) do
+  for _, replica in ipairs(redis.call('ZRANGE', SUBS, 0, -1)) do
     for _, doc in ipairs(redis.call('HVALS', SUBS .. ':r:' .. replica)) do
       out[#out + 1] = doc
     end

@@ -32,14 +32,14 @@ pub const MERCURE_PUBLISH_FUNCTION: &str = "ssegw_m_publish";
 /// an empty string.
 pub const MERCURE_FIND_FUNCTION: &str = "ssegw_m_find";
 /// `FCALL ssegw_m_track 6 <mercure_keys> <MERCURE_SUBSCRIPTIONS> <mercure_replica_key>
-/// add|del|reap|leave (<field> <doc> <update id> <update>)...`: stores or removes a replica's
+/// add|del|reap|leave <ttl ms> (<field> <doc> <update id> <update>)...`: stores or removes a replica's
 /// active Mercure subscriptions and publishes the update of each change (library version 6).
 pub const MERCURE_TRACK_FUNCTION: &str = "ssegw_m_track";
 /// `FCALL ssegw_m_beat 1 <MERCURE_SUBSCRIPTIONS> <replica> <ttl ms> <count>`: keeps a replica's
 /// subscriptions alive and hands out those of a dead replica to reap.
 pub const MERCURE_BEAT_FUNCTION: &str = "ssegw_m_beat";
 /// `FCALL_RO ssegw_m_subscriptions 2 <log stream key> <MERCURE_SUBSCRIPTIONS>`: the log's last
-/// update id and the live replicas' subscription documents.
+/// entry and its update id, and the listed replicas' subscription documents.
 pub const MERCURE_SUBSCRIPTIONS_FUNCTION: &str = "ssegw_m_subscriptions";
 /// The replicas that hold active Mercure subscriptions, each scored with the Redis time (ms)
 /// at which it counts as dead unless it beats again.

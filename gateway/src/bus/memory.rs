@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::presence::TopicPresence;
-use super::{gap_for, BusError, Page, Publish, TrackOp, Tracked};
+use super::{gap_for, BusError, Listing, Page, Publish, TrackOp, Tracked};
 use crate::config::BusConfig;
 use crate::fanout::event::Event;
 use crate::fanout::hub::{Hub, Interest};
@@ -230,18 +230,22 @@ impl MemoryBus {
         Ok(published)
     }
 
-    /// The subscriptions' documents and the log's last update id (`earliest` when none).
-    pub fn mercure_subscriptions(&self, log: &Topic) -> (String, Vec<String>) {
+    /// The subscriptions' documents and the log's last update.
+    pub fn mercure_subscriptions(&self, log: &Topic) -> Listing {
         let subscriptions = self
             .mercure_subscriptions
             .lock()
             .expect("subscriptions poisoned");
         let ttl = Duration::from_secs(self.limits().ttl_secs);
         let last = live_log(&mut self.logs.lock().expect("logs poisoned"), log, ttl)
-            .and_then(|log| log.entries.back().cloned())
-            .and_then(|event| event.mercure.as_ref().map(|u| u.id.to_string()))
-            .unwrap_or_else(|| ssegw_protocol::mercure::update::EARLIEST.to_string());
-        (last, subscriptions.values().cloned().collect())
+            .and_then(|log| log.entries.back().cloned());
+        Listing {
+            position: last.as_ref().map_or(StreamId::ZERO, |event| event.id),
+            last_event_id: last
+                .and_then(|event| event.mercure.as_ref().map(|u| u.id.to_string()))
+                .unwrap_or_else(|| ssegw_protocol::mercure::update::EARLIEST.to_string()),
+            documents: subscriptions.values().cloned().collect(),
+        }
     }
 
     /// The entry of the first retained occurrence of the Mercure update `update_id`, as

@@ -117,6 +117,18 @@ pub struct Tracked<'a> {
     pub blob: &'a [u8],
 }
 
+/// The subscriptions registry's documents, as a listing read them.
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// The log's last entry then (`StreamId::ZERO` when it had none): what changes when the
+    /// registry does.
+    pub position: StreamId,
+    /// The id of that entry's update, `earliest` when there is none.
+    pub last_event_id: String,
+    /// The subscriptions' documents, as stored.
+    pub documents: Vec<String>,
+}
+
 /// What a replica's heartbeat in the registry answered.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Beat {
@@ -210,16 +222,18 @@ impl Bus {
 
     /// Applies `op` to the active-subscriptions registry for `replica`'s `items`, publishing on
     /// the log `log` the update of each item whose state it changes; returns how many it
-    /// published. Safe to repeat: an item added or removed twice announces it once.
+    /// published. Safe to repeat: an item added or removed twice announces it once. An `Add`
+    /// lists the replica for `ttl` if it was not listed.
     pub async fn mercure_track(
         &self,
         log: &Topic,
         replica: &str,
         op: TrackOp,
+        ttl: std::time::Duration,
         items: &[Tracked<'_>],
     ) -> Result<u64, BusError> {
         match self {
-            Bus::Redis(bus) => bus.mercure_track(log, replica, op, items).await,
+            Bus::Redis(bus) => bus.mercure_track(log, replica, op, ttl, items).await,
             Bus::Memory(bus) => bus.mercure_track(log, op, items),
         }
     }
@@ -228,22 +242,19 @@ impl Bus {
     /// subscriptions of a dead replica to reap. The embedded bus has no other replica.
     pub async fn mercure_beat(
         &self,
+        log: &Topic,
         replica: &str,
         ttl: std::time::Duration,
         count: usize,
     ) -> Result<Beat, BusError> {
         match self {
-            Bus::Redis(bus) => bus.mercure_beat(replica, ttl, count).await,
+            Bus::Redis(bus) => bus.mercure_beat(log, replica, ttl, count).await,
             Bus::Memory(_) => Ok(Beat::default()),
         }
     }
 
-    /// The live subscriptions' documents and the id of the log's last update at that instant
-    /// (`earliest` when it has none).
-    pub async fn mercure_subscriptions(
-        &self,
-        log: &Topic,
-    ) -> Result<(String, Vec<String>), BusError> {
+    /// The listed subscriptions' documents, and the log's last update at that instant.
+    pub async fn mercure_subscriptions(&self, log: &Topic) -> Result<Listing, BusError> {
         match self {
             Bus::Redis(bus) => bus.mercure_subscriptions(log).await,
             Bus::Memory(bus) => Ok(bus.mercure_subscriptions(log)),

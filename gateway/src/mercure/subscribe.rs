@@ -231,14 +231,9 @@ pub(crate) async fn subscribe(
             "gateway is not subscribed to Redis, retry later",
         ));
     };
-    // In the registry from here until the stream ends.
-    let tracking = mercure
-        .subscriptions
-        .as_ref()
-        .map(|registry| registry.track(&filter.selectors, payload.as_ref()));
     let mut stream = MercureStream {
         subscription,
-        _tracking: tracking,
+        _tracking: None,
         joined,
         bus: state.bus.clone(),
         log: mercure.log.clone(),
@@ -299,6 +294,11 @@ pub(crate) async fn subscribe(
             (first.freeze(), Some(header))
         }
     };
+    // Admitted, its first page read: in the registry from here until the stream ends.
+    stream._tracking = mercure
+        .subscriptions
+        .as_ref()
+        .map(|registry| registry.track(&stream.filter.selectors, payload.as_ref()));
     stream.slot.start();
     let chunks =
         futures_util::stream::unfold((Some(first), stream), |(first, mut stream)| async move {

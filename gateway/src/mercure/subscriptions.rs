@@ -1,16 +1,7 @@
 //! Active subscriptions (`--mercure-subscriptions true`): the Mercure spec's subscription
-//! events and subscriptions API, across the fleet.
-//!
-//! Each subscription (one selector of one connection) is a document in its replica's hash in
-//! Redis. A replica stores its subscriptions as they start and removes them as they end, and
-//! every change that changes the registry appends its private update to the hub's log in the
-//! same call (`ssegw_m_track`), so a listing (`ssegw_m_subscriptions`) and the log's last
-//! update id agree. A replica beats every interval (`ssegw_m_beat`); one that misses
-//! `EXPIRY_INTERVALS` beats counts as dead, and the next replica to beat is handed its
-//! subscriptions to end (`reap`), each exactly once, whoever else beats at the same time. A
-//! replica that was taken for dead but was only slow stores its subscriptions again at its
-//! next beat. The registry's calls are made by one task per replica (`Registry::run`), in the
-//! order the changes happened, so a connection's end never overtakes its start.
+//! updates and subscriptions API across the fleet, each replica's subscriptions in its own
+//! Redis hash, changed with their update in one call (docs/mercure.md, "Active subscriptions",
+//! says how replicas beat, reap the dead and rejoin).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::auth::Role;
 use crate::auth::AuthError;
 use crate::bus::presence::EXPIRY_INTERVALS;
-use crate::bus::{Bus, TrackOp, Tracked};
+use crate::bus::{Bus, BusError, TrackOp, Tracked};
 use crate::http::{ApiError, AppState};
 
 /// The collection of subscriptions; a selector's are under `/{selector}`, one subscription at
@@ -39,8 +30,10 @@ pub const API_PATH: &str = "/.well-known/mercure/subscriptions";
 const CONTEXT: &str = "https://mercure.rocks/";
 /// Subscriptions per registry call.
 const BATCH: usize = 256;
-/// Subscriptions of a dead replica ended per beat.
+/// Subscriptions of a dead replica ended per call.
 const REAP_BATCH: usize = 500;
+/// Reaping calls per beat, at most: a dead replica's 10,000 subscriptions end within a beat.
+const REAP_CALLS_PER_BEAT: usize = 20;
 /// Largest `mercure.payload` claim, serialized: it is copied into every subscription's
 /// document and update.
 pub const MAX_PAYLOAD_BYTES: usize = 8 * 1024;
@@ -172,6 +165,7 @@ impl Entry {
     }
 }
 
+/// A change of this replica's subscriptions, queued for the registry task.
 enum Change {
     Started(Vec<Arc<Entry>>),
     Ended(Vec<Arc<Entry>>),
@@ -184,9 +178,18 @@ pub struct Registry {
     replica: String,
     log: Topic,
     bus: Arc<Bus>,
+    /// How long a beat keeps this replica listed: `EXPIRY_INTERVALS` intervals.
+    ttl: Duration,
     /// This replica's active subscriptions, by id.
     local: Mutex<HashMap<Arc<str>, Arc<Entry>>>,
+    /// Sent by `track` and `Tracking`'s drop (under `local`'s lock, so in the order `local`
+    /// changed) and by `leave`; received by the registry task alone. Unbounded: a change is a
+    /// connection's start or end, queued while a call is in flight, so it holds at most what
+    /// connections do.
     changes: mpsc::UnboundedSender<Change>,
+    /// One listing at a time from this replica: a listing holds Redis for about 1.6 µs per
+    /// subscription (BENCHMARKS.md).
+    listing: tokio::sync::Semaphore,
 }
 
 /// A connection's subscriptions in the registry: they end when it is dropped (the stream
@@ -198,18 +201,17 @@ pub struct Tracking {
 
 impl Drop for Tracking {
     fn drop(&mut self) {
-        let ended: Vec<Arc<Entry>> = {
-            let mut local = self
-                .registry
-                .local
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            self.entries
-                .iter()
-                .filter(|e| local.remove(&e.id).is_some())
-                .cloned()
-                .collect()
-        };
+        let mut local = self
+            .registry
+            .local
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let ended: Vec<Arc<Entry>> = self
+            .entries
+            .iter()
+            .filter(|e| local.remove(&e.id).is_some())
+            .cloned()
+            .collect();
         if !ended.is_empty() {
             // Closed once the replica left the registry: then nothing is left to end.
             let _ = self.registry.changes.send(Change::Ended(ended));
@@ -231,8 +233,10 @@ impl Registry {
             replica: replica.to_string(),
             log,
             bus,
+            ttl: interval * EXPIRY_INTERVALS,
             local: Mutex::new(HashMap::new()),
             changes,
+            listing: tokio::sync::Semaphore::new(1),
         });
         tokio::spawn(registry.clone().run(receiver, interval, stop));
         registry
@@ -255,13 +259,12 @@ impl Registry {
                 )))
             })
             .collect();
-        {
-            let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
-            for entry in &entries {
-                local.insert(entry.id.clone(), entry.clone());
-            }
+        let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
+        for entry in &entries {
+            local.insert(entry.id.clone(), entry.clone());
         }
         let _ = self.changes.send(Change::Started(entries.clone()));
+        drop(local);
         Tracking {
             registry: self.clone(),
             entries,
@@ -291,9 +294,29 @@ impl Registry {
         // Ended subscriptions whose removal failed, removed again at the next beat.
         let mut unremoved: Vec<Arc<Entry>> = Vec::new();
         loop {
+            // The beat first: a queue of changes that never empties (a mass reconnect) must
+            // not keep the replica from beating, and so from being taken for dead.
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
+                _ = beat.tick() => {
+                    stale |= self.beat().await;
+                    if stale {
+                        let all: Vec<Arc<Entry>> = self
+                            .local
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .values()
+                            .cloned()
+                            .collect();
+                        stale = false;
+                        self.flush(TrackOp::Add, all, &mut stale, &mut unremoved).await;
+                    }
+                    if !unremoved.is_empty() {
+                        let retry = std::mem::take(&mut unremoved);
+                        self.flush(TrackOp::Del, retry, &mut stale, &mut unremoved).await;
+                    }
+                }
                 change = receiver.recv() => {
                     let Some(change) = change else { return };
                     let mut changes = vec![change];
@@ -313,17 +336,7 @@ impl Registry {
                                 if let Some((op, entries)) = run.take() {
                                     self.flush(op, entries, &mut stale, &mut unremoved).await;
                                 }
-                                let mut left: Vec<Arc<Entry>> = self
-                                    .local
-                                    .lock()
-                                    .unwrap_or_else(|e| e.into_inner())
-                                    .drain()
-                                    .map(|(_, entry)| entry)
-                                    .collect();
-                                left.append(&mut unremoved);
-                                if let Err(e) = self.send(TrackOp::Leave, &self.replica, &left).await {
-                                    tracing::warn!(error = %e, "could not end this replica's Mercure subscriptions; other replicas will once it counts as dead");
-                                }
+                                self.leave_now(&mut receiver, unremoved).await;
                                 let _ = done.send(());
                                 return;
                             }
@@ -341,56 +354,42 @@ impl Registry {
                         self.flush(op, entries, &mut stale, &mut unremoved).await;
                     }
                 }
-                _ = beat.tick() => {
-                    let ttl = interval * EXPIRY_INTERVALS;
-                    match self.bus.mercure_beat(&self.replica, ttl, REAP_BATCH).await {
-                        Ok(beat) => {
-                            stale |= beat.rejoined;
-                            if let Some((dead, subscriptions)) = beat.dead {
-                                self.reap(&dead, subscriptions).await;
-                            }
-                        }
-                        Err(e) => tracing::debug!(error = %e, "Mercure subscriptions heartbeat failed"),
+            }
+        }
+    }
+
+    /// Keeps this replica listed, and ends dead replicas' subscriptions, up to
+    /// `REAP_CALLS_PER_BEAT` batches. True when this replica must store its subscriptions
+    /// again (it was not listed).
+    async fn beat(&self) -> bool {
+        let mut rejoined = false;
+        for _ in 0..REAP_CALLS_PER_BEAT {
+            match self
+                .bus
+                .mercure_beat(&self.log, &self.replica, self.ttl, REAP_BATCH)
+                .await
+            {
+                Ok(beat) => {
+                    rejoined |= beat.rejoined;
+                    let Some((dead, subscriptions)) = beat.dead else {
+                        break;
+                    };
+                    if !self.reap(&dead, subscriptions).await {
+                        break;
                     }
-                    if stale {
-                        let all: Vec<Arc<Entry>> = self
-                            .local
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .values()
-                            .cloned()
-                            .collect();
-                        stale = self.send(TrackOp::Add, &self.replica, &all).await.is_err();
-                    }
-                    if !unremoved.is_empty()
-                        && self.send(TrackOp::Del, &self.replica, &unremoved).await.is_ok()
-                    {
-                        unremoved.clear();
-                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "Mercure subscriptions heartbeat failed");
+                    break;
                 }
             }
         }
-    }
-
-    /// Stores (`Add`) or removes (`Del`) this replica's `entries`; what fails is done again at
-    /// the next beat.
-    async fn flush(
-        &self,
-        op: TrackOp,
-        entries: Vec<Arc<Entry>>,
-        stale: &mut bool,
-        unremoved: &mut Vec<Arc<Entry>>,
-    ) {
-        if self.send(op, &self.replica, &entries).await.is_err() {
-            match op {
-                TrackOp::Add => *stale = true,
-                _ => unremoved.extend(entries),
-            }
-        }
+        rejoined
     }
 
     /// Ends the subscriptions of the dead replica `dead` (documents as stored), each once.
-    async fn reap(&self, dead: &str, subscriptions: Vec<(String, String)>) {
+    /// False when that failed.
+    async fn reap(&self, dead: &str, subscriptions: Vec<(String, String)>) -> bool {
         let entries: Vec<Arc<Entry>> = subscriptions
             .into_iter()
             .map(|(id, stored)| {
@@ -401,42 +400,118 @@ impl Registry {
             })
             .collect();
         match self.send(TrackOp::Reap, dead, &entries).await {
-            Ok(ended) if ended > 0 => {
-                tracing::info!(
-                    replica = dead,
-                    ended,
-                    "ended the Mercure subscriptions of a replica that stopped beating"
-                )
+            Ok(ended) => {
+                if ended > 0 {
+                    tracing::info!(
+                        replica = dead,
+                        ended,
+                        "ended the Mercure subscriptions of a replica that stopped beating"
+                    );
+                }
+                true
             }
-            Ok(_) => {}
             Err(e) => {
-                tracing::debug!(error = %e, "could not reap a dead replica's Mercure subscriptions")
+                tracing::warn!(error = %e, replica = dead, "could not end a dead replica's Mercure subscriptions");
+                false
             }
         }
     }
 
-    /// One registry call per `BATCH` entries, each with the update of its change.
+    /// Ends the subscriptions still open here, those that ended since `Leave` was queued, and
+    /// those whose end failed to go out, then leaves the registry.
+    async fn leave_now(
+        &self,
+        receiver: &mut mpsc::UnboundedReceiver<Change>,
+        mut unremoved: Vec<Arc<Entry>>,
+    ) {
+        let mut left: Vec<Arc<Entry>> = self
+            .local
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, entry)| entry)
+            .collect();
+        left.append(&mut unremoved);
+        // A stream that ended before `local` was emptied queued its end under `local`'s lock,
+        // so it is in the queue now, maybe behind `Leave`; none can end after.
+        while let Ok(change) = receiver.try_recv() {
+            match change {
+                Change::Ended(mut ended) => left.append(&mut ended),
+                // Its subscriptions were in `local`.
+                Change::Started(_) => {}
+                Change::Leave(done) => {
+                    let _ = done.send(());
+                }
+            }
+        }
+        let result = match self.send(TrackOp::Del, &self.replica, &left).await {
+            Ok(_) => self.send(TrackOp::Leave, &self.replica, &[]).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "could not end this replica's Mercure subscriptions; other replicas will once it counts as dead");
+        }
+    }
+
+    /// Stores (`Add`) or removes (`Del`) this replica's `entries`; what Redis could not be
+    /// reached for is done again at the next beat, what it refused is dropped and logged.
+    async fn flush(
+        &self,
+        op: TrackOp,
+        entries: Vec<Arc<Entry>>,
+        stale: &mut bool,
+        unremoved: &mut Vec<Arc<Entry>>,
+    ) {
+        match self.send(op, &self.replica, &entries).await {
+            Ok(_) => {}
+            Err(BusError::Unavailable(_)) => match op {
+                TrackOp::Add => *stale = true,
+                _ => unremoved.extend(entries),
+            },
+            Err(e) => {
+                tracing::error!(error = %e, ?op, subscriptions = entries.len(), "the Mercure subscriptions registry refused a change; dropped")
+            }
+        }
+    }
+
+    /// One registry call per `BATCH` entries, each with the update of its change; a `Leave`
+    /// with no entries is one call. An entry whose update the log would refuse as too large
+    /// (a large `mercure.payload`, a low `--max-event-bytes` for `ssegw.mercure`) is left out,
+    /// with a warning, rather than failing its batch for ever.
     async fn send(
         &self,
         op: TrackOp,
         replica: &str,
         entries: &[Arc<Entry>],
-    ) -> Result<u64, crate::bus::BusError> {
+    ) -> Result<u64, BusError> {
         let active = op == TrackOp::Add;
+        let max = self
+            .bus
+            .retention()
+            .map(|r| r.limits_for(self.log.as_str()).1.max_data_bytes);
+        let updates: Vec<(&Arc<Entry>, String, Vec<u8>)> = entries
+            .iter()
+            .filter_map(|entry| {
+                let update = entry.document().update(active);
+                let blob = update::encode(&update);
+                if max.is_some_and(|max| blob.len() > max) {
+                    tracing::warn!(subscription = %entry.id, bytes = blob.len(), "a Mercure subscription's update is larger than the log accepts: not announced");
+                    return None;
+                }
+                Some((entry, update.id, blob))
+            })
+            .collect();
         let mut published = 0;
-        for batch in entries.chunks(BATCH) {
-            let updates: Vec<(String, Vec<u8>)> = batch
-                .iter()
-                .map(|e| {
-                    let update = e.document().update(active);
-                    let blob = update::encode(&update);
-                    (update.id, blob)
-                })
-                .collect();
+        if updates.is_empty() && op == TrackOp::Leave {
+            return self
+                .bus
+                .mercure_track(&self.log, replica, op, self.ttl, &[])
+                .await;
+        }
+        for batch in updates.chunks(BATCH) {
             let items: Vec<Tracked<'_>> = batch
                 .iter()
-                .zip(&updates)
-                .map(|(entry, (update_id, blob))| Tracked {
+                .map(|(entry, update_id, blob)| Tracked {
                     field: &entry.id,
                     doc: &entry.stored,
                     update_id,
@@ -445,12 +520,21 @@ impl Registry {
                 .collect();
             published += self
                 .bus
-                .mercure_track(&self.log, replica, op, &items)
-                .await
-                .inspect_err(|e| tracing::warn!(error = %e, ?op, "Mercure subscriptions registry call failed"))?;
+                .mercure_track(&self.log, replica, op, self.ttl, &items)
+                .await?;
         }
         Ok(published)
     }
+}
+
+/// `If-None-Match` names `etag` (a list of tags, weak or strong, or `*`).
+fn etag_matches(if_none_match: Option<&header::HeaderValue>, etag: &str) -> bool {
+    let Some(Ok(tags)) = if_none_match.map(|v| v.to_str()) else {
+        return false;
+    };
+    tags.split(',')
+        .map(|tag| tag.trim().trim_start_matches("W/"))
+        .any(|tag| tag == etag || tag == "*")
 }
 
 /// What the API was asked for, from the request's path.
@@ -494,11 +578,11 @@ pub(crate) async fn api(
     let Some(mercure) = &state.mercure else {
         return Err(not_found("the Mercure hub is off"));
     };
-    if mercure.subscriptions.is_none() {
+    let Some(registry) = &mercure.subscriptions else {
         return Err(not_found(
             "the subscriptions API is off (--mercure-subscriptions true turns it on)",
         ));
-    }
+    };
     let Some(wanted) = wanted(req.uri().path()) else {
         return Err(not_found(
             "no such resource: /.well-known/mercure/subscriptions[/{selector}[/{subscriber}]], \
@@ -539,18 +623,28 @@ pub(crate) async fn api(
             "the token's mercure.subscribe selectors do not match this URL".into(),
         )));
     }
-    let (last_event_id, stored) = state.bus.mercure_subscriptions(&mercure.log).await?;
+    let listing = {
+        let _one_at_a_time = registry
+            .listing
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        state.bus.mercure_subscriptions(&mercure.log).await?
+    };
+    let last_event_id = listing.last_event_id;
+    // The log's position, not the update's id: publishers choose ids, and may reuse them.
+    let etag = format!("\"{}\"", listing.position);
     let mut response = HttpResponse::Ok();
     response
-        .insert_header((header::ETAG, last_event_id.as_str()))
+        .insert_header((header::ETAG, etag.as_str()))
         .insert_header((header::CACHE_CONTROL, "private, no-cache"));
-    let if_none_match = req.headers().get(header::IF_NONE_MATCH);
-    if if_none_match.is_some_and(|v| v.as_bytes() == last_event_id.as_bytes()) {
+    if etag_matches(req.headers().get(header::IF_NONE_MATCH), &etag) {
         return Ok(HttpResponse::NotModified()
-            .insert_header((header::ETAG, last_event_id.as_str()))
+            .insert_header((header::ETAG, etag.as_str()))
             .finish());
     }
-    let mut documents: Vec<Document> = stored
+    let mut documents: Vec<Document> = listing
+        .documents
         .iter()
         .filter_map(|text| serde_json::from_str(text).ok())
         .collect();
@@ -618,6 +712,20 @@ mod tests {
         assert_eq!(query_unescape("%zz"), None);
         assert_eq!(query_unescape("%4"), None);
         assert_eq!(query_unescape("%FF"), None, "not UTF-8");
+    }
+
+    #[test]
+    fn if_none_match_is_read_as_a_list_of_tags() {
+        let etag = "\"1-0\"";
+        let check =
+            |value: &str| etag_matches(Some(&header::HeaderValue::from_str(value).unwrap()), etag);
+        assert!(check("\"1-0\""));
+        assert!(check("W/\"1-0\""));
+        assert!(check("\"0-1\", \"1-0\""));
+        assert!(check("*"));
+        assert!(!check("\"1-1\""));
+        assert!(!check("1-0"));
+        assert!(!etag_matches(None, etag));
     }
 
     #[test]

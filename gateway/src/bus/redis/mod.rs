@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::presence::TopicPresence;
 use super::single_flight::SingleFlight;
-use super::{Beat, BusError, Page, Publish, TrackOp, Tracked};
+use super::{Beat, BusError, Listing, Page, Publish, TrackOp, Tracked};
 use crate::config::{BusConfig, Durability, RedisTarget, Topology};
 use crate::fanout::event::Event;
 use crate::fanout::hub::{Hub, Interest};
@@ -454,6 +454,7 @@ impl RedisBus {
         log: &Topic,
         replica: &str,
         op: TrackOp,
+        ttl: std::time::Duration,
         items: &[Tracked<'_>],
     ) -> Result<u64, BusError> {
         let mut cmd = redis::cmd("FCALL");
@@ -462,7 +463,8 @@ impl RedisBus {
             .arg(&script::mercure_keys(log))
             .arg(script::MERCURE_SUBSCRIPTIONS)
             .arg(script::mercure_replica_key(replica))
-            .arg(op.as_str());
+            .arg(op.as_str())
+            .arg(ttl.as_millis() as u64);
         for item in items {
             cmd.arg(item.field)
                 .arg(item.doc)
@@ -480,12 +482,11 @@ impl RedisBus {
     /// `FCALL ssegw_m_beat`.
     pub async fn mercure_beat(
         &self,
+        log: &Topic,
         replica: &str,
         ttl: std::time::Duration,
         count: usize,
     ) -> Result<Beat, BusError> {
-        let log = Topic::new(ssegw_protocol::mercure::update::LOG_TOPIC)
-            .expect("the log topic is a valid topic");
         let mut cmd = redis::cmd("FCALL");
         cmd.arg(script::MERCURE_BEAT_FUNCTION)
             .arg(1)
@@ -493,23 +494,31 @@ impl RedisBus {
             .arg(replica)
             .arg(ttl.as_millis() as u64)
             .arg(count);
-        let reply = reply::text_list(self.mercure_call(&log, &cmd).await?)?;
+        let reply = reply::text_list(self.mercure_call(log, &cmd).await?)?;
         reply::parse_beat(reply)
     }
 
     /// `FCALL ssegw_m_subscriptions`.
-    pub async fn mercure_subscriptions(
-        &self,
-        log: &Topic,
-    ) -> Result<(String, Vec<String>), BusError> {
+    pub async fn mercure_subscriptions(&self, log: &Topic) -> Result<Listing, BusError> {
         let mut cmd = redis::cmd("FCALL");
         cmd.arg(script::MERCURE_SUBSCRIPTIONS_FUNCTION)
             .arg(2)
             .arg(script::stream_key(log))
             .arg(script::MERCURE_SUBSCRIPTIONS);
         let mut reply = reply::text_list(self.mercure_call(log, &cmd).await?)?.into_iter();
-        let last = reply.next().ok_or_else(reply::malformed)?;
-        Ok((last, reply.collect()))
+        let (Some(position), Some(last_event_id)) = (reply.next(), reply.next()) else {
+            return Err(reply::malformed());
+        };
+        let position = if position.is_empty() {
+            StreamId::ZERO
+        } else {
+            StreamId::parse(&position).map_err(|_| reply::malformed())?
+        };
+        Ok(Listing {
+            position,
+            last_event_id,
+            documents: reply.collect(),
+        })
     }
 
     /// The fleet's subscribers of each of `topics`, from the replicas' live presence reports.
