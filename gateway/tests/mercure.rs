@@ -1991,10 +1991,12 @@ fn subscription_event(event: &Event) -> Sub {
         data["topic"].as_str().unwrap(),
         data["subscriber"].as_str().unwrap(),
     );
+    // Go's url.QueryEscape: form encoding, except that `*` is escaped and `~` is not.
     let escape = |s: &str| {
         form_urlencoded::byte_serialize(s.as_bytes())
             .collect::<String>()
             .replace('*', "%2A")
+            .replace("%7E", "~")
     };
     assert_eq!(
         data["id"],
