@@ -2387,6 +2387,21 @@ async fn subscriptions_api_authorizes_by_url_and_serves_one_node() {
     let id = started[0].1.clone();
     let collection = api_document(&gw, SUBSCRIPTIONS, &token).await;
     assert_eq!(listed(&collection, &["urn:a", "urn:b"]), started);
+    // One subscription, however its path is escaped (lower-case hex here).
+    let one = api_document(
+        &gw,
+        &format!("{SUBSCRIPTIONS}/urn%3ab/{}", id.replace(':', "%3a")),
+        &token,
+    )
+    .await;
+    assert_eq!(
+        (&one["topic"], &one["subscriber"]),
+        (&json!("urn:b"), &json!(id))
+    );
+    assert_eq!(
+        one["id"],
+        format!("{SUBSCRIPTIONS}/urn%3Ab/{}", id.replace(':', "%3A"))
+    );
     assert_ne!(collection["lastEventID"], "earliest");
     drop(client);
     let ended = subscription_events(&mut watcher, &["urn:a", "urn:b"], 2).await;

@@ -454,11 +454,11 @@ local function mercure_beat(keys, args)
   return out
 end
 
--- mercure_subscriptions(log, subs) -> {the log's last entry or '', its update id or 'earliest',
--- doc, ...}
+-- mercure_subscriptions(log, subs; id?) -> {the log's last entry or '', its update id or
+-- 'earliest', doc, ...}
 -- The documents of every listed replica's subscriptions (those of a dead replica until they
--- are reaped, which announces their end), and the last update at that instant: subscribing to
--- subscription updates after it misses no change.
+-- are reaped, which announces their end), or only the one whose id is `id`, and the last
+-- update at that instant: subscribing to subscription updates after it misses no change.
 local function mercure_subscriptions(keys, args)
   local _, key = topic_and_key(keys[1] or '')
   if key ~= 'ssegw:s:{ssegw.mercure}' or keys[2] ~= SUBS then
@@ -473,9 +473,15 @@ local function mercure_subscriptions(keys, args)
       if fields[i] == 'm' then out[2] = fields[i + 1] end
     end
   end
+  local id = args[1]
   for _, replica in ipairs(redis.call('ZRANGE', SUBS, 0, -1)) do
-    for _, doc in ipairs(redis.call('HVALS', SUBS .. ':r:' .. replica)) do
-      out[#out + 1] = doc
+    if id then
+      local doc = redis.call('HGET', SUBS .. ':r:' .. replica, id)
+      if doc then out[#out + 1] = doc end
+    else
+      for _, doc in ipairs(redis.call('HVALS', SUBS .. ':r:' .. replica)) do
+        out[#out + 1] = doc
+      end
     end
   end
   return out

@@ -38,8 +38,9 @@ pub const MERCURE_TRACK_FUNCTION: &str = "ssegw_m_track";
 /// `FCALL ssegw_m_beat 1 <MERCURE_SUBSCRIPTIONS> <replica> <ttl ms> <count>`: keeps a replica's
 /// subscriptions alive and hands out those of a dead replica to reap.
 pub const MERCURE_BEAT_FUNCTION: &str = "ssegw_m_beat";
-/// `FCALL_RO ssegw_m_subscriptions 2 <log stream key> <MERCURE_SUBSCRIPTIONS>`: the log's last
-/// entry and its update id, and the listed replicas' subscription documents.
+/// `FCALL_RO ssegw_m_subscriptions 2 <log stream key> <MERCURE_SUBSCRIPTIONS> [<id>]`: the
+/// log's last entry and its update id, and the listed replicas' subscription documents (only
+/// the one with that id, if given).
 pub const MERCURE_SUBSCRIPTIONS_FUNCTION: &str = "ssegw_m_subscriptions";
 /// The replicas that hold active Mercure subscriptions, each scored with the Redis time (ms)
 /// at which it counts as dead unless it beats again.

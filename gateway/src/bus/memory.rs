@@ -230,8 +230,9 @@ impl MemoryBus {
         Ok(published)
     }
 
-    /// The subscriptions' documents and the log's last update.
-    pub fn mercure_subscriptions(&self, log: &Topic) -> Listing {
+    /// The subscriptions' documents (only the one with the id `only`, if given) and the log's
+    /// last update.
+    pub fn mercure_subscriptions(&self, log: &Topic, only: Option<&str>) -> Listing {
         let subscriptions = self
             .mercure_subscriptions
             .lock()
@@ -244,7 +245,10 @@ impl MemoryBus {
             last_event_id: last
                 .and_then(|event| event.mercure.as_ref().map(|u| u.id.to_string()))
                 .unwrap_or_else(|| ssegw_protocol::mercure::update::EARLIEST.to_string()),
-            documents: subscriptions.values().cloned().collect(),
+            documents: match only {
+                Some(id) => subscriptions.get(id).into_iter().cloned().collect(),
+                None => subscriptions.values().cloned().collect(),
+            },
         }
     }
 

@@ -253,11 +253,16 @@ impl Bus {
         }
     }
 
-    /// The listed subscriptions' documents, and the log's last update at that instant.
-    pub async fn mercure_subscriptions(&self, log: &Topic) -> Result<Listing, BusError> {
+    /// The listed subscriptions' documents (only the one with the id `only`, if given), and
+    /// the log's last update at that instant.
+    pub async fn mercure_subscriptions(
+        &self,
+        log: &Topic,
+        only: Option<&str>,
+    ) -> Result<Listing, BusError> {
         match self {
-            Bus::Redis(bus) => bus.mercure_subscriptions(log).await,
-            Bus::Memory(bus) => Ok(bus.mercure_subscriptions(log)),
+            Bus::Redis(bus) => bus.mercure_subscriptions(log, only).await,
+            Bus::Memory(bus) => Ok(bus.mercure_subscriptions(log, only)),
         }
     }
 

@@ -629,7 +629,18 @@ pub(crate) async fn api(
             .acquire()
             .await
             .expect("the semaphore is never closed");
-        state.bus.mercure_subscriptions(&mercure.log).await?
+        // One subscription is looked up by its id, the canonical form of the path asked for.
+        let only = match &wanted {
+            Wanted::One {
+                selector,
+                subscriber,
+            } => Some(Document::new(selector, subscriber, None).id),
+            _ => None,
+        };
+        state
+            .bus
+            .mercure_subscriptions(&mercure.log, only.as_deref())
+            .await?
     };
     let last_event_id = listing.last_event_id;
     // The log's position, not the update's id: publishers choose ids, and may reuse them.

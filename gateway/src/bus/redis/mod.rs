@@ -499,12 +499,19 @@ impl RedisBus {
     }
 
     /// `FCALL ssegw_m_subscriptions`.
-    pub async fn mercure_subscriptions(&self, log: &Topic) -> Result<Listing, BusError> {
+    pub async fn mercure_subscriptions(
+        &self,
+        log: &Topic,
+        only: Option<&str>,
+    ) -> Result<Listing, BusError> {
         let mut cmd = redis::cmd("FCALL");
         cmd.arg(script::MERCURE_SUBSCRIPTIONS_FUNCTION)
             .arg(2)
             .arg(script::stream_key(log))
             .arg(script::MERCURE_SUBSCRIPTIONS);
+        if let Some(id) = only {
+            cmd.arg(id);
+        }
         let mut reply = reply::text_list(self.mercure_call(log, &cmd).await?)?.into_iter();
         let (Some(position), Some(last_event_id)) = (reply.next(), reply.next()) else {
             return Err(reply::malformed());
