@@ -90,7 +90,7 @@ pub async fn run(
     counters: Arc<Counters>,
     stop: CancellationToken,
 ) -> anyhow::Result<Outcome> {
-    let sender = Sender::connect(&plan.via).await?;
+    let sender = Sender::connect(&plan.via, plan.max_in_flight).await?;
     let names: Vec<String> = (0..layout.topics).map(|t| layout.topic_name(t)).collect();
     // What an FCALL declares as its key: the topic's stream, so that a cluster routes it to
     // the primary of the topic's slot (and, during a slot migration, to the stream's node).
@@ -102,8 +102,10 @@ pub async fn run(
     let mut next_seq = vec![0u64; names.len()];
     let mut logs = vec![AckLog::default(); names.len()];
     let mut first_error = None;
-    // Each publish is pushed here and first polled in push order, which is the order its
-    // command reaches the connection: a topic's sequence numbers are stored in order.
+    // Each publish is pushed here in sequence order and reaches its connection in that order
+    // (an HTTP lane's queue takes it at once; a Redis command is queued when first polled,
+    // in push order, into a queue with room for every event in flight): a topic's sequence
+    // numbers are stored in order.
     let mut in_flight = FuturesUnordered::new();
     let period = Duration::from_secs_f64(1.0 / plan.rate);
     let start = Instant::now();
@@ -183,11 +185,14 @@ enum Sender {
     Redis(redis::aio::MultiplexedConnection),
     RedisCluster(redis::cluster_async::ClusterConnection),
     /// Topic `t` always goes to lane `t % lanes.len()`, which keeps its order.
-    Http(Vec<mpsc::Sender<LaneRequest>>),
+    Http(Vec<mpsc::UnboundedSender<LaneRequest>>),
 }
 
 impl Sender {
-    async fn connect(via: &Via) -> anyhow::Result<Sender> {
+    /// `max_in_flight` sizes the Redis connection's command queue so that sending never waits
+    /// for room: a send that waited could be overtaken by a later one, swapping a topic's
+    /// events.
+    async fn connect(via: &Via, max_in_flight: usize) -> anyhow::Result<Sender> {
         match via {
             Via::Redis(RedisAddr::Cluster(seeds)) => {
                 let urls = seeds.iter().map(|node| format!("redis://{node}"));
@@ -208,7 +213,7 @@ impl Sender {
                 // failed publishes; an open-loop run wants to see the latency instead.
                 let config = redis::AsyncConnectionConfig::new()
                     .set_response_timeout(Some(Duration::from_secs(30)))
-                    .set_pipeline_buffer_size(4096);
+                    .set_pipeline_buffer_size(max_in_flight.max(4096));
                 let conn = client
                     .get_multiplexed_async_connection_with_config(&config)
                     .await
@@ -272,23 +277,26 @@ impl Sender {
                 })
             }
             Sender::Http(lanes) => {
-                let lane = lanes[topic as usize % lanes.len()].clone();
-                let topic_name = topic_name.to_string();
+                // Queued now, in the order the events are published, not when the future is
+                // first polled: a bounded queue's `send().await` let a later event of a topic
+                // overtake one waiting for room (adjacent events stored swapped, counted as out
+                // of order). The in-flight bound keeps the queue short.
+                let (tx, rx) = oneshot::channel();
+                let request = LaneRequest {
+                    topic: topic_name.to_string(),
+                    data,
+                    seq,
+                    reply: tx,
+                };
+                let queued = lanes[topic as usize % lanes.len()].send(request);
                 Box::pin(async move {
-                    let (tx, rx) = oneshot::channel();
-                    let result = async {
-                        let request = LaneRequest {
-                            topic: topic_name,
-                            data,
-                            seq,
-                            reply: tx,
-                        };
-                        lane.send(request)
+                    let result = match queued {
+                        Err(_) => Err(anyhow!("publish lane closed")),
+                        Ok(()) => rx
                             .await
-                            .map_err(|_| anyhow!("publish lane closed"))?;
-                        rx.await.map_err(|_| anyhow!("publish connection lost"))?
-                    }
-                    .await;
+                            .map_err(|_| anyhow!("publish connection lost"))
+                            .and_then(|r| r),
+                    };
                     Reply { topic, seq, result }
                 })
             }
@@ -334,9 +342,9 @@ fn start_lane(
     targets: Arc<Vec<(SocketAddr, BaseUrl)>>,
     target: Target,
     lane: usize,
-) -> mpsc::Sender<LaneRequest> {
+) -> mpsc::UnboundedSender<LaneRequest> {
     // Requests waiting for the connection; the publisher's in-flight bound keeps it short.
-    let (tx, mut rx) = mpsc::channel::<LaneRequest>(1024);
+    let (tx, mut rx) = mpsc::unbounded_channel::<LaneRequest>();
     tokio::spawn(async move {
         let mut url = lane % targets.len();
         loop {
@@ -361,7 +369,7 @@ async fn run_lane(
     addr: SocketAddr,
     base: &BaseUrl,
     target: Target,
-    rx: &mut mpsc::Receiver<LaneRequest>,
+    rx: &mut mpsc::UnboundedReceiver<LaneRequest>,
 ) -> anyhow::Result<()> {
     let stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
@@ -441,6 +449,76 @@ mod tests {
                 "{target:?} {status} {body:?}: {got:?}"
             ),
         }
+    }
+
+    /// The bodies of the HTTP/1.1 requests complete in `buf`, removed from it.
+    fn take_requests(buf: &mut Vec<u8>) -> Vec<String> {
+        let mut bodies = Vec::new();
+        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().unwrap())
+                .unwrap_or(0);
+            if buf.len() < end + 4 + length {
+                break;
+            }
+            bodies.push(String::from_utf8_lossy(&buf[end + 4..end + 4 + length]).into_owned());
+            buf.drain(..end + 4 + length);
+        }
+        bodies
+    }
+
+    /// A topic's events go on the wire in the order they were published, whatever order their
+    /// futures are polled in (the publisher polls many at once; a queue taken at first poll
+    /// let a later event overtake an earlier one).
+    #[tokio::test]
+    async fn http_events_reach_the_wire_in_publish_order_whatever_the_poll_order() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let (mut buf, mut seen) = (Vec::new(), Vec::new());
+            while seen.len() < 2 {
+                let mut chunk = [0u8; 4096];
+                let n = socket.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "the publisher closed its connection");
+                buf.extend_from_slice(&chunk[..n]);
+                for body in take_requests(&mut buf) {
+                    seen.push(body);
+                    let answer = format!(r#"{{"id":"{}-0"}}"#, seen.len());
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                    socket.write_all(response.as_bytes()).await.unwrap();
+                }
+            }
+            seen
+        });
+        let via = Via::Http {
+            urls: vec![format!("http://{addr}")],
+            lanes: 1,
+            target: Target::Gateway,
+        };
+        let sender = Sender::connect(&via, 16).await.unwrap();
+        let first = sender.publish("a", "ssegw:s:{a}", 0, 0, "first".into());
+        let second = sender.publish("a", "ssegw:s:{a}", 0, 1, "second".into());
+        // The later event's future is polled first.
+        let second = tokio::time::timeout(Duration::from_secs(10), second)
+            .await
+            .expect("the second publish was answered");
+        let first = tokio::time::timeout(Duration::from_secs(10), first)
+            .await
+            .expect("the first publish was answered");
+        let seen = server.await.unwrap();
+        assert!(
+            seen[0].contains(r#""data":"first""#) && seen[1].contains(r#""data":"second""#),
+            "sent in this order: {seen:?}"
+        );
+        assert_eq!(first.result.unwrap(), StreamId::new(1, 0));
+        assert_eq!(second.result.unwrap(), StreamId::new(2, 0));
     }
 
     #[test]
