@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
-# Runs the same load against the gateway and the two baselines (ssegw-baseline on actix, nginx
-# with nchan), one after another, each with --spawn 1 and one worker, and writes each JSON report
-# and a markdown table of the three.
+# Runs the same load against the gateway, the two baselines (ssegw-baseline on actix, nginx with
+# nchan) and the floor (ssegw-floor: one write per socket per event from two threads, as
+# ../shared/bench/floor), one after another, each with --spawn 1 and one worker, and writes each
+# JSON report and a markdown table of them, with each p99 as a multiple of the floor's.
 #
 #   loadtest/compare.sh CONNECTIONS RATE DURATION [EXTRA HARNESS ARGS...]
 #   loadtest/compare.sh 2000 20 20s --scenario many-topics
 #
 # Environment: WORKERS (worker threads of the gateway and of actix, default 1; nchan's nginx
-# always runs one worker process), OUT (output directory, default compare-<time>), TARGETS
-# (default "gateway actix nchan"), GATEWAY_FLAGS (harness flags for the gateway run only, e.g.
-# "--publish-via http": the baselines are published to over HTTP, the gateway by default with
-# FCALL on Redis), HARNESS (default target/release/ssegw-loadtest; build it with
+# always runs one worker process, the floor two writer threads), OUT (output directory, default
+# compare-<time>), TARGETS (default "floor gateway actix nchan"), GATEWAY_FLAGS (harness flags
+# for the gateway run only, e.g. "--publish-via http": the others are published to over HTTP,
+# the gateway by default with FCALL on Redis), HARNESS (default target/release/ssegw-loadtest; build it with
 # cargo build --release -p ssegw-loadtest -p sse-gateway).
 set -euo pipefail
 
 if [ $# -lt 3 ]; then
-  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
 connections=$1 rate=$2 duration=$3
@@ -23,7 +24,7 @@ shift 3
 root="$(cd "$(dirname "$0")/.." && pwd)"
 harness=${HARNESS:-$root/target/release/ssegw-loadtest}
 workers=${WORKERS:-1}
-targets=${TARGETS:-gateway actix nchan}
+targets=${TARGETS:-floor gateway actix nchan}
 out=${OUT:-compare-$(date +%Y%m%d-%H%M%S)}
 [ -x "$harness" ] || {
   echo "compare: no $harness; build it: cargo build --release -p ssegw-loadtest -p sse-gateway" >&2
@@ -38,6 +39,7 @@ for target in $targets; do
     gateway) fleet=(--spawn 1 --target gateway "--gateway-arg=--workers=$workers" ${GATEWAY_FLAGS:-}) ;;
     actix) fleet=(--spawn 1 --target actix "--gateway-arg=--workers=$workers") ;;
     nchan) fleet=(--spawn 1 --target nchan) ;;
+    floor) fleet=(--spawn 1 --target floor) ;;
     *) echo "compare: unknown target $target" >&2; exit 2 ;;
   esac
   echo "== $target: $connections connections, $rate events/s, $duration" >&2
@@ -55,28 +57,31 @@ row_jq='
   | ($r | map(.kib_per_connection) | if all(. != null) and length > 0
       then (add / length * 10 | round / 10) else "-" end) as $kib
   | def ms: . * 100 | round / 100;
-  "| \(.settings.target) | \(.delivery.received)/\(.delivery.expected) | \(.latency.p50_ms | ms) | \(.latency.p99_ms | ms) | \(.latency.max_ms | ms) | \($kib) | \($r | map(.cpu_percent) | add | round)% | \(.delivery.deliveries_per_s | round) |"'
+  "| \(.settings.target) | \(.delivery.received)/\(.delivery.expected) | \(.latency.p50_ms | ms) | \(.latency.p99_ms | ms) | - | \(.latency.max_ms | ms) | \($kib) | \($r | map(.cpu_percent) | add | round)% | \(.delivery.deliveries_per_s | round) |"'
 row_py='
-import json, sys
+import json, os, sys
 r = json.load(open(sys.argv[1]))
+floor = sys.argv[2] if len(sys.argv) > 2 and os.path.isfile(sys.argv[2]) else None
+floor_p99 = json.load(open(floor))["latency"]["p99_ms"] if floor else None
 reps = [p for p in r["processes"] if p["name"].startswith("replica-")]
 kibs = [p["kib_per_connection"] for p in reps]
 kib = round(sum(kibs) / len(kibs), 1) if kibs and None not in kibs else "-"
 lat, d = r["latency"], r["delivery"]
 cells = [r["settings"]["target"], "%d/%d" % (d["received"], d["expected"]),
-         "%.2f" % lat["p50_ms"], "%.2f" % lat["p99_ms"], "%.2f" % lat["max_ms"], str(kib),
+         "%.2f" % lat["p50_ms"], "%.2f" % lat["p99_ms"],
+         "%.2f" % (lat["p99_ms"] / floor_p99) if floor_p99 else "-", "%.2f" % lat["max_ms"], str(kib),
          "%d%%" % round(sum(p["cpu_percent"] for p in reps)), str(round(d["deliveries_per_s"]))]
 print("| " + " | ".join(cells) + " |")'
 {
   echo "$connections connections, $rate events/s for $duration, $workers worker(s); extra: ${*:-none}"
   echo
-  echo "| target | delivered/expected | p50 ms | p99 ms | max ms | KiB/conn | server CPU | deliveries/s |"
-  echo "|---|---|---|---|---|---|---|---|"
+  echo "| target | delivered/expected | p50 ms | p99 ms | p99 / floor's | max ms | KiB/conn | server CPU | deliveries/s |"
+  echo "|---|---|---|---|---|---|---|---|---|"
   for target in $targets; do
     report="$out/$target.json"
-    [ -f "$report" ] || { echo "| $target | no report | | | | | | |"; continue; }
+    [ -f "$report" ] || { echo "| $target | no report | | | | | | | |"; continue; }
     if command -v python3 >/dev/null 2>&1; then
-      python3 -c "$row_py" "$report"
+      python3 -c "$row_py" "$report" "$out/floor.json"
     else
       jq -r "$row_jq" "$report"
     fi

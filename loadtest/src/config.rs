@@ -531,6 +531,10 @@ fn spawned_servers(a: &RunArgs) -> Result<Servers, String> {
             bin: binary("ssegw-baseline", "ssegw-loadtest")?,
             args: a.gateway_args.clone(),
         },
+        Target::Floor => Servers::Actix {
+            bin: binary("ssegw-floor", "ssegw-loadtest")?,
+            args: a.gateway_args.clone(),
+        },
         Target::Nchan => {
             let missing = "--target nchan needs nginx with the nchan module \
                            (apt-get install nginx libnginx-mod-nchan)";

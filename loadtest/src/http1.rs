@@ -69,7 +69,7 @@ pub fn subscribe_request(
                 out.push_str(topic);
             }
         }
-        Target::Actix => {
+        Target::Actix | Target::Floor => {
             out.push_str("/events?topic=");
             out.push_str(&topics[0]);
         }
@@ -105,7 +105,7 @@ pub fn publish_request(base: &BaseUrl, target: Target, topic: &str, data: &str) 
             "application/json",
             serde_json::json!({ "topic": topic, "data": data }).to_string(),
         ),
-        Target::Actix => (
+        Target::Actix | Target::Floor => (
             format!("/publish?topic={topic}"),
             "text/plain",
             data.to_string(),

@@ -13,6 +13,10 @@ pub enum Target {
     /// `ssegw-baseline`: a plain actix-web handler streaming from a tokio broadcast channel
     /// (no Redis, no ids).
     Actix,
+    /// `ssegw-floor`: the least work any server can do here, as `../shared/bench/floor` does
+    /// it (one `write` per socket per event from two threads, nothing else): the ratio of the
+    /// gateway's latency to the floor's is what the machine leaves to improve.
+    Floor,
     /// nginx with the nchan module, storing messages in Redis.
     Nchan,
     /// sse-gateway replicas as a Mercure hub (`--mercure true`): subscribe to and publish at
@@ -33,6 +37,7 @@ impl Target {
         match self {
             Target::Gateway => "gateway",
             Target::Actix => "actix",
+            Target::Floor => "floor",
             Target::Nchan => "nchan",
             Target::Mercure => "mercure",
         }

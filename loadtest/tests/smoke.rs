@@ -2,7 +2,7 @@
 //! Redis and two gateway replicas (`--spawn 2`), each run checked for zero loss, zero
 //! duplicates, exit status 0 and a complete JSON report; many topics on a spawned Redis
 //! Cluster of three primaries (`--redis-cluster 3`); the same fan-out against each baseline
-//! target (`--target actix`, `--target nchan`); plus the SLO gate failing a run and bad flags
+//! target (`--target actix`, `--target nchan`) and the floor (`--target floor`); plus the SLO gate failing a run and bad flags
 //! exiting 2. Runs one at a time: they share two cores.
 //!
 //! The gateway binary comes from the same target directory: `cargo test --workspace` builds
@@ -249,6 +249,12 @@ fn baseline_fanout(target: &str) -> Value {
 #[test]
 fn actix_baseline_fanout() {
     baseline_fanout("actix");
+}
+
+/// The floor (`ssegw-floor`) is driven as the baselines are.
+#[test]
+fn floor_fanout() {
+    baseline_fanout("floor");
 }
 
 /// Without nginx and its nchan module the harness refuses the flags (status 2), naming the
