@@ -18,7 +18,6 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use clap::Parser;
 
@@ -40,9 +39,6 @@ struct Args {
 /// The head of every stream: the reference floor's, no chunked encoding (the body ends when the
 /// connection does).
 const HEAD: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\nretry: 1000\n\n";
-
-/// A request head waits this long for its bytes; a client that sends nothing is dropped.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One writer's sockets, by topic.
 type Sockets = Arc<Mutex<HashMap<String, Vec<TcpStream>>>>;
@@ -67,8 +63,9 @@ fn main() {
     serve(listener, args.writers);
 }
 
-/// Accepts connections for ever: streams go to the writers in turn, publishing connections get
-/// a thread each.
+/// Accepts connections for ever, each read by a thread of its own until its first request is
+/// in (a publishing connection may stay silent a while after it connects): streams go to the
+/// writers in turn, and a publishing connection keeps its thread.
 fn serve(listener: TcpListener, writer_threads: u16) {
     let mut shares = Vec::new();
     let mut writers = Vec::new();
@@ -80,44 +77,49 @@ fn serve(listener: TcpListener, writer_threads: u16) {
         shares.push(sockets);
         writers.push(jobs);
     }
-    let writers = Arc::new(writers);
-    let mut next = 0usize;
+    let (writers, shares) = (Arc::new(writers), Arc::new(shares));
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for conn in listener.incoming() {
-        let Ok(mut socket) = conn else { continue };
-        let _ = socket.set_read_timeout(Some(HEAD_TIMEOUT));
-        let Some((request, rest)) = read_head(&mut socket, Vec::new()) else {
-            continue;
-        };
-        match (request.method.as_str(), request.path()) {
-            ("GET", "/readyz") => {
-                let _ = socket.write_all(
-                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                );
+        let Ok(socket) = conn else { continue };
+        let (writers, shares, next) = (writers.clone(), shares.clone(), next.clone());
+        std::thread::spawn(move || accepted(socket, &writers, &shares, &next));
+    }
+}
+
+/// Serves an accepted connection by its first request.
+fn accepted(
+    mut socket: TcpStream,
+    writers: &[mpsc::Sender<Job>],
+    shares: &[Sockets],
+    next: &std::sync::atomic::AtomicUsize,
+) {
+    let Some((request, rest)) = read_head(&mut socket, Vec::new()) else {
+        return;
+    };
+    match (request.method.as_str(), request.path()) {
+        ("GET", "/readyz") => {
+            let _ = socket
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+        ("GET", "/events") => {
+            let subscribed = socket.write_all(HEAD).is_ok()
+                && socket.set_nodelay(true).is_ok()
+                && socket.set_nonblocking(true).is_ok();
+            if subscribed {
+                let turn = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                shares[turn % shares.len()]
+                    .lock()
+                    .expect("sockets poisoned")
+                    .entry(request.topic())
+                    .or_default()
+                    .push(socket);
             }
-            ("GET", "/events") => {
-                let subscribed = socket.write_all(HEAD).is_ok()
-                    && socket.set_nodelay(true).is_ok()
-                    && socket.set_nonblocking(true).is_ok();
-                if subscribed {
-                    let share = &shares[next % shares.len()];
-                    share
-                        .lock()
-                        .expect("sockets poisoned")
-                        .entry(request.topic())
-                        .or_default()
-                        .push(socket);
-                    next += 1;
-                }
-            }
-            ("POST", "/publish") => {
-                let writers = writers.clone();
-                std::thread::spawn(move || publish(socket, request, rest, &writers));
-            }
-            _ => {
-                let _ = socket.write_all(
-                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                );
-            }
+        }
+        ("POST", "/publish") => publish(socket, request, rest, writers),
+        _ => {
+            let _ = socket.write_all(
+                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
         }
     }
 }
@@ -217,7 +219,6 @@ fn publish(
     mut buf: Vec<u8>,
     writers: &[mpsc::Sender<Job>],
 ) {
-    let _ = socket.set_read_timeout(None);
     let _ = socket.set_nodelay(true);
     loop {
         while buf.len() < request.content_length {
@@ -279,6 +280,7 @@ fn frame(data: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn frames_and_heads() {
@@ -305,20 +307,23 @@ mod tests {
     }
 
     /// A subscriber gets the head, then each event published on its topic, and a subscriber of
-    /// another topic gets nothing; pipelined publishes are answered in turn.
+    /// another topic gets nothing; pipelined publishes are answered in turn; a connection that
+    /// sends nothing yet (a publisher's, between connecting and its first event) holds up no
+    /// other.
     #[test]
     fn publish_reaches_the_topics_subscribers() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         std::thread::spawn(move || serve(listener, 2));
         let connect = || TcpStream::connect(addr).unwrap();
+        let _silent = connect();
         let subscribe = |topic: &str| {
             let mut s = connect();
             s.write_all(
                 format!("GET /events?topic={topic} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
             )
             .unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
             let mut head = vec![0u8; HEAD.len()];
             s.read_exact(&mut head).unwrap();
             assert_eq!(head, HEAD);
@@ -336,7 +341,7 @@ mod tests {
             .write_all((post("one") + &post("two")).as_bytes())
             .unwrap();
         publisher
-            .set_read_timeout(Some(Duration::from_secs(5)))
+            .set_read_timeout(Some(Duration::from_secs(3)))
             .unwrap();
         let answer = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n{\"receivers\":2}";
         let mut answers = vec![0u8; 2 * answer.len()];
