@@ -82,7 +82,10 @@ fn serve(listener: TcpListener, writer_threads: u16) {
     for conn in listener.incoming() {
         let Ok(socket) = conn else { continue };
         let (writers, shares, next) = (writers.clone(), shares.clone(), next.clone());
-        std::thread::spawn(move || accepted(socket, &writers, &shares, &next));
+        // A connection the machine has no thread for is dropped (the client sees it closed).
+        let _ = std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(move || accepted(socket, &writers, &shares, &next));
     }
 }
 
