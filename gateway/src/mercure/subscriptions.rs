@@ -328,7 +328,8 @@ impl Registry {
                     }
                     // Runs of starts, or of ends, go out together, in order.
                     let mut run: Option<(TrackOp, Vec<Arc<Entry>>)> = None;
-                    for change in changes {
+                    let mut changes = changes.into_iter();
+                    while let Some(change) = changes.next() {
                         let (op, entries) = match change {
                             Change::Started(entries) => (TrackOp::Add, entries),
                             Change::Ended(entries) => (TrackOp::Del, entries),
@@ -336,7 +337,8 @@ impl Registry {
                                 if let Some((op, entries)) = run.take() {
                                     self.flush(op, entries, &mut stale, &mut unremoved).await;
                                 }
-                                self.leave_now(&mut receiver, unremoved).await;
+                                // The changes taken with `Leave` and queued behind it.
+                                self.leave_now(changes, &mut receiver, unremoved).await;
                                 let _ = done.send(());
                                 return;
                             }
@@ -417,10 +419,12 @@ impl Registry {
         }
     }
 
-    /// Ends the subscriptions still open here, those that ended since `Leave` was queued, and
-    /// those whose end failed to go out, then leaves the registry.
+    /// Ends the subscriptions still open here, those that ended since `Leave` was queued
+    /// (`after`, the changes taken from the queue with it, then the queue), and those whose end
+    /// failed to go out, then leaves the registry.
     async fn leave_now(
         &self,
+        after: impl Iterator<Item = Change>,
         receiver: &mut mpsc::UnboundedReceiver<Change>,
         mut unremoved: Vec<Arc<Entry>>,
     ) {
@@ -433,8 +437,10 @@ impl Registry {
             .collect();
         left.append(&mut unremoved);
         // A stream that ended before `local` was emptied queued its end under `local`'s lock,
-        // so it is in the queue now, maybe behind `Leave`; none can end after.
-        while let Ok(change) = receiver.try_recv() {
+        // so it is in the queue now or was taken with `Leave`, maybe behind it; none can end
+        // after. (Ends taken with `Leave` were once lost here: never announced.)
+        let queued = std::iter::from_fn(|| receiver.try_recv().ok());
+        for change in after.chain(queued) {
             match change {
                 Change::Ended(mut ended) => left.append(&mut ended),
                 // Its subscriptions were in `local`.
@@ -723,6 +729,66 @@ mod tests {
         assert_eq!(query_unescape("%zz"), None);
         assert_eq!(query_unescape("%4"), None);
         assert_eq!(query_unescape("%FF"), None, "not UTF-8");
+    }
+
+    /// A subscription that ends in the instant its replica leaves, its end queued right behind
+    /// `Leave` and taken from the queue with it, is still announced as ended (it was lost).
+    #[tokio::test]
+    async fn an_end_queued_behind_leave_is_announced() {
+        let config = crate::config::Config::from_flags(["--anonymous-subscribe=*"]).unwrap();
+        let (interest_tx, interest_rx) = mpsc::unbounded_channel();
+        let hub = Arc::new(crate::fanout::hub::Hub::new(
+            16,
+            interest_tx,
+            Duration::ZERO,
+        ));
+        let bus = Bus::start(
+            &config.bus,
+            uuid::Uuid::new_v4(),
+            hub,
+            interest_rx,
+            Default::default(),
+        )
+        .unwrap();
+        let bus = Arc::new(bus);
+        let log = crate::mercure::log_topic();
+        let registry = Registry::start(
+            uuid::Uuid::new_v4(),
+            log.clone(),
+            bus.clone(),
+            Duration::from_secs(60),
+            CancellationToken::new(),
+        );
+        // The log's updates as (starts, ends).
+        let updates = || async {
+            let events = bus.newest(&log, 10).await.unwrap();
+            let started = events
+                .iter()
+                .filter(|e| {
+                    std::str::from_utf8(&e.body)
+                        .unwrap()
+                        .contains("\"active\": true")
+                })
+                .count();
+            (started, events.len() - started)
+        };
+        let tracking = registry.track(&[Selector::new("urn:a")], None);
+        for _ in 0..100 {
+            if updates().await != (0, 0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(updates().await, (1, 0), "the start was announced");
+        // Both queued before the registry's task runs again: it takes them in one batch.
+        let (done, left) = oneshot::channel();
+        registry.changes.send(Change::Leave(done)).unwrap();
+        drop(tracking);
+        tokio::time::timeout(Duration::from_secs(5), left)
+            .await
+            .expect("the registry left")
+            .unwrap();
+        assert_eq!(updates().await, (1, 1), "the end was announced, once");
     }
 
     #[test]
