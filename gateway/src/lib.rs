@@ -150,6 +150,12 @@ pub async fn run(
             .configure(|cfg| http::routes(cfg, pages, serve_mercure))
     };
     let tune = move |tcp: &actix_web::rt::net::TcpStream| tune_socket(tcp, dead_peer_timeout);
+    // A connection's pipelined publishes run together only where their order is kept: with
+    // --publish-replicas each publish waits for a Redis connection of its own.
+    let pipelined = match config.bus.redis.as_ref().and_then(|r| r.durability()) {
+        Some(_) => 1,
+        None => http::pipeline::MAX_IN_FLIGHT,
+    };
     // Workers still serving connections when the drain window is over are stopped.
     let shutdown_timeout = config.stream.drain_window.as_secs().max(1);
     let server = match config.transport {
@@ -175,6 +181,7 @@ pub async fn run(
                 .shutdown_timeout(shutdown_timeout),
             listener,
             matches!(plain, Transport::Http1AndH2c),
+            pipelined,
             tune,
             app,
         )?

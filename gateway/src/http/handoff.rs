@@ -26,9 +26,7 @@ use std::task::{Context, Poll, Waker};
 use actix_http::body::MessageBody;
 use actix_http::error::DispatchError;
 use actix_http::{HttpService, Protocol, Request, Response};
-use actix_service::{
-    apply_fn_factory, map_config, IntoServiceFactory, Service, ServiceFactory, ServiceFactoryExt,
-};
+use actix_service::{map_config, IntoServiceFactory, Service, ServiceFactory, ServiceFactoryExt};
 use actix_web::dev::AppConfig;
 use actix_web::rt::net::TcpStream;
 use bytes::Bytes;
@@ -39,6 +37,7 @@ use crate::fanout::broadcast;
 use crate::fanout::event::Delivery;
 use crate::fanout::sse::Connection;
 use crate::fanout::sweep::{self, Sink, SinkKey};
+use crate::http::pipeline;
 
 /// A connection's way out of actix-http, in the request's connection data
 /// (`HttpRequest::conn_data`) on a listener that hands streams off.
@@ -103,13 +102,21 @@ impl Handoff {
 /// parked hands it over instead.
 pub struct HandoffIo {
     socket: Option<TcpStream>,
+    /// Bytes read from the socket before actix-http got it (by [`pipeline`]), read first.
+    unread: Bytes,
     handoff: Handoff,
 }
 
 impl HandoffIo {
     pub fn new(socket: TcpStream) -> HandoffIo {
+        HandoffIo::with_unread(socket, Bytes::new())
+    }
+
+    /// The socket, with `unread` to be read before what comes from it.
+    pub fn with_unread(socket: TcpStream, unread: Bytes) -> HandoffIo {
         HandoffIo {
             socket: Some(socket),
+            unread,
             handoff: Handoff::default(),
         }
     }
@@ -133,6 +140,11 @@ impl AsyncRead for HandoffIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if !self.unread.is_empty() {
+            let n = self.unread.len().min(buf.remaining());
+            buf.put_slice(&self.unread.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
         match self.socket.as_mut() {
             Some(socket) => Pin::new(socket).poll_read(cx, buf),
             // Handed over: actix-http sees the end of the input.
@@ -185,11 +197,13 @@ impl AsyncWrite for HandoffIo {
 
 /// Serves `factory`'s app on `listener`, as actix-web's `HttpServer::listen` (or, with `h2c`,
 /// `listen_auto_h2c`) would, with the same timeouts; each accepted socket is passed to
-/// `accepted` and then wrapped in a [`HandoffIo`].
+/// `accepted` and then wrapped in a [`HandoffIo`]. A connection that starts with a publish is
+/// served by [`pipeline`] first, with at most `pipelined` publishes in flight.
 pub fn listen<A, F, I, S, B>(
     server: actix_server::ServerBuilder,
     listener: std::net::TcpListener,
     h2c: bool,
+    pipelined: usize,
     accepted: A,
     factory: F,
 ) -> io::Result<actix_server::ServerBuilder>
@@ -211,6 +225,13 @@ where
         let app = factory()
             .into_factory()
             .map_err(|e| e.into().error_response());
+        // The same app again, for the publishes of connections served by `pipeline`.
+        let app_again = map_config(
+            factory()
+                .into_factory()
+                .map_err(|e| e.into().error_response()),
+            |_| AppConfig::default(),
+        );
         let http = HttpService::build()
             .client_request_timeout(REQUEST_TIMEOUT)
             .client_disconnect_timeout(std::time::Duration::from_secs(1))
@@ -223,32 +244,54 @@ where
             // The app config only feeds `ConnectionInfo`'s fallbacks (a request without `Host`),
             // which no route reads; actix-web's own constructor for it is crate-private.
             .finish(map_config(app, |_| AppConfig::default()));
-        let protocol = actix_service::fn_service(move |socket: TcpStream| {
+        let first = actix_service::fn_service(move |socket: TcpStream| {
             accepted(&socket);
             async move {
-                let protocol = if h2c {
-                    sniff(&socket).await?
-                } else {
-                    Protocol::Http1
-                };
-                Ok::<_, DispatchError>((socket, protocol))
+                let first = sniff(&socket, h2c).await?;
+                Ok::<_, DispatchError>((socket, first))
+            }
+        });
+        let connections = actix_service::fn_factory(move || {
+            let (http, app) = (http.new_service(()), app_again.new_service(()));
+            async move {
+                let http = Rc::new(http.await?);
+                let app = Rc::new(app.await.map_err(|e| {
+                    tracing::error!("the app for pipelined publishing failed to start: {e:?}");
+                })?);
+                Ok::<_, ()>(actix_service::fn_service(
+                    move |(socket, first): (TcpStream, First)| {
+                        let (http, app) = (http.clone(), app.clone());
+                        async move {
+                            let peer = socket.peer_addr().ok();
+                            let (socket, unread, protocol) = match first {
+                                First::Http(protocol) => (socket, Bytes::new(), protocol),
+                                // Boxed: a stream's task is not sized for it.
+                                First::Publishing => {
+                                    match Box::pin(pipeline::serve(socket, peer, app, pipelined))
+                                        .await
+                                    {
+                                        pipeline::Ended::Closed => return Ok(()),
+                                        pipeline::Ended::HandOver(socket, unread) => {
+                                            (socket, unread, Protocol::Http1)
+                                        }
+                                    }
+                                }
+                            };
+                            let io = HandoffIo::with_unread(socket, unread);
+                            let handoff = io.handoff();
+                            // Boxed, so that the dispatcher's state (the request's handler
+                            // future included) is freed when it ends instead of sizing this
+                            // connection's task for the stream's life.
+                            serve(Box::pin(http.call((io, protocol, peer))), handoff).await
+                        }
+                    },
+                ))
             }
         });
         // Boxed: actix-server's task holds the service's future twice over (the future it
         // was given and the one it awaits), which for this one is 1.2 KiB each, for the
         // connection's whole life. Boxed, the task holds a pointer, and the future once.
-        actix_service::boxed::factory(protocol.and_then(apply_fn_factory(
-            http,
-            move |(socket, protocol): (TcpStream, Protocol), http: &_| {
-                let peer = socket.peer_addr().ok();
-                let io = HandoffIo::new(socket);
-                let handoff = io.handoff();
-                // Boxed, so that the dispatcher's state (the request's handler future included)
-                // is freed when it ends instead of sizing this connection's task for the
-                // stream's life.
-                serve(Box::pin(http.call((io, protocol, peer))), handoff)
-            },
-        )))
+        actix_service::boxed::factory(first.and_then(connections))
     })
 }
 
@@ -256,21 +299,33 @@ where
 /// listener its first bytes.
 const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// HTTP/2 with prior knowledge or HTTP/1, from the connection's first bytes (as actix-http's
-/// `tcp_auto_h2c` tells them apart, with a deadline for a client that sends nothing).
-async fn sniff(socket: &TcpStream) -> io::Result<Protocol> {
+/// What a connection is, by its first bytes.
+enum First {
+    /// For actix-http.
+    Http(Protocol),
+    /// Starts with a publish: served by [`pipeline`] first.
+    Publishing,
+}
+
+/// HTTP/2 with prior knowledge (on an h2c listener), a connection that starts with a publish,
+/// or HTTP/1, from the connection's first bytes (HTTP/2 as actix-http's `tcp_auto_h2c` tells
+/// it, with a deadline for a client that sends nothing).
+async fn sniff(socket: &TcpStream, h2c: bool) -> io::Result<First> {
     // Part of the HTTP/2 connection preface (RFC 9113, section 3.4).
     const H2_PREFACE: &[u8] = b"PRI * HTTP/2";
-    let mut first = [0u8; H2_PREFACE.len()];
+    let mut first = [0u8; pipeline::PEEK];
     // A short first segment is taken as HTTP/1, as actix-http does: HTTP/2 clients send the
-    // whole preface at once.
-    tokio::time::timeout(REQUEST_TIMEOUT, socket.peek(&mut first))
+    // whole preface at once, and a publisher the start of its request line.
+    let n = tokio::time::timeout(REQUEST_TIMEOUT, socket.peek(&mut first))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
-    Ok(if first == H2_PREFACE {
-        Protocol::Http2
+    let first = &first[..n];
+    Ok(if h2c && first.starts_with(H2_PREFACE) {
+        First::Http(Protocol::Http2)
+    } else if pipeline::starts_publishing(first) {
+        First::Publishing
     } else {
-        Protocol::Http1
+        First::Http(Protocol::Http1)
     })
 }
 

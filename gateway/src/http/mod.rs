@@ -9,6 +9,7 @@ pub mod error;
 pub mod handoff;
 pub mod history;
 pub mod pages;
+pub mod pipeline;
 pub mod presence;
 pub mod state;
 pub mod tls;
