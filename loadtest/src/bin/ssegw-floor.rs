@@ -73,7 +73,11 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let batch = if args.one_write_per_event { 1 } else { MAX_BATCH };
+    let batch = if args.one_write_per_event {
+        1
+    } else {
+        MAX_BATCH
+    };
     serve(listener, args.writers, batch);
 }
 
@@ -162,7 +166,10 @@ fn write_events(sockets: &Sockets, queue: &mpsc::Receiver<Job>, batch: usize) {
             let frame: &[u8] = if let [job] = jobs.as_slice() {
                 &job.frame
             } else {
-                text = jobs.iter().flat_map(|job| job.frame.iter().copied()).collect();
+                text = jobs
+                    .iter()
+                    .flat_map(|job| job.frame.iter().copied())
+                    .collect();
                 &text
             };
             let mut written = 0;
