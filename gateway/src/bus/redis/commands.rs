@@ -95,6 +95,11 @@ pub(super) struct Pools {
     /// One caller at a time asks the endpoint for the primary or opens the shared connection;
     /// the others wait for its answer.
     resolving: tokio::sync::Mutex<()>,
+    /// Callers waiting for the shared connection (for `resolving`, or in it). While there are
+    /// any, a new caller queues behind them even if the connection is open by now, so that
+    /// calls reach it in the order they were made: a connection's pipelined publishes, which
+    /// arrive as one caller each, keep their order when the first ones wait for it to open.
+    waiting_for_shared: std::sync::atomic::AtomicUsize,
     /// Numbers the shared connections, so that a caller discards only the one it saw fail.
     next_shared: std::sync::atomic::AtomicU64,
 }
@@ -126,6 +131,7 @@ impl Pools {
             timeout,
             current: std::sync::Mutex::new(None),
             resolving: tokio::sync::Mutex::new(()),
+            waiting_for_shared: std::sync::atomic::AtomicUsize::new(0),
             next_shared: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -163,9 +169,21 @@ impl Pools {
     /// The shared connection to the primary as of the endpoint's current epoch, opened if
     /// there is none.
     async fn shared(&self) -> Result<Shared, BusError> {
-        if let Some(shared) = self.checked(|c| c.shared.clone()) {
-            return Ok(shared);
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.waiting_for_shared.load(SeqCst) == 0 {
+            if let Some(shared) = self.checked(|c| c.shared.clone()) {
+                return Ok(shared);
+            }
         }
+        /// Counts its caller among those waiting until it returns (or is dropped).
+        struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, SeqCst);
+            }
+        }
+        self.waiting_for_shared.fetch_add(1, SeqCst);
+        let _waiting = Waiting(&self.waiting_for_shared);
         // Bounded: behind a caller whose connect hangs (a blackholed primary), the queue would
         // otherwise wait one timeout per caller ahead of it.
         let Ok(_resolving) = tokio::time::timeout(self.timeout, self.resolving.lock()).await else {
