@@ -230,9 +230,10 @@ async fn pipelined_publishes_on_the_embedded_bus() {
     pipelined(&gw, None).await;
 }
 
-/// A publish sent a byte at a time is served; one whose body is larger than the pipeline takes
-/// goes to actix-http, which answers it as it answers any; a connection that sends part of a
-/// request and stops is answered 408 and closed; one that goes idle is closed.
+/// A publish sent a byte at a time is served, and so is one whose parts come further apart in
+/// all than the keep-alive; one whose body is larger than the pipeline takes goes to
+/// actix-http, which answers it as it answers any; a connection that sends part of a request
+/// and stops is answered 408 and closed; one that goes idle is closed.
 #[actix_web::test]
 async fn slow_large_and_idle_publishers() {
     let gw = Gateway::start(&["--max-event-bytes", "1000"]);
@@ -247,6 +248,21 @@ async fn slow_large_and_idle_publishers() {
     assert_eq!(answered[0].status, 200, "{answered:?}");
     // Idle after its answers: closed after the keep-alive (5 s).
     closes(&mut socket, Duration::from_secs(8)).await;
+
+    // Slower than the keep-alive as a whole, but never idle that long: served.
+    let mut socket = TcpStream::connect(gw.addr).await.unwrap();
+    let trickled = publish("trickled", "in three parts, 3 s apart", "");
+    let third = trickled.len() / 3;
+    for part in [
+        &trickled[..third],
+        &trickled[third..2 * third],
+        &trickled[2 * third..],
+    ] {
+        socket.write_all(part.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    let answered = answers(&mut socket, 1, &mut input).await;
+    assert_eq!(answered[0].status, 200, "{answered:?}");
 
     let mut socket = TcpStream::connect(gw.addr).await.unwrap();
     let large = "x".repeat(70 * 1024);

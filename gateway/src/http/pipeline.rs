@@ -72,13 +72,13 @@ struct Answer {
 
 type Pending = Pin<Box<dyn Future<Output = Answer>>>;
 
-/// Serves `socket`'s publishes with `app`, at most `in_flight` at once, until the connection
+/// Serves `socket`'s publishes with `app`, at most `max_in_flight` at once, until the connection
 /// ends or a request that is not a plain publish comes.
 ///
 /// A topic's events are stored in the order their requests came: each publish is started in
 /// turn and reaches its Redis call without waiting for anything (its body is whole), and the
 /// calls go out on the bus's connection in that order (tokio's channels and semaphores serve
-/// waiters first come, first served). The listener passes `in_flight` 1 where that does not hold
+/// waiters first come, first served). The listener passes `max_in_flight` 1 where that does not hold
 /// (`--publish-replicas`: each publish waits for a connection of its own).
 pub async fn serve<S, B>(
     socket: TcpStream,
@@ -168,7 +168,8 @@ where
                 match socket.try_read_buf(&mut input) {
                     // The client stopped sending: what it sent is still answered.
                     Ok(0) => done_reading = true,
-                    Ok(_) => {}
+                    // A request still coming in has until the input stops for `IDLE`.
+                    Ok(_) => deadline = tokio::time::Instant::now() + IDLE,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(_) => return Ended::Closed,
                 }
