@@ -657,7 +657,11 @@ fn on_frame(
         shared.gap_events.fetch_add(1, Ordering::Relaxed);
         return;
     }
-    let track = payload::parse(data).and_then(|p| {
+    let parsed = match shared.plan.target {
+        Target::Reference => payload::parse_reference(data),
+        _ => payload::parse(data),
+    };
+    let track = parsed.and_then(|p| {
         let track = state.tracks.iter_mut().find(|t| t.topic == p.topic)?;
         Some((track, p))
     });

@@ -234,6 +234,8 @@ pub enum Servers {
     Gateway { bin: PathBuf, args: Vec<String> },
     /// `ssegw-baseline --listen ADDR ARGS...` (it needs no Redis).
     Actix { bin: PathBuf, args: Vec<String> },
+    /// `../shared/bench/floor`'s `floor PORT ARGS...` (`ARGS`: its number of writers).
+    Reference { bin: PathBuf, args: Vec<String> },
     /// `nginx` with the nchan module, from a generated configuration.
     Nchan { nginx: PathBuf, module: PathBuf },
 }
@@ -461,6 +463,9 @@ fn check_target(a: &RunArgs) -> Result<(), String> {
              for the gateway"
         ));
     }
+    if a.target == Target::Reference {
+        check_reference(a)?;
+    }
     if a.target == Target::Nchan && (a.gateway_bin.is_some() || !a.gateway_args.is_empty()) {
         return Err(
             "--target nchan runs nginx from PATH with a generated configuration: drop \
@@ -470,6 +475,37 @@ fn check_target(a: &RunArgs) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// What `../shared/bench/floor` can be asked: one server, one topic, its own frames, and a
+/// whole number of events a second.
+fn check_reference(a: &RunArgs) -> Result<(), String> {
+    if a.scenario != Scenario::Fanout {
+        return Err(
+            "--target reference sends every event to every connection: use --scenario fanout"
+                .into(),
+        );
+    }
+    if a.spawn.map_or(a.urls.len() != 1, |n| n != 1) {
+        return Err("--target reference is one server: --spawn 1, or one --url".into());
+    }
+    if a.spawn.is_some() && a.gateway_bin.is_none() {
+        return Err(format!(
+            "--target reference --spawn 1 needs --gateway-bin: {REFERENCE_BUILD}"
+        ));
+    }
+    if a.payload_bytes > 0 {
+        return Err("--target reference sends its own frames: drop --payload-bytes".into());
+    }
+    if a.rate.fract() != 0.0 {
+        return Err("--target reference publishes a whole number of events a second".into());
+    }
+    Ok(())
+}
+
+/// How to build `../shared/bench/floor`, said where it is missing.
+pub const REFERENCE_BUILD: &str = "build ../shared/bench/floor (cargo build --release --locked \
+     --manifest-path ../shared/bench/floor/Cargo.toml --target-dir /tmp/floor) and pass \
+     --gateway-bin /tmp/floor/release/floor";
 
 /// The Redis --spawn starts, if it does: `--redis-cluster` needs --spawn and the gateway,
 /// and takes the place of a Redis URL.
@@ -533,6 +569,10 @@ fn spawned_servers(a: &RunArgs) -> Result<Servers, String> {
         },
         Target::Floor => Servers::Actix {
             bin: binary("ssegw-floor", "ssegw-loadtest")?,
+            args: a.gateway_args.clone(),
+        },
+        Target::Reference => Servers::Reference {
+            bin: binary("floor", "floor")?,
             args: a.gateway_args.clone(),
         },
         Target::Nchan => {
@@ -665,6 +705,43 @@ mod tests {
         assert_eq!(
             sources("--url http://10.0.0.5:8080 -c 45000 --source-addrs 10.0.0.7,10.0.0.8"),
             vec![IpAddr::from([10, 0, 0, 7]), IpAddr::from([10, 0, 0, 8])]
+        );
+    }
+
+    #[test]
+    fn the_reference_is_one_server_with_one_topic() {
+        check_error(
+            "--url http://a:1 --target reference --scenario many-topics",
+            "use --scenario fanout",
+        );
+        check_error(
+            "--url http://a:1 --url http://b:1 --target reference",
+            "one server",
+        );
+        check_error("--spawn 2 --target reference", "one server");
+        check_error("--spawn 1 --target reference", "pass --gateway-bin");
+        check_error(
+            "--url http://a:1 --target reference --payload-bytes 10",
+            "drop --payload-bytes",
+        );
+        check_error(
+            "--url http://a:1 --target reference --rate 2.5",
+            "whole number",
+        );
+        let p = plan("--url http://a:1 --target reference --rate 50 -c 100").unwrap();
+        assert_eq!((p.topics, p.publish_via), (1, PublishVia::Http));
+        let exe = std::env::current_exe().unwrap();
+        let bin = exe.display().to_string();
+        let p = plan(&format!(
+            "--spawn 1 --target reference --gateway-bin {bin} --gateway-arg=2"
+        ))
+        .unwrap();
+        assert_eq!(
+            p.servers,
+            Some(Servers::Reference {
+                bin: exe,
+                args: vec!["2".into()]
+            })
         );
     }
 

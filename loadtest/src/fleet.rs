@@ -274,6 +274,12 @@ impl Fleet {
                 command.args(["--listen", &listen.to_string()]).args(args);
                 command
             }
+            Servers::Reference { bin, args } => {
+                // It listens on 127.0.0.1, as every spawned replica does.
+                let mut command = Command::new(bin);
+                command.arg(listen.port().to_string()).args(args);
+                command
+            }
             Servers::Nchan { nginx, module } => {
                 let RedisAddr::Url(redis_url) = &self.redis_addr else {
                     bail!("nchan is measured against one redis-server, not a cluster");

@@ -69,7 +69,8 @@ pub fn subscribe_request(
                 out.push_str(topic);
             }
         }
-        Target::Actix | Target::Floor => {
+        // The reference holds any GET as a stream.
+        Target::Actix | Target::Floor | Target::Reference => {
             out.push_str("/events?topic=");
             out.push_str(&topics[0]);
         }
@@ -105,7 +106,8 @@ pub fn publish_request(base: &BaseUrl, target: Target, topic: &str, data: &str) 
             "application/json",
             serde_json::json!({ "topic": topic, "data": data }).to_string(),
         ),
-        Target::Actix | Target::Floor => (
+        // The reference is published to with `go_request` instead, never event by event.
+        Target::Actix | Target::Floor | Target::Reference => (
             format!("/publish?topic={topic}"),
             "text/plain",
             data.to_string(),
@@ -129,6 +131,16 @@ pub fn publish_request(base: &BaseUrl, target: Target, topic: &str, data: &str) 
         base.prefix,
         base.authority,
         body.len()
+    )
+    .into_bytes()
+}
+
+/// `../shared/bench/floor`'s one publish request of a run: `count` events at `rate` a second,
+/// answered once the last is written, then closed.
+pub fn go_request(base: &BaseUrl, count: u64, rate: u64) -> Vec<u8> {
+    format!(
+        "POST {}/go?count={count}&rate={rate} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\n\r\n",
+        base.prefix, base.authority
     )
     .into_bytes()
 }
@@ -332,6 +344,16 @@ mod tests {
             subscribe_request(&base, Target::Mercure, &topics[..1], Some("x")),
             "GET /p/.well-known/mercure?topic=a HTTP/1.1\r\nHost: h:1\r\n",
             "Accept: text/event-stream\r\n\r\n",
+        );
+    }
+
+    #[test]
+    fn the_references_publish_request() {
+        let base = BaseUrl::parse("http://h:1/p").unwrap();
+        check_request(
+            go_request(&base, 1000, 50),
+            "POST /p/go?count=1000&rate=50 HTTP/1.1\r\nHost: h:1\r\n",
+            "Content-Length: 0\r\n\r\n",
         );
     }
 

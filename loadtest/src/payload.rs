@@ -57,6 +57,23 @@ pub fn parse(data: &[u8]) -> Option<Payload> {
     })
 }
 
+/// Reads what `../shared/bench/floor` sends, `{"t":<unix ns>,"seq":k}` with k from 1, as an
+/// event of the run's first topic with sequence number k - 1; `None` for anything else.
+pub fn parse_reference(data: &[u8]) -> Option<Payload> {
+    let rest = data.strip_prefix(br#"{"t":"#)?;
+    let (sent_ns, rest) = number(rest)?;
+    let rest = rest.strip_prefix(br#","seq":"#)?;
+    let (seq, rest) = number(rest)?;
+    if rest != b"}" {
+        return None;
+    }
+    Some(Payload {
+        topic: 0,
+        seq: seq.checked_sub(1)?,
+        sent_us: sent_ns / 1000,
+    })
+}
+
 fn number(text: &[u8]) -> Option<(u64, &[u8])> {
     let digits = text.iter().take_while(|b| b.is_ascii_digit()).count();
     if digits == 0 || digits > 19 {
@@ -89,6 +106,20 @@ mod tests {
         check(r#"{"t":3,"seq":1,"ts":1,"x":1}"#, None);
         check(r#"{"t":4294967296,"seq":1,"ts":1}"#, None);
         check("hello", None);
+    }
+
+    #[test]
+    fn reads_the_references_frames() {
+        let got =
+            |input: &str| parse_reference(input.as_bytes()).map(|p| (p.topic, p.seq, p.sent_us));
+        assert_eq!(
+            got(r#"{"t":1764820800123456789,"seq":1}"#),
+            Some((0, 0, 1764820800123456))
+        );
+        assert_eq!(got(r#"{"t":5000,"seq":300}"#), Some((0, 299, 5)));
+        assert_eq!(got(r#"{"t":5000,"seq":0}"#), None);
+        assert_eq!(got(r#"{"t":3,"seq":12,"ts":1}"#), None);
+        assert_eq!(got("hello"), None);
     }
 
     #[test]

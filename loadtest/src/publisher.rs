@@ -51,6 +51,9 @@ pub enum Via {
         lanes: usize,
         target: Target,
     },
+    /// `../shared/bench/floor`'s one `POST /go?count=N&rate=R` at this URL: it paces and
+    /// stamps the events itself, starting each once the one before is written.
+    Go { url: String, count: u64 },
 }
 
 #[derive(Debug, Clone)]
@@ -90,6 +93,9 @@ pub async fn run(
     counters: Arc<Counters>,
     stop: CancellationToken,
 ) -> anyhow::Result<Outcome> {
+    if let Via::Go { url, count } = &plan.via {
+        return run_go(url, *count, plan.rate, layout, &counters).await;
+    }
     let sender = Sender::connect(&plan.via, plan.max_in_flight).await?;
     let names: Vec<String> = (0..layout.topics).map(|t| layout.topic_name(t)).collect();
     // What an FCALL declares as its key: the topic's stream, so that a cluster routes it to
@@ -175,6 +181,65 @@ pub async fn run(
     })
 }
 
+/// Asks the reference for `count` events at `rate` a second and waits for its answer, which
+/// comes once the last is written, however long that takes (it does not stop when the run's
+/// duration is up). Every event is then logged as acknowledged, under the synthetic ids of the
+/// baselines, and `elapsed` is the time it took: the rate the reference reached.
+async fn run_go(
+    url: &str,
+    count: u64,
+    rate: f64,
+    layout: &Layout,
+    counters: &Counters,
+) -> anyhow::Result<Outcome> {
+    let base = BaseUrl::parse(url)?;
+    let mut socket = TcpStream::connect(resolve(&base.authority).await?)
+        .await
+        .with_context(|| format!("cannot connect to {}", base.authority))?;
+    let start = Instant::now();
+    socket
+        .write_all(&http1::go_request(&base, count, rate as u64))
+        .await
+        .context("cannot send POST /go")?;
+    counters.sent.store(count, Ordering::Relaxed);
+    let mut answer = Vec::new();
+    socket
+        .read_to_end(&mut answer)
+        .await
+        .context("POST /go: no answer")?;
+    let elapsed = start.elapsed();
+    let (status, body, _) = http1::parse_sized_response(&answer)?.with_context(|| {
+        format!(
+            "POST /go: incomplete answer {:?}",
+            String::from_utf8_lossy(&answer)
+        )
+    })?;
+    let published = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|json| json["published"].as_u64());
+    if status != 200 || published != Some(count) {
+        bail!(
+            "POST /go answered {status}: {}",
+            String::from_utf8_lossy(body).trim()
+        );
+    }
+    let mut logs = vec![AckLog::default(); layout.topics as usize];
+    logs[0].acked = (0..count)
+        .map(|seq| (seq, StreamId::new(seq + 1, 0)))
+        .collect();
+    counters.acked.store(count, Ordering::Relaxed);
+    eprintln!(
+        "ssegw-loadtest: the reference published {count} events in {:.2} s: {:.1} events/s of {rate} asked",
+        elapsed.as_secs_f64(),
+        count as f64 / elapsed.as_secs_f64()
+    );
+    Ok(Outcome {
+        logs,
+        first_error: None,
+        elapsed,
+    })
+}
+
 struct Reply {
     topic: u32,
     seq: u64,
@@ -194,6 +259,7 @@ impl Sender {
     /// events.
     async fn connect(via: &Via, max_in_flight: usize) -> anyhow::Result<Sender> {
         match via {
+            Via::Go { .. } => bail!("the reference paces its own publishing: see run_go"),
             Via::Redis(RedisAddr::Cluster(seeds)) => {
                 let urls = seeds.iter().map(|node| format!("redis://{node}"));
                 let client = redis::cluster::ClusterClient::builder(urls)

@@ -29,6 +29,7 @@ use crate::report::{
     self, Connections, Delivery, Interval, ProcessReport, Publish, Report, ResumeStorm, Settings,
     Slo, Soak,
 };
+use crate::target::Target;
 use crate::tracking::{self, AckLog, Tally};
 use crate::worker::{self, Worker};
 
@@ -336,6 +337,10 @@ pub async fn run(plan: Plan) -> anyhow::Result<Report> {
                 phase = Phase::Publishing;
                 if a.rate > 0.0 {
                     let via = match (plan.publish_via, &redis_addr) {
+                        _ if a.target == Target::Reference => Via::Go {
+                            url: urls[0].clone(),
+                            count: (a.rate * a.duration.as_secs_f64()).round() as u64,
+                        },
                         (PublishVia::Redis, Some(addr)) => Via::Redis(addr.clone()),
                         _ => Via::Http {
                             urls: urls.clone(),

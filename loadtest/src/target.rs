@@ -17,6 +17,12 @@ pub enum Target {
     /// it (one `write` per socket per event from two threads, nothing else): the ratio of the
     /// gateway's latency to the floor's is what the machine leaves to improve.
     Floor,
+    /// `../shared/bench/floor` itself (`--gateway-bin` names its build): held streams, and
+    /// publishing is its own `POST /go?count=N&rate=R`, which stamps each event as its writes
+    /// begin and starts the next once they are done. So what it reports leaves out the time an
+    /// event waits for the ones before it, and where its writes take longer than the period it
+    /// publishes fewer events a second than asked: the harness reports the rate it reached.
+    Reference,
     /// nginx with the nchan module, storing messages in Redis.
     Nchan,
     /// sse-gateway replicas as a Mercure hub (`--mercure true`): subscribe to and publish at
@@ -38,6 +44,7 @@ impl Target {
             Target::Gateway => "gateway",
             Target::Actix => "actix",
             Target::Floor => "floor",
+            Target::Reference => "reference",
             Target::Nchan => "nchan",
             Target::Mercure => "mercure",
         }

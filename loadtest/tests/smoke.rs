@@ -2,7 +2,8 @@
 //! Redis and two gateway replicas (`--spawn 2`), each run checked for zero loss, zero
 //! duplicates, exit status 0 and a complete JSON report; many topics on a spawned Redis
 //! Cluster of three primaries (`--redis-cluster 3`); the same fan-out against each baseline
-//! target (`--target actix`, `--target nchan`) and the floor (`--target floor`); plus the SLO gate failing a run and bad flags
+//! target (`--target actix`, `--target nchan`), the floor (`--target floor`) and
+//! `../shared/bench/floor` itself (`--target reference`); plus the SLO gate failing a run and bad flags
 //! exiting 2. Runs one at a time: they share two cores.
 //!
 //! The gateway binary comes from the same target directory: `cargo test --workspace` builds
@@ -255,6 +256,74 @@ fn actix_baseline_fanout() {
 #[test]
 fn floor_fanout() {
     baseline_fanout("floor");
+}
+
+/// `../shared/bench/floor` itself, built from its own manifest (beside this repository, as
+/// `.ci/run` has it) into this target directory.
+fn reference_bin() -> PathBuf {
+    let manifest =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/bench/floor/Cargo.toml");
+    assert!(
+        manifest.is_file(),
+        "{} is missing: the reference instruments live in ../shared beside the repository",
+        manifest.display()
+    );
+    let target_dir = Path::new(HARNESS)
+        .parent()
+        .and_then(Path::parent)
+        .expect("the harness lives in target/<profile>/")
+        .join("reference-floor");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let output = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--quiet",
+            "--manifest-path",
+        ])
+        .arg(&manifest)
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .output()
+        .expect("cannot run cargo");
+    assert!(
+        output.status.success(),
+        "building the reference: {}",
+        text(&output)
+    );
+    target_dir.join("release/floor")
+}
+
+/// The reference, published to with its own `POST /go`: every event it wrote reaches every
+/// connection, stamped by it, and the report's publishing rate is the one it reached.
+#[test]
+fn reference_floor_fanout() {
+    let fleet = Fleet {
+        flags: vec![
+            "--spawn".into(),
+            "1".into(),
+            "--target".into(),
+            "reference".into(),
+            "--gateway-bin".into(),
+            reference_bin().display().to_string(),
+        ],
+        redis: &["redis"],
+        replicas: &["replica-0"],
+    };
+    let r = exact_run_on(
+        &fleet,
+        "reference",
+        &["-c", "300", "--rate", "20", "--duration", "2s"],
+    );
+    assert_eq!(r["settings"]["target"], "reference");
+    assert_eq!(r["publish"]["acked"].as_u64(), Some(40), "{}", r["publish"]);
+    assert_eq!(r["delivery"]["expected"].as_u64(), Some(300 * 40));
+    let rate = r["publish"]["achieved_rate"]
+        .as_f64()
+        .expect("achieved_rate");
+    // 40 events at 20 a second, the first one period in: no faster than asked.
+    assert!(rate > 5.0 && rate <= 20.5, "{}", r["publish"]);
 }
 
 /// Without nginx and its nchan module the harness refuses the flags (status 2), naming the
