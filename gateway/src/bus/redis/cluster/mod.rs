@@ -77,6 +77,14 @@ impl SlotMap {
         primaries
     }
 
+    /// The slots `node` serves, as `(first, last)` ranges in order.
+    pub(super) fn slots_of<'a>(&'a self, node: &'a str) -> impl Iterator<Item = (u16, u16)> + 'a {
+        self.ranges
+            .iter()
+            .filter(move |(_, _, n)| n == node)
+            .map(|(first, last, _)| (*first, *last))
+    }
+
     /// True when every slot has a primary: otherwise some topics have nowhere to live.
     pub(super) fn covers_all(&self) -> bool {
         let mut next = 0u32;

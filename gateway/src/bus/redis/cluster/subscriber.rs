@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{slot, split_addr, topic_slot, ClusterCommands, NodeAddr, SlotMap};
+use super::{slot, split_addr, topic_slot, ClusterCommands, NodeAddr, SlotMap, SLOTS};
 use crate::bus::redis::reply::unavailable;
 use crate::bus::redis::subscriber::{catch_up, event_of, Backoff, ReadMany};
 use crate::bus::{BusError, Page};
@@ -829,12 +829,62 @@ async fn send_in_order(
     }
 }
 
-/// A canary channel for this replica whose slot `node` owns: `ssegw:canary:{<replica>:<n>}`
-/// for the first `n` that hashes there.
+/// A canary channel for this replica whose slot `node` owns, `ssegw:canary:{<tag>}:<replica>`;
+/// `None` if it owns none. (It was `{<replica>:<n>}` for the first `n` below 100,000 that hashed
+/// there: about one slot in a hundred has no such `n` for a given replica, and a replica whose
+/// node served only such a slot made no link to it and stayed not ready.)
 fn canary_channel(replica: &str, map: &SlotMap, node: &NodeAddr) -> Option<String> {
-    (0..100_000).find_map(|n| {
-        let tag = format!("{replica}:{n}");
-        (map.owner(slot(tag.as_bytes())) == Some(node)).then(|| format!("ssegw:canary:{{{tag}}}"))
+    let ranges: Vec<(u16, u16)> = map.slots_of(node).collect();
+    let served: usize = ranges
+        .iter()
+        .map(|(first, last)| usize::from(last - first) + 1)
+        .sum();
+    // One of the node's slots, the replica's own pick among them (so that replicas' canaries
+    // spread over the node's slots rather than all moving when its first one does).
+    let mut pick = usize::from(slot(replica.as_bytes())) % served.max(1);
+    for (first, last) in ranges {
+        let count = usize::from(last - first) + 1;
+        if pick < count {
+            let chosen = first + u16::try_from(pick).ok()?;
+            return Some(format!(
+                "ssegw:canary:{{{}}}:{replica}",
+                slot_tags()[usize::from(chosen)]
+            ));
+        }
+        pick -= count;
+    }
+    None
+}
+
+/// For every slot, a tag of one to three letters or digits whose slot it is: as a channel's
+/// hash tag it puts the channel on any slot wanted, however few slots a node serves (a node
+/// that has just joined may serve one). Found once, by trying the tags in order: those of up
+/// to three characters cover every slot.
+fn slot_tags() -> &'static [String] {
+    static TAGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    TAGS.get_or_init(|| {
+        const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+        let mut tags = vec![String::new(); usize::from(SLOTS)];
+        let mut missing = tags.len();
+        let mut tag = Vec::with_capacity(3);
+        for length in 1..=3u32 {
+            for mut n in 0..ALPHABET.len().pow(length) {
+                tag.clear();
+                for _ in 0..length {
+                    tag.push(ALPHABET[n % ALPHABET.len()]);
+                    n /= ALPHABET.len();
+                }
+                let entry = &mut tags[usize::from(slot(&tag))];
+                if entry.is_empty() {
+                    *entry = String::from_utf8_lossy(&tag).into_owned();
+                    missing -= 1;
+                    if missing == 0 {
+                        return tags;
+                    }
+                }
+            }
+        }
+        tags
     })
 }
 
@@ -843,5 +893,65 @@ fn text(value: &Value) -> Option<String> {
         Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
         Value::SimpleString(text) => Some(text.clone()),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_slot_has_a_tag() {
+        for (at, tag) in slot_tags().iter().enumerate() {
+            assert!(!tag.is_empty() && tag.len() <= 3, "slot {at}: {tag:?}");
+            assert_eq!(usize::from(slot(tag.as_bytes())), at, "{tag:?}");
+        }
+    }
+
+    /// Whichever single slot a node serves, each replica's canary channel is on it; with more
+    /// slots, on one of them; with none, there is none.
+    #[test]
+    fn a_canary_channel_on_a_node_of_one_slot() {
+        let replicas = [
+            "7f1e3c52-2b7e-4e0a-9f55-3f7c2d1a9b10",
+            "0b9d4a61-5c2f-4f6e-8d3a-1e2f3a4b5c6d",
+        ];
+        let node = "10.0.0.4:6379".to_string();
+        let other = "10.0.0.5:6379".to_string();
+        for alone in 0..SLOTS {
+            let mut ranges = Vec::new();
+            if alone > 0 {
+                ranges.push((0, alone - 1, other.clone()));
+            }
+            ranges.push((alone, alone, node.clone()));
+            if alone < SLOTS - 1 {
+                ranges.push((alone + 1, SLOTS - 1, other.clone()));
+            }
+            let map = SlotMap { ranges };
+            for replica in replicas {
+                let channel = canary_channel(replica, &map, &node).expect("a channel");
+                assert_eq!(slot(channel.as_bytes()), alone, "{channel}");
+                assert!(channel.starts_with("ssegw:canary:{") && channel.ends_with(replica));
+            }
+        }
+        let map = SlotMap {
+            ranges: vec![
+                (0, 99, node.clone()),
+                (100, 16000, other.clone()),
+                (16001, SLOTS - 1, node.clone()),
+            ],
+        };
+        for replica in replicas {
+            let channel = canary_channel(replica, &map, &node).expect("a channel");
+            assert_eq!(
+                map.owner(slot(channel.as_bytes())),
+                Some(&node),
+                "{channel}"
+            );
+        }
+        assert_eq!(
+            canary_channel(replicas[0], &map, &"10.0.0.9:6379".to_string()),
+            None
+        );
     }
 }
