@@ -503,7 +503,7 @@ fn check_reference(a: &RunArgs) -> Result<(), String> {
 }
 
 /// How to build `../shared/bench/floor`, said where it is missing.
-pub const REFERENCE_BUILD: &str = "build ../shared/bench/floor (cargo build --release --locked \
+const REFERENCE_BUILD: &str = "build ../shared/bench/floor (cargo build --release --locked \
      --manifest-path ../shared/bench/floor/Cargo.toml --target-dir /tmp/floor) and pass \
      --gateway-bin /tmp/floor/release/floor";
 

@@ -202,10 +202,13 @@ async fn run_go(
         .await
         .context("cannot send POST /go")?;
     counters.sent.store(count, Ordering::Relaxed);
+    // It answers once its last event is written: at the rate asked, or slower where it cannot
+    // keep up. Ten times the schedule is a reference that has stopped.
+    let limit = Duration::from_secs_f64(count as f64 / rate * 10.0 + 60.0);
     let mut answer = Vec::new();
-    socket
-        .read_to_end(&mut answer)
+    tokio::time::timeout(limit, socket.read_to_end(&mut answer))
         .await
+        .map_err(|_| anyhow!("POST /go: no answer within {limit:?}"))?
         .context("POST /go: no answer")?;
     let elapsed = start.elapsed();
     let (status, body, _) = http1::parse_sized_response(&answer)?.with_context(|| {
