@@ -834,15 +834,14 @@ async fn send_in_order(
 /// there: about one slot in a hundred has no such `n` for a given replica, and a replica whose
 /// node served only such a slot made no link to it and stayed not ready.)
 fn canary_channel(replica: &str, map: &SlotMap, node: &NodeAddr) -> Option<String> {
-    let ranges: Vec<(u16, u16)> = map.slots_of(node).collect();
-    let served: usize = ranges
-        .iter()
+    let served: usize = map
+        .slots_of(node)
         .map(|(first, last)| usize::from(last - first) + 1)
         .sum();
     // One of the node's slots, the replica's own pick among them (so that replicas' canaries
     // spread over the node's slots rather than all moving when its first one does).
     let mut pick = usize::from(slot(replica.as_bytes())) % served.max(1);
-    for (first, last) in ranges {
+    for (first, last) in map.slots_of(node) {
         let count = usize::from(last - first) + 1;
         if pick < count {
             let chosen = first + u16::try_from(pick).ok()?;
